@@ -1,0 +1,275 @@
+"""The book's BERT (parameter layout of `d2l.BERTModel`), hybridizable, and loading pretrained files."""
+import dataclasses
+import json
+import math
+import os
+
+import mxnet as mx
+from mxnet import np, npx
+from mxnet.gluon import nn
+from d2l import mxnet as d2l
+
+from . import hub
+from .errors import UserError
+
+npx.set_np()
+
+PRESETS = {  # the book's pretrained models, as the chapter builds them
+    "bert.small": dict(num_hiddens=256, ffn_num_hiddens=512, num_heads=4, num_blks=2, dropout=0.1,
+                       max_len=512),
+    "bert.base": dict(num_hiddens=768, ffn_num_hiddens=3072, num_heads=12, num_blks=12, dropout=0.1,
+                      max_len=512),
+}
+
+
+@dataclasses.dataclass
+class BERTConfig:
+    """The sizes that fix a BERT's parameter shapes, and its dropout."""
+    vocab_size: int
+    num_hiddens: int
+    ffn_num_hiddens: int
+    num_heads: int
+    num_blks: int
+    dropout: float = 0.1
+    max_len: int = 512
+
+
+class MultiHeadAttention(nn.HybridBlock):
+    """Scaled dot-product attention over `num_heads` heads, masked beyond each sequence's valid length."""
+
+    def __init__(self, num_hiddens, num_heads, dropout, use_bias=True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = math.sqrt(num_hiddens // num_heads)
+        self.attention_dropout = nn.Dropout(dropout)
+        dense = dict(use_bias=use_bias, flatten=False, in_units=num_hiddens)
+        self.W_q = nn.Dense(num_hiddens, **dense)
+        self.W_k = nn.Dense(num_hiddens, **dense)
+        self.W_v = nn.Dense(num_hiddens, **dense)
+        self.W_o = nn.Dense(num_hiddens, **dense)
+
+    def _split_heads(self, F, X):
+        # (batch, steps, hiddens) -> (batch * heads, steps, hiddens / heads)
+        X = F.npx.reshape(X, (-2, -2, self.num_heads, -1)).transpose(0, 2, 1, 3)
+        return F.npx.reshape(X, (-5, -2, -2))
+
+    def _merge_heads(self, F, X):
+        # (batch * heads, steps, hiddens / heads) -> (batch, steps, hiddens)
+        X = F.npx.reshape(X, (-6, -1, self.num_heads, -2, -2)).transpose(0, 2, 1, 3)
+        return F.npx.reshape(X, (-2, -2, -1))
+
+    def hybrid_forward(self, F, X, valid_lens):
+        queries = self._split_heads(F, self.W_q(X))
+        keys = self._split_heads(F, self.W_k(X))
+        values = self._split_heads(F, self.W_v(X))
+        scores = F.npx.batch_dot(queries, keys, transpose_b=True) / self.scale
+        # The book's masked_softmax: keys at or past valid_len get -1e6, so their weight is exactly 0.
+        key_positions = F.npx.arange_like(scores, axis=-1).reshape(1, 1, -1)
+        lens = F.np.repeat(valid_lens, self.num_heads, axis=0).reshape(-1, 1, 1)
+        scores = F.np.where(key_positions < lens, scores, F.np.full_like(scores, -1e6))
+        weights = self.attention_dropout(F.npx.softmax(scores))
+        return self.W_o(self._merge_heads(F, F.npx.batch_dot(weights, values)))
+
+
+class AddNorm(nn.HybridBlock):
+    """Residual connection followed by layer normalization."""
+
+    def __init__(self, num_hiddens, dropout):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.ln = nn.LayerNorm(in_channels=num_hiddens)
+
+    def hybrid_forward(self, F, X, Y):
+        return self.ln(self.dropout(Y) + X)
+
+
+class PositionWiseFFN(nn.HybridBlock):
+    """The two-layer feed-forward network applied at every position."""
+
+    def __init__(self, ffn_num_hiddens, num_hiddens):
+        super().__init__()
+        self.dense1 = nn.Dense(ffn_num_hiddens, flatten=False, activation="relu", in_units=num_hiddens)
+        self.dense2 = nn.Dense(num_hiddens, flatten=False, in_units=ffn_num_hiddens)
+
+    def hybrid_forward(self, F, X):
+        return self.dense2(self.dense1(X))
+
+
+class TransformerEncoderBlock(nn.HybridBlock):
+    """Self-attention and feed-forward, each wrapped in AddNorm."""
+
+    def __init__(self, num_hiddens, ffn_num_hiddens, num_heads, dropout):
+        super().__init__()
+        self.attention = MultiHeadAttention(num_hiddens, num_heads, dropout)
+        self.addnorm1 = AddNorm(num_hiddens, dropout)
+        self.ffn = PositionWiseFFN(ffn_num_hiddens, num_hiddens)
+        self.addnorm2 = AddNorm(num_hiddens, dropout)
+
+    def hybrid_forward(self, F, X, valid_lens):
+        Y = self.addnorm1(X, self.attention(X, valid_lens))
+        return self.addnorm2(Y, self.ffn(Y))
+
+
+class BERTEncoder(nn.HybridBlock):
+    """Token + segment + learned position embeddings, then a stack of Transformer encoder blocks."""
+
+    def __init__(self, vocab_size, num_hiddens, ffn_num_hiddens, num_heads, num_blks, dropout,
+                 max_len=512):
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab_size, num_hiddens)
+        self.segment_embedding = nn.Embedding(2, num_hiddens)
+        self.blks = nn.HybridSequential()
+        for _ in range(num_blks):
+            self.blks.add(TransformerEncoderBlock(num_hiddens, ffn_num_hiddens, num_heads, dropout))
+        self.pos_embedding = self.params.get("pos_embedding", shape=(1, max_len, num_hiddens))
+
+    def hybrid_forward(self, F, tokens, segments, valid_lens, pos_embedding):
+        X = self.token_embedding(tokens) + self.segment_embedding(segments)
+        positions = F.npx.arange_like(tokens, axis=1).astype("int32")
+        X = X + F.np.take(pos_embedding, positions, axis=1)
+        for blk in self.blks:
+            X = blk(X, valid_lens)
+        return X
+
+
+class MaskLM(nn.Block):
+    """The masked language model head (kept so pretrained files load unchanged)."""
+
+    def __init__(self, vocab_size, num_hiddens):
+        super().__init__()
+        self.mlp = nn.Sequential()
+        self.mlp.add(nn.Dense(num_hiddens, flatten=False, activation="relu", in_units=num_hiddens))
+        self.mlp.add(nn.LayerNorm(in_channels=num_hiddens))
+        self.mlp.add(nn.Dense(vocab_size, flatten=False, in_units=num_hiddens))
+
+    def forward(self, X, pred_positions):
+        batch_size, num_pred = pred_positions.shape
+        batch_idx = np.repeat(np.arange(0, batch_size), num_pred)
+        masked_X = X[batch_idx, pred_positions.reshape(-1)].reshape((batch_size, num_pred, -1))
+        return self.mlp(masked_X)
+
+
+class NextSentencePred(nn.Block):
+    """The next sentence prediction head (kept so pretrained files load unchanged)."""
+
+    def __init__(self, num_hiddens):
+        super().__init__()
+        self.output = nn.Dense(2, in_units=num_hiddens)
+
+    def forward(self, X):
+        return self.output(X)
+
+
+class BERTModel(nn.Block):
+    """BERT as `d2l.BERTModel` builds it: encoder, `<cls>` hidden layer, MLM and NSP heads."""
+
+    def __init__(self, vocab_size, num_hiddens, ffn_num_hiddens, num_heads, num_blks, dropout,
+                 max_len=512):
+        super().__init__()
+        self.config = BERTConfig(vocab_size, num_hiddens, ffn_num_hiddens, num_heads, num_blks,
+                                 dropout, max_len)
+        self.encoder = BERTEncoder(vocab_size, num_hiddens, ffn_num_hiddens, num_heads, num_blks,
+                                   dropout, max_len)
+        self.hidden = nn.Dense(num_hiddens, activation="tanh", in_units=num_hiddens)
+        self.mlm = MaskLM(vocab_size, num_hiddens)
+        self.nsp = NextSentencePred(num_hiddens)
+
+    def forward(self, tokens, segments, valid_lens=None, pred_positions=None):
+        if valid_lens is None:
+            valid_lens = np.full((tokens.shape[0],), tokens.shape[1], ctx=tokens.ctx)
+        encoded_X = self.encoder(tokens, segments, valid_lens)
+        mlm_Y_hat = None if pred_positions is None else self.mlm(encoded_X, pred_positions)
+        nsp_Y_hat = self.nsp(self.hidden(encoded_X[:, 0, :]))
+        return encoded_X, mlm_Y_hat, nsp_Y_hat
+
+
+def load_vocab(path):
+    """The vocabulary stored in a `vocab.json` (a list of tokens, index = position), as the book loads it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            idx_to_token = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"Missing vocabulary file {path}.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not a JSON list of tokens ({e}).") from None
+    if not isinstance(idx_to_token, list) or not all(isinstance(t, str) for t in idx_to_token):
+        raise UserError(f"{path} must hold a JSON list of token strings.")
+    if "<unk>" not in idx_to_token:
+        raise UserError(f"{path} has no '<unk>' token, which every d2l vocabulary has.")
+    vocab = d2l.Vocab()
+    vocab.idx_to_token = idx_to_token
+    vocab.token_to_idx = {token: idx for idx, token in enumerate(idx_to_token)}
+    return vocab
+
+
+def save_vocab(vocab, path):
+    """Write `vocab` as the book's `vocab.json`."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(vocab.idx_to_token, f, ensure_ascii=False)
+
+
+def check_params_file(block, path):
+    """Fail naming the parameter when the file's names or shapes differ from `block`'s."""
+    try:
+        loaded = mx.nd.load(path)
+    except mx.MXNetError as e:
+        raise UserError(f"{path} is not an MXNet parameter file ({str(e).splitlines()[0]}).") from None
+    expected = {name: p.shape for name, p in block._collect_params_with_prefix().items()}
+    found = {name.split(":", 1)[-1]: arr.shape for name, arr in loaded.items()}
+    for name, shape in expected.items():
+        if name not in found:
+            raise UserError(f"{path} has no parameter {name!r} (expected shape {shape}).")
+        if tuple(found[name]) != tuple(shape):
+            raise UserError(f"{path}: parameter {name!r} has shape {tuple(found[name])}, "
+                            f"expected {tuple(shape)} from the model's config.")
+    extra = sorted(set(found) - set(expected))
+    if extra:
+        raise UserError(f"{path} has parameters the model does not: {', '.join(extra[:5])}.")
+
+
+def model_dir(name_or_dir):
+    """The directory of a pretrained model: `name_or_dir` itself, or a registry entry downloaded."""
+    if os.path.isdir(name_or_dir):
+        return name_or_dir
+    if name_or_dir in hub.registry():
+        return hub.download_extract(name_or_dir)
+    raise UserError(f"{name_or_dir!r} is neither a model directory nor a known model name "
+                    f"(known: {', '.join(sorted(PRESETS))}).")
+
+
+def read_config(directory, vocab_size):
+    """The model's config: `config.json` in `directory`, else the preset its name gives."""
+    path = os.path.join(directory, "config.json")
+    name = os.path.basename(os.path.normpath(directory))
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            fields = json.load(f)
+        fields = {k: fields[k] for k in BERTConfig.__dataclass_fields__ if k in fields}
+    elif name in PRESETS:
+        fields = dict(PRESETS[name])
+    else:
+        raise UserError(f"{directory} has no config.json and {name!r} is not a preset "
+                        f"({', '.join(sorted(PRESETS))}); add a config.json with the model's sizes.")
+    if fields.setdefault("vocab_size", vocab_size) != vocab_size:
+        raise UserError(f"{path} says vocab_size {fields['vocab_size']} but vocab.json has "
+                        f"{vocab_size} tokens.")
+    try:
+        return BERTConfig(**fields)
+    except TypeError as e:
+        raise UserError(f"{path} lacks a field the model needs ({e}).") from None
+
+
+def load_pretrained(name_or_dir, devices, dropout=None):
+    """Load `vocab.json` + `pretrained.params` (book's name or a directory) onto `devices`: (bert, vocab)."""
+    directory = model_dir(name_or_dir)
+    vocab = load_vocab(os.path.join(directory, "vocab.json"))
+    config = read_config(directory, len(vocab))
+    if dropout is not None:
+        config.dropout = dropout
+    bert = BERTModel(**dataclasses.asdict(config))
+    params = os.path.join(directory, "pretrained.params")
+    if not os.path.exists(params):
+        raise UserError(f"Missing parameter file {params}.")
+    check_params_file(bert, params)
+    bert.load_parameters(params, ctx=devices)
+    return bert, vocab

@@ -1,0 +1,131 @@
+"""Argument parsing over the package's functions: download, finetune, evaluate, predict."""
+import argparse
+import json
+import os
+import sys
+
+from .errors import UserError
+
+
+def build_parser():
+    """The `python -m nli` argument parser, one sub-command per step of the flow."""
+    parser = argparse.ArgumentParser(prog="python -m nli", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    download = commands.add_parser("download", help="download and extract a registry entry")
+    download.add_argument("name", help="bert.small, bert.base, SNLI, or a manifest's entry")
+
+    finetune = commands.add_parser("finetune", help="fine-tune a pretrained BERT on SNLI pairs")
+    finetune.add_argument("--model", required=True, help="bert.small, bert.base or a model directory")
+    add_data_arguments(finetune, train=True)
+    finetune.add_argument("--epochs", type=int, default=5)
+    finetune.add_argument("--batch-size", type=int, default=512)
+    finetune.add_argument("--lr", type=float, default=1e-4)
+    finetune.add_argument("--max-len", type=int, default=128)
+    finetune.add_argument("--dropout", type=float, default=None, help="default: the model's own (0.1)")
+    finetune.add_argument("--devices", default="auto", help="auto, cpu, cpu:N, gpu or gpu:0,1")
+    finetune.add_argument("--limit-train", type=int, default=None, help="use the first N train pairs")
+    finetune.add_argument("--limit-test", type=int, default=None, help="use the first N test pairs")
+    finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--quiet", action="store_true", help="no progress bars")
+    finetune.add_argument("--out", required=True, help="run directory to write")
+
+    evaluate = commands.add_parser("evaluate", help="accuracy and confusion matrix of a run")
+    evaluate.add_argument("--run", required=True)
+    add_data_arguments(evaluate, train=False)
+    evaluate.add_argument("--devices", default="auto")
+    evaluate.add_argument("--batch-size", type=int, default=512)
+
+    predict = commands.add_parser("predict", help="the label of one premise/hypothesis pair")
+    predict.add_argument("--run", required=True)
+    predict.add_argument("--devices", default="auto")
+    predict.add_argument("premise")
+    predict.add_argument("hypothesis")
+    return parser
+
+
+def add_data_arguments(parser, train):
+    """`--data SNLI` or explicit files: `--train FILE --test FILE` (training) or `--test FILE`."""
+    parser.add_argument("--data", default=None, help="SNLI: download the dataset and use its splits")
+    if train:
+        parser.add_argument("--train", default=None, help="a .tsv/.jsonl/.txt file of training pairs")
+    parser.add_argument("--test", default=None, help="a .tsv/.jsonl/.txt file of test pairs")
+
+
+def read_data(args, train):
+    """(train pairs or None, test pairs) from `--data SNLI` or the given files."""
+    from . import hub, snli
+    if args.data is not None:
+        if args.data != "SNLI":
+            raise UserError(f"--data {args.data}: only SNLI is known; pass files with --train/--test.")
+        snli_dir = hub.download_extract("SNLI")
+        return (snli.read_snli(snli_dir, True) if train else None), snli.read_snli(snli_dir, False)
+    if args.test is None or (train and args.train is None):
+        needed = "--train FILE --test FILE" if train else "--test FILE"
+        raise UserError(f"Say which data to use: --data SNLI, or {needed}.")
+    return (snli.read_pairs(args.train) if train else None), snli.read_pairs(args.test)
+
+
+def limit(pairs, n):
+    """The first `n` pairs (all when n is None)."""
+    return pairs if n is None else tuple(column[:n] for column in pairs)
+
+
+def run_finetune(args):
+    from . import model, snli, train
+    devices = train.parse_devices(args.devices)
+    train_pairs, test_pairs = read_data(args, train=True)
+    train.seed_everything(args.seed)
+    net, vocab, bert_config = model.from_pretrained(args.model, devices, args.dropout)
+    if args.max_len > bert_config.max_len:
+        raise UserError(f"--max-len {args.max_len} exceeds the model's {bert_config.max_len} positions.")
+    train_set = snli.encode_pairs(*limit(train_pairs, args.limit_train), vocab, args.max_len)
+    test_set = snli.encode_pairs(*limit(test_pairs, args.limit_test), vocab, args.max_len)
+    print(f"{len(train_set)} training pairs, {len(test_set)} test pairs, devices {devices}", flush=True)
+    train.finetune(net, train_set, test_set, devices, vocab["<pad>"], args.max_len, args.epochs,
+                   args.batch_size, args.lr, args.seed, args.out, progress=not args.quiet)
+    settings = {"max_len": args.max_len, "truncation": "longest_first",
+                "finetune": {k: v for k, v in vars(args).items() if k != "command"}}
+    model.save_run(args.out, net, vocab, bert_config, settings)
+    print(f"saved the run in {args.out}")
+
+
+def run_evaluate(args):
+    from . import evaluate, model, snli, train
+    devices = train.parse_devices(args.devices)
+    net, vocab, config = model.load_run(args.run, devices)
+    _, test_pairs = read_data(args, train=False)
+    test_set = snli.encode_pairs(*test_pairs, vocab, config["max_len"])
+    result = evaluate.evaluate(net, test_set, devices, args.batch_size, vocab["<pad>"], config["max_len"])
+    with open(os.path.join(args.run, "eval.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    print(f"accuracy {result['accuracy']:.4f} on {result['n']} pairs")
+
+
+def run_predict(args):
+    from . import evaluate, model, train
+    devices = train.parse_devices(args.devices)
+    net, vocab, config = model.load_run(args.run, devices)
+    print(json.dumps(evaluate.predict_snli(net, vocab, args.premise, args.hypothesis, devices,
+                                           config["max_len"])))
+
+
+def run_download(args):
+    from . import hub
+    print(hub.download_extract(args.name))
+
+
+def main(argv=None):
+    """Run one command; user mistakes print one sentence and exit 2, without a traceback."""
+    args = build_parser().parse_args(argv)
+    commands = {"download": run_download, "finetune": run_finetune, "evaluate": run_evaluate,
+                "predict": run_predict}
+    try:
+        commands[args.command](args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

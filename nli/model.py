@@ -1,0 +1,75 @@
+"""`BERTClassifier`: BERT's encoder and `<cls>` hidden layer with a 3-way output layer; run dirs."""
+import dataclasses
+import json
+import os
+
+from mxnet import init
+from mxnet.gluon import nn
+
+from . import bert as bert_lib
+from .errors import UserError
+from .snli import LABELS
+
+
+class BERTClassifier(nn.HybridBlock):
+    """The book's classifier: an MLP (BERT's hidden layer + Dense(3)) on the encoding of `<cls>`."""
+
+    def __init__(self, bert):
+        super().__init__()
+        self.encoder = bert.encoder
+        self.hidden = bert.hidden
+        self.output = nn.Dense(len(LABELS), in_units=bert.config.num_hiddens)
+
+    def hybrid_forward(self, F, tokens, segments, valid_lens):
+        encoded_X = self.encoder(tokens, segments, valid_lens)
+        cls = F.npx.reshape(F.np.take(encoded_X, F.np.zeros((1,), dtype="int32"), axis=1), (-2, -3, -2))
+        return self.output(self.hidden(cls))
+
+
+def from_pretrained(name_or_dir, devices, dropout=None):
+    """A classifier on a pretrained BERT, its output layer freshly initialized: (net, vocab, bert config)."""
+    bert, vocab = bert_lib.load_pretrained(name_or_dir, devices, dropout)
+    net = BERTClassifier(bert)
+    net.output.initialize(init.Xavier(), ctx=devices)
+    net.hybridize(static_alloc=True)
+    return net, vocab, bert.config
+
+
+def save_run(run_dir, net, vocab, bert_config, settings):
+    """Write what rebuilds the classifier into `run_dir`: config.json, vocab.json, model.params."""
+    os.makedirs(run_dir, exist_ok=True)
+    config = {"bert": dataclasses.asdict(bert_config), "labels": list(LABELS), **settings}
+    _write_atomically(os.path.join(run_dir, "config.json"),
+                      lambda path: _dump_json(config, path))
+    _write_atomically(os.path.join(run_dir, "vocab.json"),
+                      lambda path: bert_lib.save_vocab(vocab, path))
+    _write_atomically(os.path.join(run_dir, "model.params"), net.save_parameters)
+
+
+def load_run(run_dir, devices):
+    """The fine-tuned classifier of a run dir: (net, vocab, config)."""
+    for name in ("config.json", "vocab.json", "model.params"):
+        if not os.path.exists(os.path.join(run_dir, name)):
+            raise UserError(f"{run_dir} is not a finished run: {name} is missing.")
+    with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    vocab = bert_lib.load_vocab(os.path.join(run_dir, "vocab.json"))
+    bert = bert_lib.BERTModel(**{**config["bert"], "dropout": 0.0})
+    net = BERTClassifier(bert)
+    params = os.path.join(run_dir, "model.params")
+    bert_lib.check_params_file(net, params)
+    net.load_parameters(params, ctx=devices)
+    net.hybridize(static_alloc=True)
+    return net, vocab, config
+
+
+def _dump_json(obj, path):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+
+
+def _write_atomically(path, write):
+    """Call `write(tmp)` then rename tmp over `path`, so a crash never leaves a half-written file."""
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,139 @@
+"""Fixtures in the real layouts: a book-style BERT zip, an SNLI zip, and a loopback HTTP server."""
+import functools
+import hashlib
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+import zipfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
+SAMPLE_DIR = os.path.join(SHARED_DATA, "snli_1.0_format_sample")
+DEV_PAIRS = os.path.join(SHARED_DATA, "snli_1.0_dev_pairs.tsv")
+SNLI_TXT_COLUMNS = ["gold_label", "sentence1_binary_parse", "sentence2_binary_parse", "sentence1_parse",
+                    "sentence2_parse", "sentence1", "sentence2", "captionID", "pairID",
+                    "label1", "label2", "label3", "label4", "label5"]
+RESERVED = ["<pad>", "<mask>", "<cls>", "<sep>"]
+SMALL = dict(num_hiddens=256, ffn_num_hiddens=512, num_heads=4, num_blks=2, max_len=512)  # bert.small
+
+
+def sha1(path):
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()
+
+
+def jsonl_to_txt(jsonl_path):
+    """An SNLI .txt split written from its .jsonl twin, columns as in the zip (the sample lacks train.txt)."""
+    lines = ["\t".join(SNLI_TXT_COLUMNS)]
+    with open(jsonl_path, encoding="utf-8") as f:
+        for line in f:
+            obj = json.loads(line)
+            labels = obj["annotator_labels"] + [""] * (5 - len(obj["annotator_labels"]))
+            lines.append("\t".join([obj[c] for c in SNLI_TXT_COLUMNS[:9]] + labels))
+    return "\n".join(lines) + "\n"
+
+
+def build_vocab_tokens():
+    """Lower-cased word tokens of the real dev pairs and the format samples."""
+    sys.path.insert(0, ROOT)
+    from nli import snli
+    tokens = []
+    paths = [DEV_PAIRS] + [os.path.join(SAMPLE_DIR, f"snli_1.0_{s}.jsonl") for s in ("train", "dev", "test")]
+    for path in paths:
+        premises, hypotheses, _ = snli.read_pairs(path)
+        tokens += [t for s in premises + hypotheses for t in snli.tokenize(s)]
+    return tokens
+
+
+def save_book_bert(folder, **sizes):
+    """A `d2l.BERTModel` saved with `save_parameters`, and its `vocab.json`, as the book's zips hold them."""
+    import mxnet as mx
+    from mxnet import init, np, npx
+    from d2l import mxnet as d2l
+    npx.set_np()
+    mx.random.seed(0)
+    vocab = d2l.Vocab(build_vocab_tokens(), reserved_tokens=RESERVED)
+    bert = d2l.BERTModel(len(vocab), dropout=0.1, **sizes)
+    bert.initialize(init.Xavier())
+    tokens = np.array([[1, 2, 3, 4]], dtype="int32")
+    bert(tokens, np.zeros_like(tokens), np.array([4.0]), np.array([[1, 2]]))  # runs every head once
+    os.makedirs(folder, exist_ok=True)
+    bert.save_parameters(os.path.join(folder, "pretrained.params"))
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab.idx_to_token, f)
+    return folder
+
+
+def zip_folder(folder, zip_path):
+    """Zip `folder` with its name as the archive's top directory, as d2l's zips are laid out."""
+    base = os.path.dirname(folder)
+    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as z:
+        for dirpath, _, files in os.walk(folder):
+            for name in sorted(files):
+                path = os.path.join(dirpath, name)
+                z.write(path, os.path.relpath(path, base))
+    return zip_path
+
+
+def build_snli_zip(zip_path):
+    """`snli_1.0.zip` in the real layout, from the real format samples."""
+    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as z:
+        for split in ("train", "dev", "test"):
+            jsonl = os.path.join(SAMPLE_DIR, f"snli_1.0_{split}.jsonl")
+            txt = os.path.join(SAMPLE_DIR, f"snli_1.0_{split}.txt")
+            z.write(jsonl, f"snli_1.0/snli_1.0_{split}.jsonl")
+            if os.path.exists(txt):
+                z.write(txt, f"snli_1.0/snli_1.0_{split}.txt")
+            else:
+                z.writestr(f"snli_1.0/snli_1.0_{split}.txt", jsonl_to_txt(jsonl))
+    return zip_path
+
+
+@pytest.fixture(scope="session")
+def served_dir(tmp_path_factory):
+    """A folder of files in the real layouts: bert.small.zip and snli_1.0.zip."""
+    root = tmp_path_factory.mktemp("served")
+    build_dir = tmp_path_factory.mktemp("build")
+    zip_folder(save_book_bert(str(build_dir / "bert.small"), **SMALL), str(root / "bert.small.zip"))
+    build_snli_zip(str(root / "snli_1.0.zip"))
+    return root
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="session")
+def http_server(served_dir):
+    """A loopback HTTP server over `served_dir`; yields its base URL."""
+    handler = functools.partial(QuietHandler, directory=str(served_dir))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture
+def hub_env(tmp_path, served_dir, http_server, monkeypatch):
+    """Environment pointing the hub at the loopback server through a manifest, with an empty data dir."""
+    manifest = {name: {"url": f"{http_server}/{file}", "sha1": sha1(served_dir / file)}
+                for name, file in (("bert.small", "bert.small.zip"), ("SNLI", "snli_1.0.zip"))}
+    manifest_path = tmp_path / "manifest.json"
+    manifest_path.write_text(json.dumps(manifest))
+    monkeypatch.setenv("NLI_HUB_MANIFEST", str(manifest_path))
+    monkeypatch.setenv("NLI_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("NLI_MIRROR", raising=False)
+    return dict(os.environ)
+
+
+def run_cli(*args, env=None, cwd=None):
+    """Run `python -m nli ARGS` in a subprocess; return the completed process."""
+    return subprocess.run([sys.executable, "-m", "nli", *map(str, args)], capture_output=True, text=True,
+                          env={**(env or os.environ), "PYTHONPATH": ROOT}, cwd=cwd or ROOT, timeout=600)
