@@ -32,6 +32,12 @@ class BERTConfig:
     num_blks: int
     dropout: float = 0.1
     max_len: int = 512
+    # What Google's BERT (and so every Hugging Face checkpoint) has and the book's model lacks;
+    # the defaults are the book's, so `d2l.BERTModel` files keep their exact parameter layout.
+    activation: str = "relu"  # of the feed-forward network: the book's relu, or BERT's gelu
+    embedding_norm: bool = False  # LayerNorm and dropout on the summed embeddings
+    norm_eps: float = 1e-5  # every LayerNorm's epsilon: MXNet's default, 1e-12 in BERT
+    pretraining_heads: bool = True  # the book's MaskLM and NextSentencePred blocks
 
 
 class MultiHeadAttention(nn.HybridBlock):
@@ -74,36 +80,44 @@ class MultiHeadAttention(nn.HybridBlock):
 class AddNorm(nn.HybridBlock):
     """Residual connection followed by layer normalization."""
 
-    def __init__(self, num_hiddens, dropout):
+    def __init__(self, num_hiddens, dropout, norm_eps=1e-5):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
-        self.ln = nn.LayerNorm(in_channels=num_hiddens)
+        self.ln = nn.LayerNorm(epsilon=norm_eps, in_channels=num_hiddens)
 
     def hybrid_forward(self, F, X, Y):
         return self.ln(self.dropout(Y) + X)
 
 
+ACTIVATIONS = {"relu": lambda: nn.Activation("relu"), "gelu": nn.GELU}  # GELU: the exact (erf) form
+
+
 class PositionWiseFFN(nn.HybridBlock):
     """The two-layer feed-forward network applied at every position."""
 
-    def __init__(self, ffn_num_hiddens, num_hiddens):
+    def __init__(self, ffn_num_hiddens, num_hiddens, activation="relu"):
         super().__init__()
-        self.dense1 = nn.Dense(ffn_num_hiddens, flatten=False, activation="relu", in_units=num_hiddens)
+        if activation not in ACTIVATIONS:
+            raise UserError(f"Feed-forward activation {activation!r} is not supported "
+                            f"(supported: {', '.join(ACTIVATIONS)}).")
+        self.dense1 = nn.Dense(ffn_num_hiddens, flatten=False, in_units=num_hiddens)
+        self.activation = ACTIVATIONS[activation]()
         self.dense2 = nn.Dense(num_hiddens, flatten=False, in_units=ffn_num_hiddens)
 
     def hybrid_forward(self, F, X):
-        return self.dense2(self.dense1(X))
+        return self.dense2(self.activation(self.dense1(X)))
 
 
 class TransformerEncoderBlock(nn.HybridBlock):
     """Self-attention and feed-forward, each wrapped in AddNorm."""
 
-    def __init__(self, num_hiddens, ffn_num_hiddens, num_heads, dropout):
+    def __init__(self, num_hiddens, ffn_num_hiddens, num_heads, dropout, activation="relu",
+                 norm_eps=1e-5):
         super().__init__()
         self.attention = MultiHeadAttention(num_hiddens, num_heads, dropout)
-        self.addnorm1 = AddNorm(num_hiddens, dropout)
-        self.ffn = PositionWiseFFN(ffn_num_hiddens, num_hiddens)
-        self.addnorm2 = AddNorm(num_hiddens, dropout)
+        self.addnorm1 = AddNorm(num_hiddens, dropout, norm_eps)
+        self.ffn = PositionWiseFFN(ffn_num_hiddens, num_hiddens, activation)
+        self.addnorm2 = AddNorm(num_hiddens, dropout, norm_eps)
 
     def hybrid_forward(self, F, X, valid_lens):
         Y = self.addnorm1(X, self.attention(X, valid_lens))
@@ -114,19 +128,26 @@ class BERTEncoder(nn.HybridBlock):
     """Token + segment + learned position embeddings, then a stack of Transformer encoder blocks."""
 
     def __init__(self, vocab_size, num_hiddens, ffn_num_hiddens, num_heads, num_blks, dropout,
-                 max_len=512):
+                 max_len=512, activation="relu", embedding_norm=False, norm_eps=1e-5):
         super().__init__()
         self.token_embedding = nn.Embedding(vocab_size, num_hiddens)
         self.segment_embedding = nn.Embedding(2, num_hiddens)
+        self.embedding_norm = None
+        if embedding_norm:
+            self.embedding_norm = nn.LayerNorm(epsilon=norm_eps, in_channels=num_hiddens)
+            self.embedding_dropout = nn.Dropout(dropout)
         self.blks = nn.HybridSequential()
         for _ in range(num_blks):
-            self.blks.add(TransformerEncoderBlock(num_hiddens, ffn_num_hiddens, num_heads, dropout))
+            self.blks.add(TransformerEncoderBlock(num_hiddens, ffn_num_hiddens, num_heads, dropout,
+                                                  activation, norm_eps))
         self.pos_embedding = self.params.get("pos_embedding", shape=(1, max_len, num_hiddens))
 
     def hybrid_forward(self, F, tokens, segments, valid_lens, pos_embedding):
         X = self.token_embedding(tokens) + self.segment_embedding(segments)
         positions = F.npx.arange_like(tokens, axis=1).astype("int32")
         X = X + F.np.take(pos_embedding, positions, axis=1)
+        if self.embedding_norm is not None:
+            X = self.embedding_dropout(self.embedding_norm(X))
         for blk in self.blks:
             X = blk(X, valid_lens)
         return X
@@ -161,23 +182,29 @@ class NextSentencePred(nn.Block):
 
 
 class BERTModel(nn.Block):
-    """BERT as `d2l.BERTModel` builds it: encoder, `<cls>` hidden layer, MLM and NSP heads."""
+    """BERT as `d2l.BERTModel` builds it: encoder, `<cls>` hidden layer (BERT's pooler), MLM and NSP heads."""
 
     def __init__(self, vocab_size, num_hiddens, ffn_num_hiddens, num_heads, num_blks, dropout,
-                 max_len=512):
+                 max_len=512, activation="relu", embedding_norm=False, norm_eps=1e-5,
+                 pretraining_heads=True):
         super().__init__()
         self.config = BERTConfig(vocab_size, num_hiddens, ffn_num_hiddens, num_heads, num_blks,
-                                 dropout, max_len)
+                                 dropout, max_len, activation, embedding_norm, norm_eps, pretraining_heads)
         self.encoder = BERTEncoder(vocab_size, num_hiddens, ffn_num_hiddens, num_heads, num_blks,
-                                   dropout, max_len)
+                                   dropout, max_len, activation, embedding_norm, norm_eps)
         self.hidden = nn.Dense(num_hiddens, activation="tanh", in_units=num_hiddens)
-        self.mlm = MaskLM(vocab_size, num_hiddens)
-        self.nsp = NextSentencePred(num_hiddens)
+        self.mlm = self.nsp = None
+        if pretraining_heads:
+            self.mlm = MaskLM(vocab_size, num_hiddens)
+            self.nsp = NextSentencePred(num_hiddens)
 
     def forward(self, tokens, segments, valid_lens=None, pred_positions=None):
+        """(encodings, MLM logits or None, NSP logits or None when the model has no pretraining heads)."""
         if valid_lens is None:
             valid_lens = np.full((tokens.shape[0],), tokens.shape[1], ctx=tokens.ctx)
         encoded_X = self.encoder(tokens, segments, valid_lens)
+        if self.nsp is None:
+            return encoded_X, None, None
         mlm_Y_hat = None if pred_positions is None else self.mlm(encoded_X, pred_positions)
         nsp_Y_hat = self.nsp(self.hidden(encoded_X[:, 0, :]))
         return encoded_X, mlm_Y_hat, nsp_Y_hat
