@@ -8,6 +8,7 @@ import pytest
 from conftest import ROOT
 
 CHAPTER_OUTPUTS = {  # script -> files it must leave under --out
+    "natural_language_inference_and_dataset.py": ["lengths.png"],
     "natural_language_inference_bert.py": ["config.json", "model.params", "metrics.jsonl", "curves.png"],
 }
 
