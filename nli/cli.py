@@ -1,7 +1,6 @@
 """Argument parsing over the package's functions: download, finetune, evaluate, predict."""
 import argparse
 import json
-import os
 import sys
 
 from .errors import UserError
@@ -30,17 +29,30 @@ def build_parser():
     finetune.add_argument("--quiet", action="store_true", help="no progress bars")
     finetune.add_argument("--out", required=True, help="run directory to write")
 
-    evaluate = commands.add_parser("evaluate", help="accuracy and confusion matrix of a run")
+    evaluate = commands.add_parser("evaluate", help="accuracy, per-class F1, confusion matrix, errors of a run")
     evaluate.add_argument("--run", required=True)
     add_data_arguments(evaluate, train=False)
     evaluate.add_argument("--devices", default="auto")
     evaluate.add_argument("--batch-size", type=int, default=512)
+    evaluate.add_argument("--errors", type=int, default=0, metavar="N",
+                          help="write the N most confident mistakes to errors.tsv")
+    evaluate.add_argument("--out", default=None, help="folder for eval.json, confusion.png, errors.tsv "
+                                                      "(default: the run dir)")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    predict = commands.add_parser("predict", help="the label of one premise/hypothesis pair")
+    predict = commands.add_parser("predict", help="labels of raw premise/hypothesis pairs: one, a file or stdin")
     predict.add_argument("--run", required=True)
     predict.add_argument("--devices", default="auto")
-    predict.add_argument("premise")
-    predict.add_argument("hypothesis")
+    predict.add_argument("--batch-size", type=int, default=256)
+    predict.add_argument("premise", nargs="?")
+    predict.add_argument("hypothesis", nargs="?")
+    predict.add_argument("--file", help="a .tsv (premise<TAB>hypothesis[<TAB>label], header optional), "
+                                        "SNLI .txt or .jsonl file: one output line per input line")
+    predict.add_argument("--stdin", action="store_true", help="read premise<TAB>hypothesis lines from stdin")
+    predict.add_argument("--output", help="JSON lines file to write (default: stdout)")
+    predict.add_argument("--tokenized", action="store_true",
+                         help="the text is already tokenized as SNLI's is: split on spaces only")
+    predict.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -91,23 +103,32 @@ def run_finetune(args):
 
 
 def run_evaluate(args):
-    from . import evaluate, model, snli, train
-    devices = train.parse_devices(args.devices)
-    net, vocab, config = model.load_run(args.run, devices)
+    from . import evaluate, train
+    predictor = evaluate.Predictor.from_run(args.run, train.parse_devices(args.devices), args.batch_size)
     _, test_pairs = read_data(args, train=False)
-    test_set = snli.encode_pairs(*test_pairs, vocab, config["max_len"])
-    result = evaluate.evaluate(net, test_set, devices, args.batch_size, vocab["<pad>"], config["max_len"])
-    with open(os.path.join(args.run, "eval.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
-    print(f"accuracy {result['accuracy']:.4f} on {result['n']} pairs")
+    out_dir = args.out or args.run
+    result = evaluate.evaluate_run(predictor, *test_pairs, out_dir, args.errors, args.test or "SNLI test split",
+                                   progress=not args.quiet)
+    print(f"accuracy {result['accuracy']:.4f}, macro F1 {result['macro_f1']:.4f} on {result['n']} pairs; "
+          f"wrote eval.json, confusion.png{', errors.tsv' if args.errors > 0 else ''} to {out_dir}")
+    if warning := evaluate.unknown_warning(result["unknown_share"]):
+        print(warning, file=sys.stderr)
 
 
 def run_predict(args):
-    from . import evaluate, model, train
-    devices = train.parse_devices(args.devices)
-    net, vocab, config = model.load_run(args.run, devices)
-    print(json.dumps(evaluate.predict_snli(net, vocab, args.premise, args.hypothesis, devices,
-                                           config["max_len"])))
+    from . import evaluate, train
+    one_pair = args.premise is not None
+    if one_pair + (args.file is not None) + args.stdin != 1 or one_pair != (args.hypothesis is not None):
+        raise UserError("Give one pair (PREMISE HYPOTHESIS), or --file FILE, or --stdin.")
+    predictor = evaluate.Predictor.from_run(args.run, train.parse_devices(args.devices), args.batch_size)
+    if one_pair:
+        result = predictor.predict(args.premise, args.hypothesis, args.tokenized)
+        print(json.dumps(result, ensure_ascii=False))
+        if warning := evaluate.unknown_warning(result["unknown_share"]):
+            print(warning, file=sys.stderr)
+    else:
+        summary = evaluate.predict_file(predictor, args.file, args.output, args.tokenized, progress=not args.quiet)
+        print(evaluate.describe_summary(summary), file=sys.stderr)
 
 
 def run_download(args):
