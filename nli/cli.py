@@ -21,6 +21,9 @@ def build_parser():
     finetune.add_argument("--batch-size", type=int, default=512)
     finetune.add_argument("--lr", type=float, default=1e-4)
     finetune.add_argument("--max-len", type=int, default=128)
+    finetune.add_argument("--truncation", choices=["longest_first", "ratio"], default="longest_first",
+                          help="pairs over --max-len: cut the longer side first (the book's), or both "
+                               "sides in proportion to their lengths")
     finetune.add_argument("--dropout", type=float, default=None, help="default: the model's own (0.1)")
     finetune.add_argument("--devices", default="auto", help="auto, cpu, cpu:N, gpu or gpu:0,1")
     finetune.add_argument("--limit-train", type=int, default=None, help="use the first N train pairs")
@@ -64,39 +67,41 @@ def add_data_arguments(parser, train):
     parser.add_argument("--test", default=None, help="a .tsv/.jsonl/.txt file of test pairs")
 
 
-def read_data(args, train):
-    """(train pairs or None, test pairs) from `--data SNLI` or the given files."""
+def data_files(args, train):
+    """(train file or None, test file) from `--data SNLI` or the given files."""
     from . import hub, snli
     if args.data is not None:
         if args.data != "SNLI":
             raise UserError(f"--data {args.data}: only SNLI is known; pass files with --train/--test.")
         snli_dir = hub.download_extract("SNLI")
-        return (snli.read_snli(snli_dir, True) if train else None), snli.read_snli(snli_dir, False)
+        return (snli.snli_file(snli_dir, True) if train else None), snli.snli_file(snli_dir, False)
     if args.test is None or (train and args.train is None):
         needed = "--train FILE --test FILE" if train else "--test FILE"
         raise UserError(f"Say which data to use: --data SNLI, or {needed}.")
-    return (snli.read_pairs(args.train) if train else None), snli.read_pairs(args.test)
+    return (args.train if train else None), args.test
 
 
-def limit(pairs, n):
-    """The first `n` pairs (all when n is None)."""
-    return pairs if n is None else tuple(column[:n] for column in pairs)
+def read_data(args, train):
+    """(train pairs or None, test pairs) from `--data SNLI` or the given files."""
+    from . import snli
+    train_file, test_file = data_files(args, train)
+    return (snli.read_pairs(train_file) if train else None), snli.read_pairs(test_file)
 
 
 def run_finetune(args):
     from . import model, snli, train
     devices = train.parse_devices(args.devices)
-    train_pairs, test_pairs = read_data(args, train=True)
+    train_file, test_file = data_files(args, train=True)
     train.seed_everything(args.seed)
     net, vocab, bert_config = model.from_pretrained(args.model, devices, args.dropout)
     if args.max_len > bert_config.max_len:
         raise UserError(f"--max-len {args.max_len} exceeds the model's {bert_config.max_len} positions.")
-    train_set = snli.encode_pairs(*limit(train_pairs, args.limit_train), vocab, args.max_len)
-    test_set = snli.encode_pairs(*limit(test_pairs, args.limit_test), vocab, args.max_len)
+    train_set, test_set = (snli.load_encoded(path, vocab, args.max_len, args.truncation, not args.quiet).head(n)
+                           for path, n in ((train_file, args.limit_train), (test_file, args.limit_test)))
     print(f"{len(train_set)} training pairs, {len(test_set)} test pairs, devices {devices}", flush=True)
     train.finetune(net, train_set, test_set, devices, vocab["<pad>"], args.max_len, args.epochs,
                    args.batch_size, args.lr, args.seed, args.out, progress=not args.quiet)
-    settings = {"max_len": args.max_len, "truncation": "longest_first",
+    settings = {"max_len": args.max_len, "truncation": args.truncation,
                 "finetune": {k: v for k, v in vars(args).items() if k != "command"}}
     model.save_run(args.out, net, vocab, bert_config, settings)
     print(f"saved the run in {args.out}")

@@ -1,12 +1,19 @@
 """Reading SNLI and pair files, and encoding premise/hypothesis pairs as BERT inputs."""
 import csv
 import dataclasses
+import functools
+import hashlib
+import itertools
 import json
 import os
 import re
+import sys
+import zipfile
 
 import numpy as onp
+from tqdm import tqdm
 
+from . import hub
 from .errors import UserError
 
 LABELS = ("entailment", "contradiction", "neutral")  # ids 0, 1, 2, as d2l.read_snli numbers them
@@ -24,8 +31,12 @@ def extract_text(s):
 
 def read_snli(data_dir, is_train):
     """Premises, hypotheses and labels of SNLI's train or test split, as `d2l.read_snli` returns them."""
-    split = "train" if is_train else "test"
-    return read_pairs(os.path.join(data_dir, f"snli_1.0_{split}.txt"))
+    return read_pairs(snli_file(data_dir, is_train))
+
+
+def snli_file(data_dir, is_train):
+    """The path of SNLI's train or test split in the extracted dataset."""
+    return os.path.join(data_dir, f"snli_1.0_{'train' if is_train else 'test'}.txt")
 
 
 def read_pairs(path):
@@ -116,14 +127,33 @@ def tokenize_raw(sentence):
     return " ".join(TreebankWordTokenizer().tokenize(sentence))
 
 
-def truncate_pair(p_tokens, h_tokens, max_len):
-    """Cut the longer of the two token lists, one token at a time, until the pair fits `max_len`."""
-    # Three slots are reserved for '<cls>' and the two '<sep>' tokens.
-    while len(p_tokens) + len(h_tokens) > max_len - 3:
-        if len(p_tokens) > len(h_tokens):
-            p_tokens.pop()
-        else:
-            h_tokens.pop()
+TRUNCATION_RULES = ("longest_first", "ratio")  # the book's rule, and its exercise 2
+RESERVED_SLOTS = 3  # '<cls>' and the two '<sep>' tokens of every pair
+CHUNK_PAIRS = 1 << 16  # pairs encoded at a time: bounds memory and paces the progress bar
+
+
+def truncated_lengths(p_lens, h_lens, max_len, truncation="longest_first"):
+    """How many leading tokens of each premise and hypothesis are kept so the pair fits `max_len`.
+
+    `longest_first` is the book's loop (pop a token from the longer side, the hypothesis on ties, until
+    the pair fits) in closed form: the longer side is cut down to the shorter, then both alternately, the
+    premise keeping the odd token. `ratio` keeps each side in proportion to its length (rounded, and at
+    least one token of each non-empty side).
+    """
+    if truncation not in TRUNCATION_RULES:
+        raise UserError(f"truncation {truncation!r}: expected one of {', '.join(TRUNCATION_RULES)}.")
+    if max_len < RESERVED_SLOTS:
+        raise UserError(f"max_len {max_len} leaves no room for '<cls>' and two '<sep>' tokens.")
+    p_lens, h_lens = onp.asarray(p_lens, onp.int64), onp.asarray(h_lens, onp.int64)
+    budget = max_len - RESERVED_SLOTS
+    total = p_lens + h_lens
+    if truncation == "longest_first":
+        h_kept = onp.minimum(h_lens, onp.maximum(budget // 2, budget - p_lens))
+    else:
+        p_share = (2 * budget * p_lens + total) // onp.maximum(2 * total, 1)  # rounded half up
+        at_least, at_most = onp.minimum(p_lens, 1), onp.maximum(budget - onp.minimum(h_lens, 1), 0)
+        h_kept = onp.where(total > budget, budget - onp.minimum(onp.maximum(p_share, at_least), at_most), h_lens)
+    return onp.minimum(p_lens, budget - h_kept), h_kept
 
 
 @dataclasses.dataclass
@@ -141,6 +171,13 @@ class EncodedPairs:
     def valid_lens(self):
         return onp.diff(self.offsets).astype(onp.int32)
 
+    def head(self, n):
+        """The first `n` pairs (all of them when n is None)."""
+        if n is None or n >= len(self):
+            return self
+        return EncodedPairs(self.token_ids[:self.offsets[n]], self.offsets[:n + 1], self.segment_a_lens[:n],
+                            self.labels[:n])
+
     def padded(self, indices, length, pad_id):
         """Book-style arrays for pairs `indices` padded to `length`: (token ids, segments, valid lens)."""
         lens = self.valid_lens[indices]
@@ -152,21 +189,194 @@ class EncodedPairs:
         segments = ((positions >= self.segment_a_lens[indices][:, None]) & mask).astype(onp.int32)
         return tokens, segments, lens
 
+    @staticmethod
+    def concatenate(parts):
+        """One EncodedPairs holding `parts` one after another."""
+        starts = onp.cumsum([0] + [len(p.token_ids) for p in parts[:-1]])
+        return EncodedPairs(
+            onp.concatenate([p.token_ids for p in parts], dtype=onp.int32),
+            onp.concatenate([[0]] + [p.offsets[1:] + s for p, s in zip(parts, starts)], dtype=onp.int64),
+            onp.concatenate([p.segment_a_lens for p in parts], dtype=onp.int32),
+            onp.concatenate([p.labels for p in parts], dtype=onp.int32))
 
-def encode_pairs(premises, hypotheses, labels, vocab, max_len):
-    """Encode pairs as the book's SNLIBERTDataset does (tokenize, truncate, `<cls> p <sep> h <sep>`)."""
-    lookup = vocab.token_to_idx
-    unk, cls, sep = vocab.unk, lookup["<cls>"], lookup["<sep>"]
-    ids, offsets, seg_a = [], [0], []
-    for premise, hypothesis in zip(premises, hypotheses):
-        p_tokens, h_tokens = tokenize(premise), tokenize(hypothesis)
-        truncate_pair(p_tokens, h_tokens, max_len)
-        ids.append(cls)
-        ids.extend(lookup.get(t, unk) for t in p_tokens)
-        ids.append(sep)
-        ids.extend(lookup.get(t, unk) for t in h_tokens)
-        ids.append(sep)
-        offsets.append(len(ids))
-        seg_a.append(len(p_tokens) + 2)
-    return EncodedPairs(onp.asarray(ids, dtype=onp.int32), onp.asarray(offsets, dtype=onp.int64),
-                        onp.asarray(seg_a, dtype=onp.int32), onp.asarray(labels, dtype=onp.int32))
+
+def ragged(sequences):
+    """(flat ids, lengths) of a list of id sequences: the form `assemble_pairs` takes sentences in."""
+    lengths = onp.fromiter(map(len, sequences), onp.int64, len(sequences))
+    flat = onp.fromiter(itertools.chain.from_iterable(sequences), onp.int32, int(lengths.sum()))
+    return flat, lengths
+
+
+def _positions_within(lengths):
+    """For a flat array of sentences with these lengths: each element's position in its sentence."""
+    starts = onp.cumsum(lengths) - lengths
+    return onp.arange(int(lengths.sum())) - onp.repeat(starts, lengths)
+
+
+def assemble_pairs(premise_ids, hypothesis_ids, labels, cls_id, sep_id, max_len, truncation="longest_first"):
+    """Truncate each pair and lay it out as `cls p sep h sep`, for any tokenizer's ids, in a few numpy passes.
+
+    `premise_ids` and `hypothesis_ids` are `(flat ids, lengths)` as `ragged` makes them; the book's word
+    vocabulary passes `<cls>`/`<sep>`, a WordPiece vocabulary `[CLS]`/`[SEP]`.
+    """
+    (p_flat, p_lens), (h_flat, h_lens) = premise_ids, hypothesis_ids
+    if not len(p_lens) == len(h_lens) == len(labels):
+        raise ValueError(f"{len(p_lens)} premises, {len(h_lens)} hypotheses and {len(labels)} labels")
+    p_kept, h_kept = truncated_lengths(p_lens, h_lens, max_len, truncation)
+    seg_a = p_kept + 2
+    offsets = onp.concatenate([[0], onp.cumsum(seg_a + h_kept + 1)])
+    starts = offsets[:-1]
+    token_ids = onp.empty(offsets[-1], dtype=onp.int32)
+    token_ids[starts] = cls_id
+    token_ids[starts + seg_a - 1] = sep_id
+    token_ids[offsets[1:] - 1] = sep_id
+    for flat, lens, kept, first in ((p_flat, p_lens, p_kept, starts + 1), (h_flat, h_lens, h_kept, starts + seg_a)):
+        within = _positions_within(lens)
+        keep = within < onp.repeat(kept, lens)
+        token_ids[onp.repeat(first, kept) + within[keep]] = onp.asarray(flat)[keep]
+    return EncodedPairs(token_ids, offsets.astype(onp.int64), seg_a.astype(onp.int32),
+                        onp.asarray(labels, dtype=onp.int32))
+
+
+def word_ids(sentences, vocab):
+    """(flat ids, lengths) of `sentences` under the book's tokenizer (`tokenize`) and `vocab`.
+
+    The sentences are lower-cased and split as one text, a marker token between them, so the work is one
+    `str.split` and one dictionary pass over all tokens rather than a Python loop per sentence.
+    """
+    for marker in _MARKERS:  # the first character that no sentence contains
+        text = f" {marker} ".join(sentences)
+        if text.count(marker) == len(sentences) - 1:
+            break
+    else:
+        raise UserError("sentences contain every control character; cannot mark where each one ends.")
+    lookup = {**vocab.token_to_idx, marker: -1}
+    tokens = text.lower().split()
+    ids = onp.fromiter(map(lookup.get, tokens, itertools.repeat(vocab.unk)), onp.int32, len(tokens))
+    is_marker = ids == -1
+    bounds = onp.concatenate([[-1], onp.flatnonzero(is_marker), [len(ids)]])
+    return ids[~is_marker], onp.diff(bounds) - 1
+
+
+_MARKERS = [chr(c) for c in (*range(0, 9), *range(14, 28), 127)]  # caseless, and not whitespace to split()
+
+
+def encode_in_chunks(premises, hypotheses, labels, sentence_ids, cls_id, sep_id, max_len,
+                     truncation="longest_first", progress=False):
+    """`assemble_pairs` over `sentence_ids(sentences) -> (flat ids, lengths)`, a chunk of pairs at a time."""
+    if not len(premises) == len(hypotheses) == len(labels):
+        raise ValueError(f"{len(premises)} premises, {len(hypotheses)} hypotheses and {len(labels)} labels")
+    truncated_lengths([], [], max_len, truncation)  # a bad setting fails before any work
+    parts = []
+    with tqdm(total=len(labels), unit="pair", desc="encoding", disable=not progress, leave=False) as bar:
+        for start in range(0, len(labels), CHUNK_PAIRS):
+            chunk = slice(start, start + CHUNK_PAIRS)
+            parts.append(assemble_pairs(sentence_ids(premises[chunk]), sentence_ids(hypotheses[chunk]),
+                                        labels[chunk], cls_id, sep_id, max_len, truncation))
+            bar.update(len(parts[-1]))
+    return EncodedPairs.concatenate(parts) if parts else assemble_pairs(
+        ragged([]), ragged([]), [], cls_id, sep_id, max_len, truncation)
+
+
+def special_id(vocab, token):
+    """The id of a special token such as '<cls>', failing clearly for a vocabulary without it."""
+    if token not in vocab.token_to_idx:
+        raise UserError(f"the vocabulary has no {token!r} token; it is not a BERT vocabulary.")
+    return vocab.token_to_idx[token]
+
+
+def encode_pairs(premises, hypotheses, labels, vocab, max_len, truncation="longest_first", progress=False):
+    """Encode pairs to the arrays of the book's SNLIBERTDataset (tokenize, truncate, `<cls> p <sep> h <sep>`).
+
+    `vocab` is the book's word vocabulary, or a tokenizer that splits sentences itself (`hf.WordPieceTokenizer`).
+    """
+    sentence_ids = getattr(vocab, "sentence_ids", None) or functools.partial(word_ids, vocab=vocab)
+    return encode_in_chunks(premises, hypotheses, labels, sentence_ids,
+                            special_id(vocab, "<cls>"), special_id(vocab, "<sep>"), max_len, truncation,
+                            progress)
+
+
+CACHE_FORMAT = 1  # bump when the encoding or the file layout changes, so old caches are rebuilt
+
+
+def vocab_id(vocab):
+    """A short hash of a vocabulary's tokens in order: encoded ids are only valid for the same vocabulary."""
+    return hashlib.sha1(json.dumps(vocab.idx_to_token).encode("utf-8")).hexdigest()[:16]
+
+
+def load_encoded(path, vocab, max_len, truncation="longest_first", progress=True):
+    """The pairs of data file `path` encoded with `vocab` (`encode_pairs`), through the cache in the data dir."""
+    encoder_id = getattr(vocab, "fingerprint", None) or f"word:{vocab_id(vocab)}"
+    return cached_encoding(path, encoder_id, max_len, truncation,
+                           lambda p, h, l: encode_pairs(p, h, l, vocab, max_len, truncation, progress))
+
+
+def cached_encoding(path, encoder_id, max_len, truncation, encode):
+    """`encode(*read_pairs(path))`, cached in `data_dir()/encoded/` and rebuilt whenever it may be stale.
+
+    A cache file serves one (source path, encoder, max_len, truncation) and is trusted only if its recorded
+    source size and mtime match the file and its checksum matches its arrays. `encoder_id` names the
+    tokenizer and a hash of its vocabulary (e.g. `word:<vocab_id>`).
+    """
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        raise UserError(f"Missing data file {path}.") from None
+    setting = {"format": CACHE_FORMAT, "source": os.path.abspath(path), "encoder": encoder_id,
+               "max_len": max_len, "truncation": truncation}
+    name = hashlib.sha1(json.dumps(setting, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+    cache_path = os.path.join(hub.data_dir(), "encoded", f"{os.path.basename(path)}.{name}.npz")
+    key = {**setting, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    encoded = _read_cache(cache_path, key)
+    if encoded is None:
+        encoded = encode(*read_pairs(path))
+        _write_cache(cache_path, key, encoded)
+    return encoded
+
+
+_CACHED_FIELDS = [f.name for f in dataclasses.fields(EncodedPairs)]
+
+
+def _checksum(arrays):
+    """SHA-1 over the arrays' dtypes, shapes and bytes."""
+    digest = hashlib.sha1()
+    for a in arrays:
+        digest.update(f"{a.dtype.str}{a.shape}".encode())
+        digest.update(onp.ascontiguousarray(a).data)
+    return digest.hexdigest()
+
+
+def _read_cache(cache_path, key):
+    """The EncodedPairs in `cache_path` if it exists, is whole and was made for `key`; else None."""
+    if not os.path.exists(cache_path):
+        return None
+    try:
+        with onp.load(cache_path, allow_pickle=False) as f:
+            header = json.loads(str(f["header"]))
+            arrays = [f[name] for name in _CACHED_FIELDS]
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        print(f"warning: unreadable cache {cache_path} ({type(e).__name__}: {e}); rebuilding it",
+              file=sys.stderr)
+        return None
+    if header.get("key") != key:
+        return None  # the source file or a setting changed: stale, not broken
+    if header.get("sha1") != _checksum(arrays):
+        print(f"warning: cache {cache_path} fails its checksum; rebuilding it", file=sys.stderr)
+        return None
+    return EncodedPairs(*arrays)
+
+
+def _write_cache(cache_path, key, encoded):
+    """Write `encoded` with its key and checksum to a temporary file, then rename it over `cache_path`."""
+    arrays = [getattr(encoded, name) for name in _CACHED_FIELDS]
+    header = json.dumps({"key": key, "sha1": _checksum(arrays)})
+    tmp = f"{cache_path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+        with open(tmp, "wb") as f:
+            onp.savez(f, header=onp.array(header), **dict(zip(_CACHED_FIELDS, arrays)))
+        os.replace(tmp, cache_path)
+    except OSError as e:  # a read-only or full data dir costs speed next time, not this run
+        print(f"warning: could not write the cache {cache_path} ({e}); continuing without it", file=sys.stderr)
+        if os.path.exists(tmp):
+            os.remove(tmp)
