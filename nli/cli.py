@@ -12,7 +12,11 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", required=True)
 
     download = commands.add_parser("download", help="download and extract a registry entry")
-    download.add_argument("name", help="bert.small, bert.base, SNLI, or a manifest's entry")
+    download.add_argument("name", nargs="?", help="bert.small, bert.base, SNLI, or a manifest's entry")
+    download.add_argument("--list", action="store_true", help="every entry: URL, size, cached and verified?")
+    download.add_argument("--from", dest="source", metavar="FILE",
+                          help="import NAME from a file fetched by other means (its SHA-1 is checked)")
+    download.add_argument("--quiet", action="store_true", help="no progress bar or notes")
 
     finetune = commands.add_parser("finetune", help="fine-tune a pretrained BERT on SNLI pairs")
     finetune.add_argument("--model", required=True, help="bert.small, bert.base or a model directory")
@@ -138,7 +142,17 @@ def run_predict(args):
 
 def run_download(args):
     from . import hub
-    print(hub.download_extract(args.name))
+    from tqdm import tqdm
+    if args.list:
+        for name, url, size, state in hub.status():
+            size = "-" if size is None else tqdm.format_sizeof(size, "B", 1024)
+            print(f"{name:<12} {state:<14} {size:>8}  {url}")
+        return
+    if args.name is None:
+        raise UserError("Say which entry to download; `python -m nli download --list` shows them.")
+    if args.source:
+        hub.import_file(args.name, args.source, quiet=args.quiet)
+    print(hub.download_extract(args.name, quiet=args.quiet))
 
 
 def main(argv=None):

@@ -1,15 +1,44 @@
-"""The registry of downloadable files, and downloading, verifying and extracting them."""
+"""The registry of downloadable files, and downloading, verifying and extracting them safely.
+
+A download streams into `NAME.part`, resumes with an HTTP Range request after a dropped
+connection, retries with backoff, and becomes `NAME` only once its SHA-1 matches; a file lock
+keeps two processes from fetching the same file at once. Archives are unpacked into a temporary
+directory next to the target and renamed into place after every path and member is checked.
+"""
+import contextlib
 import dataclasses
+import gzip
 import hashlib
 import json
 import os
+import re
+import shutil
+import stat
+import sys
+import tarfile
+import tempfile
+import time
 import zipfile
+import zlib
 
+import filelock
 import requests
+from tqdm import tqdm
 
 from .errors import UserError
 
 DATA_URL = "http://d2l-data.s3-accelerate.amazonaws.com/"  # d2l.DATA_URL
+
+# Each is overridden by its environment variable, read on every download.
+RETRIES = 5  # NLI_HUB_RETRIES: failed attempts in a row (without new bytes) allowed after the first
+TIMEOUT = 30.0  # NLI_HUB_TIMEOUT: seconds to connect, and to wait for the next bytes
+BACKOFF = 1.0  # NLI_HUB_BACKOFF: seconds before the first retry, doubled after each failure
+MAX_BACKOFF = 60.0
+CHUNK_SIZE = 1 << 16
+ZIP_SUFFIXES = (".zip",)
+TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".gz")  # d2l extracts .tar and .gz with tarfile too
+CORRUPT_ARCHIVE = (zipfile.BadZipFile, tarfile.ReadError, tarfile.CompressionError, zlib.error,
+                   gzip.BadGzipFile, EOFError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,59 +119,303 @@ def sha1_of(path, chunk_size=1 << 20):
     return digest.hexdigest()
 
 
-def download(name, folder=None):
+def is_verified(path, sha1):
+    """Whether `path` holds the file with this SHA-1; its sidecar record spares re-hashing an unchanged file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    try:
+        with open(path + ".verified", encoding="utf-8") as f:
+            if json.load(f) == _record(st, sha1):
+                return True
+    except (OSError, ValueError):
+        pass  # no record, or an unreadable one: hash the file
+    if sha1_of(path) != sha1:
+        return False
+    _write_record(path, sha1, st)
+    return True
+
+
+def _record(st, sha1):
+    """The sidecar record of a verified file: its size and mtime when it was hashed, and the SHA-1."""
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha1": sha1}
+
+
+def _write_record(path, sha1, st=None):
+    """Write `PATH.verified` atomically, from the stat taken before hashing (a later change then shows)."""
+    data = json.dumps(_record(st or os.stat(path), sha1)).encode()
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", dir=os.path.dirname(path))
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path + ".verified")
+
+
+def download(name, folder=None, quiet=False):
     """Download entry `name` into the data dir (unless a verified copy is there) and return its path."""
     e = entry(name)
-    folder = folder or data_dir()
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, e.file_name)
-    if os.path.exists(path) and sha1_of(path) == e.sha1:
-        return path
-    part = path + ".part"
-    try:
-        with requests.get(e.url, stream=True, timeout=(10, 60)) as r:
-            r.raise_for_status()
-            with open(part, "wb") as f:
-                for chunk in r.iter_content(1 << 20):
-                    f.write(chunk)
-    except requests.RequestException as err:
-        _remove(part)
-        raise UserError(f"Downloading {name} from {e.url} failed ({err}). Set NLI_MIRROR to a mirror, "
-                        f"or NLI_HUB_MANIFEST to a manifest naming another URL.") from err
-    actual = sha1_of(part)
-    if actual != e.sha1:
-        _remove(part)
-        raise UserError(f"{e.url} gave a file with SHA-1 {actual}, expected {e.sha1}; nothing was kept.")
-    os.replace(part, path)
+    path = _cache_path(e, folder)
+    with _locked(path, quiet):
+        if is_verified(path, e.sha1):
+            return path
+        if os.path.exists(path):
+            _say(quiet, f"{path} does not match SHA-1 {e.sha1}: downloading it again.")
+            _remove(path)
+        _fetch(name, e, path + ".part", quiet)
+        _install(path + ".part", path, e.sha1, e.url)
     return path
 
 
-def extract(path, folder):
-    """Extract a zip archive into `folder` and return `folder`."""
+def import_file(name, source, folder=None, quiet=False):
+    """Copy a file fetched by other means into the cache as entry `name`, once its SHA-1 is checked."""
+    e = entry(name)
+    path = _cache_path(e, folder)
+    with _locked(path, quiet):
+        try:
+            shutil.copyfile(source, path + ".part")
+        except OSError as err:
+            _remove(path + ".part")
+            raise UserError(f"Cannot read {source} to import it as {name}: {err.strerror}.") from None
+        _install(path + ".part", path, e.sha1, source)
+    return path
+
+
+def download_extract(name, folder=None, quiet=False):
+    """Download and extract entry `name`; return the directory the archive unpacks to (as d2l does)."""
+    e = entry(name)
+    path = download(name, folder, quiet)
+    base = os.path.dirname(path)
+    target = os.path.join(base, _archive_stem(e.file_name))
+    with _locked(path, quiet):
+        if not (os.path.isdir(target) and all(os.path.exists(os.path.join(base, m)) for m in e.members)):
+            extract(path, base, e.members)
+    return target
+
+
+def extract(path, folder, members=()):
+    """Unpack archive `path` into `folder` via a temporary directory, refusing paths that leave it."""
+    os.makedirs(folder, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=folder)
     try:
-        with zipfile.ZipFile(path) as archive:
-            archive.extractall(folder)
-    except zipfile.BadZipFile as err:
-        raise UserError(f"{path} is not a readable zip archive ({err}).") from err
+        _unpack(path, scratch)
+        missing = [m for m in members if not os.path.exists(os.path.join(scratch, m))]
+        if missing:
+            raise UserError(f"{path} does not contain {', '.join(missing)}; nothing was extracted.")
+        for item in os.listdir(scratch):
+            dest = os.path.join(folder, item)
+            if os.path.lexists(dest):  # an older copy: move it into the scratch dir, deleted below
+                os.rename(dest, os.path.join(scratch, f".old.{item}"))
+            os.rename(os.path.join(scratch, item), dest)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return folder
 
 
-def download_extract(name, folder=None):
-    """Download and extract entry `name`; return the directory the archive unpacks to (as d2l does)."""
-    e = entry(name)
-    path = download(name, folder)
-    base = os.path.dirname(path)
-    target = os.path.splitext(path)[0]
-    if not all(os.path.exists(os.path.join(base, m)) for m in e.members) or not e.members:
-        extract(path, base)
-    missing = [m for m in e.members if not os.path.exists(os.path.join(base, m))]
-    if missing:
-        raise UserError(f"{path} does not contain {', '.join(missing)}.")
-    return target
+def status(folder=None):
+    """(name, url, size in bytes or None, state) for each entry; state: verified, SHA-1 differs, partial, missing."""
+    rows = []
+    for name, e in sorted(registry().items()):
+        path = _cache_path(e, folder)
+        if os.path.exists(path):
+            size, state = os.path.getsize(path), "verified" if is_verified(path, e.sha1) else "SHA-1 differs"
+        elif os.path.exists(path + ".part"):
+            size, state = os.path.getsize(path + ".part"), "partial"
+        else:
+            size, state = None, "missing"
+        rows.append((name, e.url, size, state))
+    return rows
+
+
+def _cache_path(e, folder):
+    """Where entry `e` is cached: its file name in `folder` or the data dir."""
+    return os.path.join(folder or data_dir(), e.file_name)
+
+
+@contextlib.contextmanager
+def _locked(path, quiet):
+    """Hold `PATH.lock`, so two processes fetching the same file end with one good copy."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    lock = filelock.FileLock(path + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        _say(quiet, f"Waiting for another process using {path} ...")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _fetch(name, e, part, quiet):
+    """Stream `e.url` into `part`, resuming after failures; retries are spent only by attempts that add no bytes."""
+    retries = _setting("NLI_HUB_RETRIES", RETRIES)
+    timeout = _setting("NLI_HUB_TIMEOUT", TIMEOUT)
+    backoff = _setting("NLI_HUB_BACKOFF", BACKOFF)
+    attempts, failures, best = 0, 0, _size(part)
+    with requests.Session() as session:
+        while True:
+            attempts += 1
+            try:
+                return _fetch_once(session, e, part, timeout, quiet)
+            except _Transient as err:
+                reason = str(err)
+            except requests.HTTPError as err:  # 4xx: asking again will not help
+                answer = f"HTTP {err.response.status_code} {err.response.reason}"
+                raise _unreachable(name, e, part, f"{e.url} answered {answer}") from None
+            except requests.RequestException as err:  # a malformed URL, say
+                raise _unreachable(name, e, part, f"{e.url}: {err}") from None
+            failures = 0 if _size(part) > best else failures + 1
+            best = max(best, _size(part))
+            if failures > retries:
+                raise _unreachable(name, e, part, f"{e.url} failed {attempts} times, last with {reason}")
+            wait = min(backoff * 2 ** max(failures - 1, 0), MAX_BACKOFF)
+            _say(quiet, f"{e.file_name}: {reason}; trying again in {wait:g} s"
+                        + (f", resuming at {_size(part):,} bytes." if _size(part) else "."))
+            time.sleep(wait)
+
+
+class _Transient(Exception):
+    """A failure worth another attempt: a lost connection, a timeout, a 5xx answer."""
+
+
+def _fetch_once(session, e, part, timeout, quiet):
+    """One GET of `e.url` into `part`, asking for the missing tail when `part` holds a head already."""
+    offset = _size(part)
+    headers = {"Accept-Encoding": "identity"}  # byte ranges must count the file's own bytes
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        with session.get(e.url, headers=headers, stream=True, timeout=(timeout, timeout)) as r:
+            if r.status_code == 416:  # asked from past the end: the part is whole already, or too long
+                if r.headers.get("Content-Range") == f"bytes */{offset}":
+                    return
+                _remove(part)
+                raise _Transient("the partial download is longer than the file")
+            if r.status_code >= 500 or r.status_code in (408, 429):
+                raise _Transient(f"HTTP {r.status_code} {r.reason}")
+            r.raise_for_status()
+            if r.status_code != 206 or not r.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
+                offset = 0  # the server ignored the Range: start again from the first byte
+            length = r.headers.get("Content-Length")
+            total = offset + int(length) if length and length.isdigit() else None
+            with open(part, "ab" if offset else "wb") as f, \
+                    tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+                         desc=e.file_name, disable=True if quiet else None) as bar:
+                for chunk in r.iter_content(CHUNK_SIZE):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
+        raise _Transient(_network_reason(err, timeout)) from None
+    if total is not None and _size(part) != total:  # urllib3 1.x does not raise on a short body
+        raise _Transient(f"the connection closed at {_size(part):,} of {total:,} bytes")
+
+
+def _network_reason(err, timeout):
+    """A few words on a network error: the socket's own, from under requests' and urllib3's wrapping."""
+    cause = err
+    while True:
+        inner = next((x for x in (*cause.args, getattr(cause, "reason", None), cause.__cause__)
+                      if isinstance(x, BaseException)), None)
+        if inner is None:
+            break
+        cause = inner
+    if isinstance(err, requests.Timeout) or isinstance(cause, TimeoutError):
+        return f"no answer for {timeout:g} s (timed out)"
+    if isinstance(err, requests.exceptions.ChunkedEncodingError):
+        return "the connection dropped"
+    return getattr(cause, "strerror", None) or str(cause)
+
+
+def _unreachable(name, e, part, what):
+    """The error for a download that could not be done, with the three ways to get the file anyway."""
+    kept = f"; the {_size(part):,} bytes received are kept in {part} for the next try" if _size(part) else ""
+    return UserError(
+        f"Could not download {name}: {what}{kept}. If this machine is offline or the host is blocked, "
+        f"there are three ways out: set NLI_MIRROR=http://host/path/ to a server holding {e.file_name}; "
+        f"set NLI_HUB_MANIFEST=manifest.json to a JSON file naming another URL and SHA-1 for {name}; "
+        f"or fetch {e.file_name} by other means and run `python -m nli download {name} --from FILE`, "
+        f"which imports it after checking its SHA-1 ({e.sha1}).")
+
+
+def _install(part, path, sha1, source):
+    """Rename `part` to `path` if its SHA-1 is `sha1`; otherwise delete it and fail naming both."""
+    actual = sha1_of(part)
+    if actual != sha1:
+        _remove(part)
+        raise UserError(f"{source} gave a file with SHA-1 {actual}, expected {sha1}; nothing was kept. "
+                        f"If the file changed on purpose, name its new SHA-1 in NLI_HUB_MANIFEST.")
+    os.replace(part, path)
+    _write_record(path, sha1)
+
+
+def _unpack(path, dest):
+    """Unpack a zip or tar archive into `dest`, refusing absolute paths, `..` and links."""
+    try:
+        if path.endswith(ZIP_SUFFIXES):
+            with zipfile.ZipFile(path) as archive:
+                for info in archive.infolist():
+                    _check_member(path, info.filename)
+                    if stat.S_ISLNK(info.external_attr >> 16):
+                        raise UserError(f"{path}: member {info.filename} is a symbolic link; the hub "
+                                        f"extracts regular files only, so nothing was extracted.")
+                archive.extractall(dest)
+        elif path.endswith(TAR_SUFFIXES):
+            with tarfile.open(path) as archive:
+                for member in archive.getmembers():
+                    _check_member(path, member.name)
+                archive.extractall(dest, filter="data")  # also refuses links that point outside
+        else:
+            raise UserError(f"{path}: only .zip and .tar(.gz) archives can be extracted.")
+    except tarfile.FilterError as err:
+        raise UserError(f"{path}: {err}; nothing was extracted.") from None
+    except CORRUPT_ARCHIVE as err:
+        raise UserError(f"{path} is a truncated or corrupt archive ({err}); nothing was extracted. Its "
+                        f"SHA-1 matched the registry, so the entry itself names a broken file.") from None
+
+
+def _check_member(path, name):
+    """Refuse an archive member whose path is absolute or climbs out with `..`."""
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name) or ".." in parts:
+        raise UserError(f"{path}: member {name!r} would be written outside the folder it is extracted "
+                        f"into; the archive is refused and nothing was extracted.")
+
+
+def _archive_stem(file_name):
+    """`bert.small.zip` -> `bert.small`, `x.tar.gz` -> `x`: the directory an archive unpacks to."""
+    for suffix in ZIP_SUFFIXES + TAR_SUFFIXES:
+        if file_name.endswith(suffix):
+            return file_name[:-len(suffix)]
+    return os.path.splitext(file_name)[0]
+
+
+def _setting(var, default):
+    """A number from environment variable `var`, else `default`, so slow links and tests can tune the hub."""
+    value = os.environ.get(var)
+    if value is None:
+        return default
+    try:
+        return type(default)(value)
+    except ValueError:
+        raise UserError(f"{var}={value!r}: expected a number such as {default}.") from None
+
+
+def _say(quiet, message):
+    """A note on stderr about retries and waits, unless quiet."""
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _size(path):
+    """Size of a file in bytes, 0 when it does not exist."""
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        return 0
 
 
 def _remove(path):
     """Delete a file if it exists."""
-    if os.path.exists(path):
+    with contextlib.suppress(FileNotFoundError):
         os.remove(path)
-
