@@ -19,12 +19,34 @@ def build_parser():
     download.add_argument("--quiet", action="store_true", help="no progress bar or notes")
 
     finetune = commands.add_parser("finetune", help="fine-tune a pretrained BERT on SNLI pairs")
-    finetune.add_argument("--model", required=True, help="bert.small, bert.base or a model directory")
+    finetune.add_argument("--model",
+                          help="bert.small, bert.base, a model directory, or hf:DIR (a Hugging Face BERT "
+                               "checkpoint: config.json, vocab.txt, model.safetensors)")
     add_data_arguments(finetune, train=True)
-    finetune.add_argument("--epochs", type=int, default=5)
-    finetune.add_argument("--batch-size", type=int, default=512)
-    finetune.add_argument("--lr", type=float, default=1e-4)
-    finetune.add_argument("--max-len", type=int, default=128)
+    finetune.add_argument("--recipe", choices=["book", "tuned"], default="book",
+                          help="book: the chapter's (Adam, lr 1e-4, batch 512, max-len 128, 5 epochs); tuned: "
+                               "AdamW, 10%% warmup, linear decay, clipping at 1; the options below override it")
+    finetune.add_argument("--epochs", type=int)
+    finetune.add_argument("--batch-size", type=int, help="pairs per batch (and per worker)")
+    finetune.add_argument("--lr", type=float, help="the learning rate (its peak, with a schedule)")
+    finetune.add_argument("--optimizer", choices=["adam", "adamw"],
+                          help="adam: the book's; adamw: decoupled weight decay, none on biases and LayerNorm")
+    finetune.add_argument("--weight-decay", type=float)
+    finetune.add_argument("--schedule", choices=["constant", "linear", "cosine"],
+                          help="the learning rate after the warmup: constant, or decayed to 0")
+    finetune.add_argument("--warmup-ratio", type=float, help="share of the updates warming the rate up from 0")
+    finetune.add_argument("--max-grad-norm", type=float, help="clip gradients to this global norm (0: off)")
+    finetune.add_argument("--accumulate", type=int, metavar="N",
+                          help="update every N batches, as one batch N times larger would")
+    finetune.add_argument("--max-len", type=int)
+    finetune.add_argument("--freeze-encoder", action="store_true", help="train only the head (hidden + output)")
+    finetune.add_argument("--extract-features", action="store_true",
+                          help="compute the encoder's <cls> features once (cached in the run dir) and train "
+                               "only the head on them: the fastest way, a baseline")
+    finetune.add_argument("--freeze-epochs", type=int, default=0, metavar="N",
+                          help="train only the head for the first N epochs, then everything")
+    finetune.add_argument("--dev", help="a file of pairs to pick the best epoch on; it is kept in OUT/best/")
+    finetune.add_argument("--dev-fraction", type=float, help="hold out this share of the training pairs as --dev")
     finetune.add_argument("--truncation", choices=["longest_first", "ratio"], default="longest_first",
                           help="pairs over --max-len: cut the longer side first (the book's), or both "
                                "sides in proportion to their lengths")
@@ -33,8 +55,18 @@ def build_parser():
     finetune.add_argument("--limit-train", type=int, default=None, help="use the first N train pairs")
     finetune.add_argument("--limit-test", type=int, default=None, help="use the first N test pairs")
     finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--kvstore", choices=["device", "local", "dist_sync", "dist_device_sync"],
+                          default="device", help="how gradients are summed: over this machine's devices, or "
+                                                 "over the workers that `python -m nli.launch` starts")
+    finetune.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                          help="float16: mixed precision, on GPUs only")
+    finetune.add_argument("--save-every", type=int, metavar="N",
+                          help="checkpoint every N updates too (there is one at each epoch's end)")
+    finetune.add_argument("--log-every", type=int, default=10, metavar="N",
+                          help="a step entry in metrics.jsonl every N updates")
+    finetune.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its checkpoint, as it was set")
     finetune.add_argument("--quiet", action="store_true", help="no progress bars")
-    finetune.add_argument("--out", required=True, help="run directory to write")
+    finetune.add_argument("--out", help="run directory to write")
 
     evaluate = commands.add_parser("evaluate", help="accuracy, per-class F1, confusion matrix, errors of a run")
     evaluate.add_argument("--run", required=True)
@@ -92,23 +124,57 @@ def read_data(args, train):
     return (snli.read_pairs(train_file) if train else None), snli.read_pairs(test_file)
 
 
+def resumed_arguments(args):
+    """The arguments the run in `--resume RUN_DIR` was started with, from its checkpoint."""
+    from . import train
+    defaults = vars(build_parser().parse_args(["finetune"]))
+    changed = [k for k, v in vars(args).items() if v != defaults[k] and k not in ("resume", "quiet")]
+    if changed:
+        raise UserError(f"--resume continues a run as it was set; drop --{changed[0].replace('_', '-')}.")
+    _, state = train.read_checkpoint(args.resume)
+    return argparse.Namespace(**{**defaults, **state["settings"], "resume": args.resume, "out": args.resume,
+                                 "quiet": args.quiet})
+
+
 def run_finetune(args):
     from . import model, snli, train
+    if args.resume:
+        args = resumed_arguments(args)
+    elif args.model is None or args.out is None:
+        raise UserError("finetune needs --model and --out (or --resume RUN_DIR to continue a run).")
+    if args.freeze_encoder and args.extract_features:
+        raise UserError("--freeze-encoder or --extract-features: choose one (both train only the head).")
+    recipe = train.resolve_recipe(args.recipe, **{k: getattr(args, k) for k in train.RECIPES["book"]})
+    vars(args).update(recipe)
+    print(f"recipe {args.recipe}: {json.dumps(recipe)}", flush=True)
     devices = train.parse_devices(args.devices)
+    train.check_dtype(args.dtype, devices)
     train_file, test_file = data_files(args, train=True)
     train.seed_everything(args.seed)
-    net, vocab, bert_config = model.from_pretrained(args.model, devices, args.dropout)
+    net, vocab, bert_config = model.from_pretrained(args.model, devices, args.dropout, args.max_len)
     if args.max_len > bert_config.max_len:
         raise UserError(f"--max-len {args.max_len} exceeds the model's {bert_config.max_len} positions.")
     train_set, test_set = (snli.load_encoded(path, vocab, args.max_len, args.truncation, not args.quiet).head(n)
                            for path, n in ((train_file, args.limit_train), (test_file, args.limit_test)))
-    print(f"{len(train_set)} training pairs, {len(test_set)} test pairs, devices {devices}", flush=True)
+    dev_set = None
+    if args.dev and args.dev_fraction:
+        raise UserError("--dev FILE or --dev-fraction F: choose one.")
+    if args.dev_fraction:
+        train_set, dev_set = train.hold_out(train_set, args.dev_fraction)
+    elif args.dev:
+        dev_set = snli.load_encoded(args.dev, vocab, args.max_len, args.truncation, not args.quiet)
+    print(f"{len(train_set)} training pairs, {len(test_set)} test pairs"
+          + (f", {len(dev_set)} dev pairs" if dev_set else "") + f", devices {devices}", flush=True)
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "quiet")}
+    settings = {"max_len": args.max_len, "truncation": args.truncation, "recipe": recipe, "finetune": options}
+    mode = "features" if args.extract_features else "freeze-encoder" if args.freeze_encoder else "full"
     train.finetune(net, train_set, test_set, devices, vocab["<pad>"], args.max_len, args.epochs,
-                   args.batch_size, args.lr, args.seed, args.out, progress=not args.quiet)
-    settings = {"max_len": args.max_len, "truncation": args.truncation,
-                "finetune": {k: v for k, v in vars(args).items() if k != "command"}}
-    model.save_run(args.out, net, vocab, bert_config, settings)
-    print(f"saved the run in {args.out}")
+                   args.batch_size, args.lr, args.seed, args.out, progress=not args.quiet,
+                   optimizer=args.optimizer, weight_decay=args.weight_decay, schedule=args.schedule,
+                   warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, accumulate=args.accumulate,
+                   mode=mode, freeze_epochs=args.freeze_epochs, dev_set=dev_set, save_every=args.save_every,
+                   log_every=args.log_every, resume=bool(args.resume), kvstore=args.kvstore, settings=options,
+                   save_model=lambda folder: model.save_run(folder, net, vocab, bert_config, settings))
 
 
 def run_evaluate(args):

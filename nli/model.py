@@ -7,8 +7,12 @@ from mxnet import init
 from mxnet.gluon import nn
 
 from . import bert as bert_lib
+from . import hf
 from .errors import UserError
 from .snli import LABELS
+
+# How a run's config.json says to rebuild its tokenizer; runs that do not say are the book's.
+BOOK_TOKENIZER = {"kind": "words", "vocab": "vocab.json", "lowercase": True}
 
 
 class BERTClassifier(nn.HybridBlock):
@@ -26,9 +30,16 @@ class BERTClassifier(nn.HybridBlock):
         return self.output(self.hidden(cls))
 
 
-def from_pretrained(name_or_dir, devices, dropout=None):
-    """A classifier on a pretrained BERT, its output layer freshly initialized: (net, vocab, bert config)."""
-    bert, vocab = bert_lib.load_pretrained(name_or_dir, devices, dropout)
+def from_pretrained(name_or_dir, devices, dropout=None, max_len=None):
+    """A classifier on a pretrained BERT, its output layer freshly initialized: (net, vocab, bert config).
+
+    `name_or_dir` is the book's model (bert.small, bert.base, a directory) or `hf:DIR`, a Hugging Face
+    checkpoint, whose position table `max_len` may grow (see `hf.load`).
+    """
+    if name_or_dir.startswith(hf.PREFIX):
+        bert, vocab = hf.load(name_or_dir[len(hf.PREFIX):], devices, dropout, max_len)
+    else:
+        bert, vocab = bert_lib.load_pretrained(name_or_dir, devices, dropout)
     net = BERTClassifier(bert)
     net.output.initialize(init.Xavier(), ctx=devices)
     net.hybridize(static_alloc=True)
@@ -36,24 +47,36 @@ def from_pretrained(name_or_dir, devices, dropout=None):
 
 
 def save_run(run_dir, net, vocab, bert_config, settings):
-    """Write what rebuilds the classifier into `run_dir`: config.json, vocab.json, model.params."""
+    """Write what rebuilds the classifier into `run_dir`: config.json, the vocabulary, model.params."""
     os.makedirs(run_dir, exist_ok=True)
-    config = {"bert": dataclasses.asdict(bert_config), "labels": list(LABELS), **settings}
+    wordpiece = isinstance(vocab, hf.WordPieceTokenizer)
+    tokenizer = vocab.describe() if wordpiece else BOOK_TOKENIZER
+    config = {"bert": dataclasses.asdict(bert_config), "tokenizer": tokenizer, "labels": list(LABELS),
+              **settings}
     _write_atomically(os.path.join(run_dir, "config.json"),
                       lambda path: _dump_json(config, path))
-    _write_atomically(os.path.join(run_dir, "vocab.json"),
-                      lambda path: bert_lib.save_vocab(vocab, path))
+    _write_atomically(os.path.join(run_dir, tokenizer["vocab"]),
+                      vocab.save if wordpiece else lambda path: bert_lib.save_vocab(vocab, path))
     _write_atomically(os.path.join(run_dir, "model.params"), net.save_parameters)
 
 
 def load_run(run_dir, devices):
-    """The fine-tuned classifier of a run dir: (net, vocab, config)."""
-    for name in ("config.json", "vocab.json", "model.params"):
+    """The fine-tuned classifier of a run dir and its tokenizer's vocabulary: (net, vocab, config)."""
+    for name in ("config.json", "model.params"):
         if not os.path.exists(os.path.join(run_dir, name)):
             raise UserError(f"{run_dir} is not a finished run: {name} is missing.")
     with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
-    vocab = bert_lib.load_vocab(os.path.join(run_dir, "vocab.json"))
+    tokenizer = config.get("tokenizer", BOOK_TOKENIZER)
+    vocab_path = os.path.join(run_dir, tokenizer["vocab"])
+    if not os.path.exists(vocab_path):
+        raise UserError(f"{run_dir} is not a finished run: {tokenizer['vocab']} is missing.")
+    if tokenizer["kind"] == "wordpiece":
+        vocab = hf.WordPieceTokenizer(vocab_path, tokenizer["lowercase"])
+    elif tokenizer["kind"] == BOOK_TOKENIZER["kind"]:
+        vocab = bert_lib.load_vocab(vocab_path)
+    else:
+        raise UserError(f"{run_dir}/config.json: tokenizer kind {tokenizer['kind']!r} is not known.")
     bert = bert_lib.BERTModel(**{**config["bert"], "dropout": 0.0})
     net = BERTClassifier(bert)
     params = os.path.join(run_dir, "model.params")

