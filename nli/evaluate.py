@@ -154,7 +154,8 @@ def plot_confusion(confusion, path, title):
 
 def pair_encoder(config, vocab):
     """How the run encodes pairs, from its config: (premises, hypotheses, labels) -> `snli.EncodedPairs`."""
-    return functools.partial(snli.encode_pairs, vocab=vocab, max_len=config["max_len"])
+    return functools.partial(snli.encode_pairs, vocab=vocab, max_len=config["max_len"],
+                             truncation=config.get("truncation", "longest_first"))
 
 
 class Predictor:
