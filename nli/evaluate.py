@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from . import data, snli
 from .errors import UserError
-from .model import _write_atomically
+from .model import _dump_json, _write_atomically
 from .snli import LABEL_IDS, LABELS, NO_GOLD_LABEL
 
 matplotlib.use("Agg")  # scripts and servers have no display; plots are saved as PNG
@@ -215,7 +215,7 @@ def predict_snli(net, vocab, premise, hypothesis, devices, max_len):
 def unknown_warning(share):
     """A sentence on a high share of unknown tokens, or None when it is low."""
     if share > HIGH_UNKNOWN_SHARE:
-        return (f"warning: {share:.1%} of the word tokens are not in the model's vocabulary; "
+        return (f"warning: {share:.1%} of the input tokens are not in the model's vocabulary; "
                 f"predictions on them are unreliable.")
     return None
 
@@ -236,11 +236,6 @@ def evaluate_run(predictor, premises, hypotheses, labels, out_dir, num_errors=0,
         indices = most_confident_errors(encoded.labels, probs, num_errors)
         write_errors(os.path.join(out_dir, "errors.tsv"), premises, hypotheses, encoded.labels, probs, indices)
     return result
-
-
-def _dump_json(obj, path):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
 
 
 # Prediction on files: every input line gives one output line, in order.

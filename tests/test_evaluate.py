@@ -192,7 +192,7 @@ def test_predict_tsv_matches_evaluate_and_stdin_and_one_pair(tiny_run, predictor
     assert cli.main(["predict", "--run", tiny_run, "A qwzx's blorft.", "A toy."]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["unknown_share"] == 0.25  # qwzx, blorft of A qwzx 's blorft . A toy .
-    assert "25.0% of the word tokens are not in the model's vocabulary" in captured.err
+    assert "25.0% of the input tokens are not in the model's vocabulary" in captured.err
 
 
 def test_predict_input_mistakes_say_what_is_wrong(tiny_run, tmp_path, capsys):
