@@ -270,3 +270,12 @@ def test_hf_run_evaluates_and_predicts_through_the_cli(hf_run):
     prediction = json.loads(result.stdout.strip().splitlines()[-1])
     assert prediction["label"] in snli.LABELS
     assert sum(prediction["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_wordpiece_pairs_share_the_books_layout_and_truncation(tiny):
+    tokenizer = hf.WordPieceTokenizer.from_checkpoint(tiny[0])
+    encoded = snli.encode_pairs(["A man sleeps."], ["A man."], [0], tokenizer, max_len=8)
+    # 5 + 3 word pieces cut to the 5 slots left by [CLS] and two [SEP], the longer side first.
+    expected = ["[CLS]", "a", "man", "sleep", "[SEP]", "a", "man", "[SEP]"]
+    assert encoded.token_ids.tolist() == [tokenizer[t] for t in expected]
+    assert encoded.segment_a_lens.tolist() == [5]
