@@ -178,6 +178,13 @@ class EncodedPairs:
         return EncodedPairs(self.token_ids[:self.offsets[n]], self.offsets[:n + 1], self.segment_a_lens[:n],
                             self.labels[:n])
 
+    def take(self, indices):
+        """The pairs at `indices`, in that order (a held-out split, a worker's shard)."""
+        lens = self.valid_lens[indices].astype(onp.int64)
+        positions = onp.repeat(self.offsets[:-1][indices], lens) + _positions_within(lens)
+        return EncodedPairs(self.token_ids[positions], onp.concatenate([[0], onp.cumsum(lens)]).astype(onp.int64),
+                            self.segment_a_lens[indices], self.labels[indices])
+
     def padded(self, indices, length, pad_id):
         """Book-style arrays for pairs `indices` padded to `length`: (token ids, segments, valid lens)."""
         lens = self.valid_lens[indices]

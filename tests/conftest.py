@@ -104,6 +104,16 @@ def served_dir(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def training_bert_dir(tmp_path_factory):
+    """A book-layout BERT small enough to train in tests (32 hidden units, 2 heads, 1 block, dropout 0.1)."""
+    sizes = dict(num_hiddens=32, ffn_num_hiddens=64, num_heads=2, num_blks=1, max_len=64)
+    folder = save_book_bert(str(tmp_path_factory.mktemp("training") / "bert.training"), **sizes)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(dict(sizes, dropout=0.1), f)
+    return folder
+
+
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass

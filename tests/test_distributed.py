@@ -1,0 +1,37 @@
+"""Distributed fine-tuning on loopback: MXNet's launcher, a parameter server and two workers."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as onp
+from mxnet import npx
+
+from conftest import DEV_PAIRS, ROOT
+
+npx.set_np()
+
+
+def test_two_workers_and_a_server_train_one_model(training_bert_dir, tmp_path):
+    out = tmp_path / "run"
+    finetune = [sys.executable, "-m", "nli", "finetune", "--model", training_bert_dir, "--train", DEV_PAIRS,
+                "--test", DEV_PAIRS, "--limit-train", 258, "--limit-test", 64, "--epochs", 6, "--batch-size", 8,
+                "--max-len", 64, "--lr", 2e-3, "--dropout", 0, "--log-every", 1, "--devices", "cpu", "--kvstore", "dist_sync",
+                "--quiet", "--out", out]
+    launch = [sys.executable, "-m", "nli.launch", "-n", "2", "-s", "1", "--launcher", "local", *finetune]
+    env = {**os.environ, "PYTHONPATH": ROOT, "NLI_DATA_DIR": str(tmp_path / "data"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(list(map(str, launch)), capture_output=True, text=True, env=env, cwd=ROOT,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+    # Worker 0 wrote the run; worker 1 its own final weights: the same, bit for bit.
+    chief = npx.load(str(out / "model.params"))
+    other = npx.load(str(out / "worker-1.params"))
+    assert chief.keys() == other.keys()
+    assert all(onp.array_equal(chief[k].asnumpy(), other[k].asnumpy()) for k in chief)
+
+    epochs = [m for m in map(json.loads, open(out / "metrics.jsonl")) if m["kind"] == "epoch"]
+    assert [m["epoch"] for m in epochs] == [1, 2, 3, 4, 5, 6]
+    assert all(m["examples"] == 129 for m in epochs)  # worker 0's shard: every other pair of 258
+    print([m["loss"] for m in epochs])
+    assert epochs[-1]["loss"] < epochs[0]["loss"] - 0.05  # it learns

@@ -1,0 +1,246 @@
+"""The training engine: exact resume after SIGKILL and Ctrl-C, accumulation, NaN stop, frozen and cached encoders."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mxnet as mx
+import numpy as onp
+import pytest
+from mxnet import gluon, npx
+
+from conftest import DEV_PAIRS, ROOT, run_cli
+from nli import cli, model, snli, train
+from nli.errors import UserError
+
+npx.set_np()
+CPU = [mx.cpu()]
+
+
+def finetune_args(model_dir, out, *extra):
+    """A small run on the real pairs: 320 of them in batches of 8, two epochs, the tuned recipe (AdamW,
+    warmup, linear decay, clipping), dropout on, a checkpoint every 2 updates."""
+    return ["finetune", "--model", model_dir, "--train", DEV_PAIRS, "--test", DEV_PAIRS, "--limit-train", 320,
+            "--limit-test", 64, "--recipe", "tuned", "--epochs", 2, "--batch-size", 8, "--max-len", 64,
+            "--lr", 1e-3, "--save-every", 2, "--log-every", 1, "--devices", "cpu", "--seed", 3, "--quiet",
+            "--out", out, *extra]
+
+
+def cli_env(tmp_path):
+    return {**os.environ, "NLI_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": ROOT}
+
+
+def start_cli(args, env):
+    """`python -m nli ARGS` started in the background."""
+    return subprocess.Popen([sys.executable, "-m", "nli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+
+
+def wait_for(condition, process, timeout=120):
+    """Poll `condition()` until true; fail if the process ends first or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def checkpoint_state(run_dir):
+    """The state.json of the run's checkpoint, or None while there is none."""
+    try:
+        with open(os.path.join(run_dir, "checkpoint", "state.json")) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def params_of(path):
+    return {name: array.asnumpy() for name, array in npx.load(str(path)).items()}
+
+
+def epoch_figures(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [(m["epoch"], m["loss"], m["train_acc"], m["test_acc"]) for m in map(json.loads, f)
+                if m["kind"] == "epoch"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(training_bert_dir, tmp_path_factory):
+    """The reference: the small run, start to end in one process."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    result = run_cli(*finetune_args(training_bert_dir, out), env=cli_env(out.parent))
+    assert result.returncode == 0, result.stderr
+    assert '"optimizer": "adamw"' in result.stdout  # the recipe is printed in full
+    return out
+
+
+def test_sigkill_mid_epoch_then_resume_ends_bit_identical(uninterrupted, training_bert_dir, tmp_path):
+    out = tmp_path / "run"
+    process = start_cli(finetune_args(training_bert_dir, out), cli_env(tmp_path))
+    wait_for(lambda: (checkpoint_state(out) or {}).get("step", 0) >= 2, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    killed_at = checkpoint_state(out)
+    assert killed_at["epoch"] == 1 and killed_at["batch"] > 0  # in the middle of the first epoch
+
+    resumed = run_cli("finetune", "--resume", out, env=cli_env(tmp_path))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"at step {killed_at['step']} (epoch 1, batch {killed_at['batch']})" in resumed.stdout
+    reference, got = params_of(uninterrupted / "model.params"), params_of(out / "model.params")
+    assert reference.keys() == got.keys()
+    assert all(onp.array_equal(reference[k], got[k]) for k in reference)  # bit for bit
+    assert epoch_figures(out) == epoch_figures(uninterrupted)
+    config = json.load(open(out / "config.json"))
+    assert config["recipe"]["optimizer"] == "adamw" and config["recipe"]["schedule"] == "linear"
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(uninterrupted, training_bert_dir, tmp_path):
+    out = tmp_path / "run"
+    args = [a if a != "--save-every" else "--log-every" for a in finetune_args(training_bert_dir, out)]
+    process = start_cli(args, cli_env(tmp_path))  # no periodic checkpoints: the one after Ctrl-C is all
+
+    def updates_logged():
+        try:
+            return sum(1 for line in open(out / "metrics.jsonl") if '"kind": "step"' in line) >= 3
+        except FileNotFoundError:
+            return False
+    wait_for(updates_logged, process)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    stopped = checkpoint_state(out)
+    assert stopped["step"] >= 3 and stopped["batch"] > 0
+    assert f"stopped at step {stopped['step']} " in stdout and f"--resume {out}" in stdout
+
+    resumed = run_cli("finetune", "--resume", out, env=cli_env(tmp_path))
+    assert resumed.returncode == 0, resumed.stderr
+    reference, got = params_of(uninterrupted / "model.params"), params_of(out / "model.params")
+    assert all(onp.array_equal(reference[k], got[k]) for k in reference)
+
+
+def test_resume_refuses_a_dir_without_checkpoint_or_new_settings(tmp_path):
+    assert cli.main(["finetune", "--resume", str(tmp_path)]) == 2
+    assert cli.main(["finetune", "--resume", str(tmp_path), "--epochs", "9"]) == 2
+    with pytest.raises(UserError, match="no checkpoint"):
+        train.read_checkpoint(str(tmp_path))
+
+
+def test_float16_fails_clearly_without_a_gpu(capsys):
+    assert cli.main(["finetune", "--model", "bert.small", "--data", "SNLI", "--devices", "cpu",
+                     "--dtype", "float16", "--out", "unused"]) == 2
+    assert "float16 is mixed precision for GPUs" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return snli.read_pairs(DEV_PAIRS)
+
+
+def small_run(model_dir, pairs, n_train=64, dropout=0.0, **options):
+    """Fine-tune a fresh classifier from seed 0 in this process: (net, per-epoch metrics)."""
+    train.seed_everything(0)
+    net, vocab, _ = model.from_pretrained(model_dir, CPU, dropout=dropout)
+    train_set = snli.encode_pairs(*(c[:n_train] for c in pairs), vocab, 64)
+    test_set = snli.encode_pairs(*(c[-32:] for c in pairs), vocab, 64)
+    options = {"num_epochs": 2, "batch_size": 16, "lr": 1e-3, "progress": False, **options}
+    return net, train.finetune(net, train_set, test_set, CPU, vocab["<pad>"], 64, **options)
+
+
+def weights(net):
+    return {name: p.data().asnumpy().copy() for name, p in net._collect_params_with_prefix().items()}
+
+
+def test_accumulating_n_batches_updates_as_one_batch_n_times_larger(training_bert_dir, pairs, tmp_path):
+    # 16 pairs: one batch of 16, or two of 8 accumulated; AdamW, warmup, decay and clipping all apply.
+    recipe = dict(n_train=16, num_epochs=3, optimizer="adamw", weight_decay=0.01, warmup_ratio=0.3,
+                  schedule="linear", max_grad_norm=0.5, log_every=1)
+    large, _ = small_run(training_bert_dir, pairs, batch_size=16, run_dir=str(tmp_path / "large"), **recipe)
+    accumulated, _ = small_run(training_bert_dir, pairs, batch_size=8, accumulate=2,
+                               run_dir=str(tmp_path / "accumulated"), **recipe)
+    a, b = weights(large), weights(accumulated)
+    assert max(float(onp.abs(a[k] - b[k]).max()) for k in a) < 1e-5
+
+    def grad_norms(run_dir):
+        return [m["grad_norm"] for m in map(json.loads, open(run_dir / "metrics.jsonl")) if m["kind"] == "step"]
+    norms = grad_norms(tmp_path / "large")
+    assert len(norms) == 3 and onp.allclose(norms, grad_norms(tmp_path / "accumulated"), rtol=1e-5)
+    start, _ = small_run(training_bert_dir, pairs, num_epochs=0)
+    assert max(float(onp.abs(a[k] - weights(start)[k]).max()) for k in a) > 1e-3  # the updates moved it
+
+
+class LossTurningNaN(gluon.loss.SoftmaxCrossEntropyLoss):
+    """The usual loss, except that its `bad_call`-th evaluation is NaN: a diverging run, on demand."""
+
+    def __init__(self, bad_call):
+        super().__init__()
+        self.calls, self.bad_call = 0, bad_call
+
+    def forward(self, pred, label):
+        self.calls += 1
+        loss = super().forward(pred, label)
+        return loss * float("nan") if self.calls == self.bad_call else loss
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(training_bert_dir, pairs, tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(train.TrainingDiverged, match=r"loss is nan at step 3 \(epoch 1, batch 3\).*"
+                                                     r"last good checkpoint is .*checkpoint"):
+        small_run(training_bert_dir, pairs, run_dir=str(run_dir), save_every=2, loss=LossTurningNaN(3))
+    folder, state = train.read_checkpoint(str(run_dir))
+    assert state["step"] == 2 and state["batch"] == 2
+    net, _, _ = model.from_pretrained(training_bert_dir, CPU)
+    net.load_parameters(os.path.join(folder, "model.params"), ctx=CPU)
+    assert all(onp.isfinite(w).all() for w in weights(net).values())
+
+
+def test_cached_features_train_the_head_as_a_frozen_encoder_does(training_bert_dir, pairs, tmp_path):
+    frozen, _ = small_run(training_bert_dir, pairs, mode="freeze-encoder")
+    cached, _ = small_run(training_bert_dir, pairs, mode="features", run_dir=str(tmp_path / "run"))
+    start, _ = small_run(training_bert_dir, pairs, num_epochs=0)
+    a, b, initial = weights(frozen), weights(cached), weights(start)
+    assert max(float(onp.abs(a[k] - b[k]).max()) for k in a) < 1e-5
+    assert all(onp.array_equal(a[k], initial[k]) for k in a if k.startswith("encoder."))
+    assert float(onp.abs(a["output.weight"] - initial["output.weight"]).max()) > 1e-3
+    assert len(os.listdir(tmp_path / "run" / "features")) == 2  # train and test features, cached
+
+
+def test_freeze_epochs_train_the_head_first_then_everything(training_bert_dir, pairs):
+    start = weights(small_run(training_bert_dir, pairs, num_epochs=0)[0])
+    first = weights(small_run(training_bert_dir, pairs, num_epochs=1, freeze_epochs=1)[0])
+    both = weights(small_run(training_bert_dir, pairs, num_epochs=2, freeze_epochs=1)[0])
+    encoder = [k for k in start if k.startswith("encoder.")]
+    assert all(onp.array_equal(first[k], start[k]) for k in encoder)
+    assert max(float(onp.abs(both[k] - first[k]).max()) for k in encoder) > 1e-4
+
+
+def test_adamw_decays_weights_but_not_biases_or_layernorm():
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Dense(4, in_units=3), gluon.nn.LayerNorm(in_channels=4))
+    net.initialize(mx.init.Constant(0.5))
+    for p in net.collect_params(train.NO_DECAY).values():
+        p.wd_mult = 0.0
+    optimizer = train.make_optimizer("adamw", 0.1, 0.01, "constant", 0.0, 10)
+    trainer = gluon.Trainer(net.collect_params(), optimizer)
+    before = {name: p.data().asnumpy() for name, p in net.collect_params().items()}
+    with mx.autograd.record():
+        out = net(mx.np.ones((2, 3))).sum() * 0  # zero gradients: only the decay moves weights
+    out.backward()
+    trainer.step(1)
+    for name, p in net.collect_params().items():
+        expected = before[name] * (1 - 0.1 * 0.01) if name.endswith("weight") else before[name]
+        onp.testing.assert_allclose(p.data().asnumpy(), expected, rtol=1e-6)
+
+
+def test_schedules_warm_up_then_hold_or_decay():
+    def rates(schedule):
+        optimizer = train.make_optimizer("adamw", 1.0, 0.0, schedule, 0.2, 10)
+        return [optimizer.lr_scheduler(t) for t in range(11)]
+    linear, cosine, constant = rates("linear"), rates("cosine"), rates("constant")
+    assert linear[:3] == [0.0, 0.5, 1.0] and cosine[:3] == [0.0, 0.5, 1.0] and constant[:3] == [0.0, 0.5, 1.0]
+    assert linear[6] == pytest.approx(0.5) and linear[10] == pytest.approx(0.0)
+    assert cosine[6] == pytest.approx(0.5) and cosine[10] == pytest.approx(0.0) and cosine[4] > linear[4]
+    assert constant[3:] == [1.0] * 8
+    assert train.make_optimizer("adam", 1e-4, 0.0, "constant", 0.0, 10).lr_scheduler is None  # the book's
