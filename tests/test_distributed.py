@@ -33,5 +33,4 @@ def test_two_workers_and_a_server_train_one_model(training_bert_dir, tmp_path):
     epochs = [m for m in map(json.loads, open(out / "metrics.jsonl")) if m["kind"] == "epoch"]
     assert [m["epoch"] for m in epochs] == [1, 2, 3, 4, 5, 6]
     assert all(m["examples"] == 129 for m in epochs)  # worker 0's shard: every other pair of 258
-    print([m["loss"] for m in epochs])
     assert epochs[-1]["loss"] < epochs[0]["loss"] - 0.05  # it learns
