@@ -5,6 +5,7 @@ import functools
 import hashlib
 import itertools
 import json
+import operator
 import os
 import re
 import sys
@@ -245,12 +246,17 @@ def assemble_pairs(premise_ids, hypothesis_ids, labels, cls_id, sep_id, max_len,
                         onp.asarray(labels, dtype=onp.int32))
 
 
+_MARKERS = [chr(c) for c in (*range(0, 9), *range(14, 28), 127)]  # caseless, and not whitespace to split()
+
+
 def word_ids(sentences, vocab):
     """(flat ids, lengths) of `sentences` under the book's tokenizer (`tokenize`) and `vocab`.
 
     The sentences are lower-cased and split as one text, a marker token between them, so the work is one
     `str.split` and one dictionary pass over all tokens rather than a Python loop per sentence.
     """
+    if not sentences:
+        return ragged([])
     for marker in _MARKERS:  # the first character that no sentence contains
         text = f" {marker} ".join(sentences)
         if text.count(marker) == len(sentences) - 1:
@@ -265,9 +271,6 @@ def word_ids(sentences, vocab):
     return ids[~is_marker], onp.diff(bounds) - 1
 
 
-_MARKERS = [chr(c) for c in (*range(0, 9), *range(14, 28), 127)]  # caseless, and not whitespace to split()
-
-
 def encode_in_chunks(premises, hypotheses, labels, sentence_ids, cls_id, sep_id, max_len,
                      truncation="longest_first", progress=False):
     """`assemble_pairs` over `sentence_ids(sentences) -> (flat ids, lengths)`, a chunk of pairs at a time."""
@@ -278,11 +281,29 @@ def encode_in_chunks(premises, hypotheses, labels, sentence_ids, cls_id, sep_id,
     with tqdm(total=len(labels), unit="pair", desc="encoding", disable=not progress, leave=False) as bar:
         for start in range(0, len(labels), CHUNK_PAIRS):
             chunk = slice(start, start + CHUNK_PAIRS)
-            parts.append(assemble_pairs(sentence_ids(premises[chunk]), sentence_ids(hypotheses[chunk]),
-                                        labels[chunk], cls_id, sep_id, max_len, truncation))
+            premise_ids, hypothesis_ids = (tokenize_repeats_once(sentence_ids, sentences[chunk])
+                                           for sentences in (premises, hypotheses))
+            parts.append(assemble_pairs(premise_ids, hypothesis_ids, labels[chunk], cls_id, sep_id, max_len,
+                                        truncation))
             bar.update(len(parts[-1]))
     return EncodedPairs.concatenate(parts) if parts else assemble_pairs(
         ragged([]), ragged([]), [], cls_id, sep_id, max_len, truncation)
+
+
+def tokenize_repeats_once(sentence_ids, sentences):
+    """`sentence_ids(sentences)`, tokenizing a sentence repeated on adjacent lines only once.
+
+    SNLI lists each premise's hypotheses one after another, so this tokenizes about a third of its premises.
+    """
+    first = onp.fromiter(itertools.chain([True], map(operator.ne, sentences[1:], sentences[:-1])), bool,
+                         len(sentences))
+    if first.all():
+        return sentence_ids(sentences)
+    run_ids, run_lens = sentence_ids(list(itertools.compress(sentences, first)))
+    run = onp.cumsum(first) - 1
+    lengths = run_lens[run]
+    run_starts = onp.cumsum(run_lens) - run_lens
+    return run_ids[onp.repeat(run_starts[run], lengths) + _positions_within(lengths)], lengths
 
 
 def special_id(vocab, token):

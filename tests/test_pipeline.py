@@ -63,6 +63,18 @@ def test_arrays_equal_the_books_dataset_on_real_pairs(book, dev_pairs, vocab, ma
     assert (valid_lens == max_len).sum() > (100 if max_len == 24 else -1)  # max_len 24 truncates many pairs
 
 
+def test_chunks_and_repeated_sentences_give_the_same_arrays(dev_pairs, vocab, monkeypatch):
+    premises, hypotheses, labels = (list(column[:3000]) for column in dev_pairs)
+    premises[10:14] = [premises[10]] * 4  # runs of repeats, also across a chunk's edge (1000)
+    hypotheses[998:1003] = [hypotheses[998]] * 5
+    expected = [vocab[["<cls>"] + snli.tokenize(p) + ["<sep>"] + snli.tokenize(h) + ["<sep>"]]
+                for p, h in zip(premises, hypotheses)]  # no pair is over 128 tokens
+    monkeypatch.setattr(snli, "CHUNK_PAIRS", 1000)
+    encoded = snli.encode_pairs(premises, hypotheses, labels, vocab, 128)
+    assert [list(encoded.token_ids[a:b]) for a, b in zip(encoded.offsets[:-1], encoded.offsets[1:])] == expected
+    assert_same(encoded, snli.encode_pairs(premises, hypotheses, labels, vocab, 128, progress=True))
+
+
 def test_longest_first_is_the_books_loop_in_closed_form(book):
     for max_len in range(3, 24):
         lens = onp.array([(p, h) for p in range(30) for h in range(30)])

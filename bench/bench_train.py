@@ -1,0 +1,164 @@
+"""Fine-tuning throughput: `nli`'s loop against the book's `train_ch13`, on the real SNLI pairs.
+
+Same machine, same data (../shared/data/snli_1.0_dev_pairs.tsv, 9,842 pairs), same model size: a
+bert.small-shaped BERT (256 hidden, 512 ffn, 4 heads, 2 layers, dropout 0.1; random init, the
+book's vocabulary built from the data), the book's classifier head, Adam at 1e-4, batch 512,
+max_len 128. Examples/sec count only the training steps (forward, backward, update), as
+`train_ch13`'s own timer does; wall-clock figures are given beside them.
+
+Sections run in order and each writes its figures into the results JSON, so one can be re-run
+alone (`--sections nli`) without losing the others. To add one, write `def section_NAME(setup, args)`
+returning a dict and list it in SECTIONS.
+
+    python bench/bench_train.py     # all sections (~9 min on 2 cores); bench/results/bench_train.json
+"""
+import os
+
+BOOK_ENV = dict(os.environ)  # the environment the book's code runs in, before nli sets OMP_NUM_THREADS
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import nli  # noqa: E402  (first: it sets OMP_NUM_THREADS before MXNet loads)
+import mxnet as mx  # noqa: E402
+import numpy as onp  # noqa: E402
+from mxnet import gluon, init, npx  # noqa: E402
+from d2l import mxnet as d2l  # noqa: E402
+
+from nli import bert, data, model, snli, train  # noqa: E402
+
+DATA = os.path.join(ROOT, "..", "shared", "data", "snli_1.0_dev_pairs.tsv")
+PEER = os.path.join(ROOT, "..", "shared", "peers", "d2l_reference.py")
+SMALL = dict(num_hiddens=256, ffn_num_hiddens=512, num_heads=4, num_blks=2, dropout=0.1, max_len=512)  # bert.small
+BATCH_SIZE, MAX_LEN, LR = 512, 128, 1e-4  # the book's
+
+
+def build_setup(seed):
+    """What every section shares: the real pairs, the book's vocabulary over them, their encoding."""
+    premises, hypotheses, labels = snli.read_pairs(DATA)
+    vocab = d2l.Vocab([t for s in premises + hypotheses for t in snli.tokenize(s)],
+                      reserved_tokens=["<pad>", "<mask>", "<cls>", "<sep>"])
+    encoded = snli.encode_pairs(premises, hypotheses, labels, vocab, MAX_LEN)
+    return {"vocab": vocab, "encoded": encoded, "seed": seed, "device": mx.cpu()}
+
+
+def small_classifier(setup):
+    """A bert.small-shaped `BERTClassifier`, randomly initialized, hybridized as `finetune` runs it."""
+    mx.random.seed(setup["seed"])
+    encoder = bert.BERTModel(len(setup["vocab"]), **SMALL)
+    encoder.initialize(init.Xavier(), ctx=setup["device"])
+    net = model.BERTClassifier(encoder)
+    net.output.initialize(init.Xavier(), ctx=setup["device"])
+    net.hybridize(static_alloc=True)
+    return net
+
+
+def run_book(steps, env, label):
+    """The peer script (the book's code) for `steps` steps of train_ch13: its own JSON figures."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "book.json")
+        command = [sys.executable, PEER, "--train", DATA, "--eval", DATA, "--eval-limit", "512",
+                   "--max-steps", str(steps), "--out", out]
+        print(f"[{label}] {' '.join(command)}  (OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', 'unset')})",
+              flush=True)
+        subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+        with open(out) as f:
+            peer = json.load(f)
+    training = peer["training"]
+    return {"command": " ".join(command[1:]), "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS"),
+            "steps": training["steps"], "examples": training["train_examples"],
+            "examples_per_sec": training["train_ch13_examples_per_sec"],
+            "wallclock_examples_per_sec": training["wallclock_train_examples_per_sec"],
+            "padding_efficiency": peer["token_lengths_train"]["padding_efficiency_at_max_len"]}
+
+
+def section_book(setup, args):
+    """The book's loop as the book runs it (OMP_NUM_THREADS as the user left it)."""
+    return run_book(args.book_steps, BOOK_ENV, "book")
+
+
+def section_book_all_cores(setup, args):
+    """The book's loop with OMP_NUM_THREADS set to every core, as nli runs: the thread-matched baseline."""
+    return run_book(args.book_steps, {**BOOK_ENV, "OMP_NUM_THREADS": str(os.cpu_count())}, "book_all_cores")
+
+
+def section_nli(setup, args):
+    """nli's loop: `train.train_batch` over length-bucketed batches padded to a multiple of 8, hybridized.
+
+    Epoch 1 includes building a graph for each new batch shape; epoch 2 is the steady state."""
+    net, encoded, vocab = small_classifier(setup), setup["encoded"], setup["vocab"]
+    loss = gluon.loss.SoftmaxCrossEntropyLoss()
+    trainer = gluon.Trainer(net.collect_params(), "adam", {"learning_rate": LR})
+    epochs = []
+    for epoch in (1, 2):
+        step_seconds, examples, real_tokens, padded_tokens = 0.0, 0, 0, 0
+        start = time.perf_counter()
+        for batch in data.batches(encoded, BATCH_SIZE, vocab["<pad>"], MAX_LEN, shuffle=True,
+                                  seed=setup["seed"], epoch=epoch):
+            step_start = time.perf_counter()
+            train.train_batch(net, batch, loss, trainer, [setup["device"]])
+            step_seconds += time.perf_counter() - step_start
+            examples += len(batch[-1])
+            real_tokens, padded_tokens = real_tokens + int(batch[2].sum()), padded_tokens + batch[0].size
+        npx.waitall()
+        wall = time.perf_counter() - start
+        epochs.append({"epoch": epoch, "examples": examples, "examples_per_sec": examples / step_seconds,
+                       "wallclock_examples_per_sec": examples / wall,
+                       "padding_efficiency": real_tokens / padded_tokens})
+        print(f"[nli] epoch {epoch}: {epochs[-1]['examples_per_sec']:.1f} examples/sec", flush=True)
+    return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "epochs": epochs,
+            "examples_per_sec": epochs[-1]["examples_per_sec"],
+            "wallclock_examples_per_sec": epochs[-1]["wallclock_examples_per_sec"]}
+
+
+SECTIONS = {"book": section_book, "book_all_cores": section_book_all_cores, "nli": section_nli}
+
+
+def ratios(results):
+    """nli's steady-state throughput over each book baseline that has been measured."""
+    if "nli" not in results:
+        return {}
+    return {f"nli_over_{name}": results["nli"]["examples_per_sec"] / results[name]["examples_per_sec"]
+            for name in ("book", "book_all_cores") if name in results}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
+    parser.add_argument("--book-steps", type=int, default=5, help="train_ch13 steps (>= 5, its minimum)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "bench_train.json"))
+    args = parser.parse_args()
+    results = {}
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            results = json.load(f)
+    setup = build_setup(args.seed)
+    for name in args.sections:
+        results[name] = SECTIONS[name](setup, args)
+        results[name]["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        results["ratios"] = ratios(results)
+        results["machine"] = {"cpu_count": os.cpu_count(), "python": platform.python_version(),
+                              "mxnet": mx.__version__, "note": "shared machine: other jobs may run"}
+        results["command"] = " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    for name in SECTIONS:
+        if name in results:
+            print(f"{name:>15}: {results[name]['examples_per_sec']:8.1f} examples/sec")
+    for name, value in results["ratios"].items():
+        print(f"{name:>15}: {value:.1f}x")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
