@@ -69,11 +69,12 @@ class MultiHeadAttention(nn.HybridBlock):
         keys = self._split_heads(F, self.W_k(X))
         values = self._split_heads(F, self.W_v(X))
         scores = F.npx.batch_dot(queries, keys, transpose_b=True) / self.scale
-        # The book's masked_softmax: keys at or past valid_len get -1e6, so their weight is exactly 0.
-        key_positions = F.npx.arange_like(scores, axis=-1).reshape(1, 1, -1)
-        lens = F.np.repeat(valid_lens, self.num_heads, axis=0).reshape(-1, 1, 1)
-        scores = F.np.where(key_positions < lens, scores, F.np.full_like(scores, -1e6))
-        weights = self.attention_dropout(F.npx.softmax(scores))
+        # The book's masked_softmax: keys at or past valid_len get weight exactly 0. MXNet's softmax
+        # takes the lengths itself, one per row of scores: (batch * heads, queries).
+        query_positions = F.npx.arange_like(scores, axis=1).reshape(1, -1)
+        lens = F.np.repeat(valid_lens, self.num_heads, axis=0).reshape(-1, 1) + F.np.zeros_like(query_positions)
+        weights = F.npx.softmax(scores, length=lens.astype("int32"), axis=-1, use_length=True)
+        weights = self.attention_dropout(weights)
         return self.W_o(self._merge_heads(F, F.npx.batch_dot(weights, values)))
 
 

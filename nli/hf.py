@@ -20,6 +20,7 @@ WEIGHTS = "model.safetensors"
 IGNORED_PREFIXES = ("embeddings.position_ids", "cls.", "classifier.")
 BOOK_NAMES = {"<pad>": "[PAD]", "<unk>": "[UNK]", "<cls>": "[CLS]", "<sep>": "[SEP]", "<mask>": "[MASK]"}
 POSITIONS = "embeddings.position_embeddings.weight"
+INITIALIZER_RANGE = 0.02  # the std of new weights, as Hugging Face initializes BERT's
 
 
 def read_config(directory):
@@ -128,7 +129,7 @@ def load(directory, devices=(mx.cpu(),), dropout=None, max_len=None):
     _check_tensors(os.path.join(directory, WEIGHTS), tensors, shapes)
     if config.max_len > checkpoint_len:
         with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
-            std = json.load(f).get("initializer_range", 0.02)
+            std = json.load(f).get("initializer_range", INITIALIZER_RANGE)
         tensors[POSITIONS] = extend_positions(tensors[POSITIONS], config.max_len, std)
     for hf_name, gluon_name in names.items():
         param = params[gluon_name]

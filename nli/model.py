@@ -16,18 +16,23 @@ BOOK_TOKENIZER = {"kind": "words", "vocab": "vocab.json", "lowercase": True}
 
 
 class BERTClassifier(nn.HybridBlock):
-    """The book's classifier: an MLP (BERT's hidden layer + Dense(3)) on the encoding of `<cls>`."""
+    """The book's classifier: an MLP (BERT's hidden layer + Dense(3)) on the encoding of `<cls>`.
 
-    def __init__(self, bert):
+    `dropout` on the hidden layer's output is what Hugging Face's BertForSequenceClassification adds;
+    the book has none (0).
+    """
+
+    def __init__(self, bert, dropout=0.0):
         super().__init__()
         self.encoder = bert.encoder
         self.hidden = bert.hidden
+        self.dropout = nn.Dropout(dropout)
         self.output = nn.Dense(len(LABELS), in_units=bert.config.num_hiddens)
 
     def hybrid_forward(self, F, tokens, segments, valid_lens):
         encoded_X = self.encoder(tokens, segments, valid_lens)
         cls = F.npx.reshape(F.np.take(encoded_X, F.np.zeros((1,), dtype="int32"), axis=1), (-2, -3, -2))
-        return self.output(self.hidden(cls))
+        return self.output(self.dropout(self.hidden(cls)))
 
 
 def from_pretrained(name_or_dir, devices, dropout=None, max_len=None):
@@ -36,12 +41,14 @@ def from_pretrained(name_or_dir, devices, dropout=None, max_len=None):
     `name_or_dir` is the book's model (bert.small, bert.base, a directory) or `hf:DIR`, a Hugging Face
     checkpoint, whose position table `max_len` may grow (see `hf.load`).
     """
-    if name_or_dir.startswith(hf.PREFIX):
+    if name_or_dir.startswith(hf.PREFIX):  # as BertForSequenceClassification builds its head
         bert, vocab = hf.load(name_or_dir[len(hf.PREFIX):], devices, dropout, max_len)
+        net = BERTClassifier(bert, dropout=bert.config.dropout)
+        net.output.initialize(init.Normal(hf.INITIALIZER_RANGE), ctx=devices)
     else:
         bert, vocab = bert_lib.load_pretrained(name_or_dir, devices, dropout)
-    net = BERTClassifier(bert)
-    net.output.initialize(init.Xavier(), ctx=devices)
+        net = BERTClassifier(bert)
+        net.output.initialize(init.Xavier(), ctx=devices)
     net.hybridize(static_alloc=True)
     return net, vocab, bert.config
 

