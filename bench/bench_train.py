@@ -6,11 +6,15 @@ book's vocabulary built from the data), the book's classifier head, Adam at 1e-4
 max_len 128. Examples/sec count only the training steps (forward, backward, update), as
 `train_ch13`'s own timer does; wall-clock figures are given beside them.
 
+Beyond the book: what hybridization buys (`nli_imperative`), the feature-extraction mode against full
+fine-tuning per epoch (`features`), and OpenMP threads that spin while waiting (`nli_spinning_threads`,
+OMP_WAIT_POLICY=ACTIVE, against nli's PASSIVE).
+
 Sections run in order and each writes its figures into the results JSON, so one can be re-run
 alone (`--sections nli`) without losing the others. To add one, write `def section_NAME(setup, args)`
 returning a dict and list it in SECTIONS.
 
-    python bench/bench_train.py     # all sections (~9 min on 2 cores); bench/results/bench_train.json
+    python bench/bench_train.py     # all sections (~30 min on 2 cores); bench/results/bench_train.json
 """
 import os
 
@@ -29,6 +33,7 @@ sys.path.insert(0, ROOT)
 
 import nli  # noqa: E402  (first: it sets OMP_NUM_THREADS before MXNet loads)
 import mxnet as mx  # noqa: E402
+import numpy as onp  # noqa: E402
 from mxnet import init  # noqa: E402
 from d2l import mxnet as d2l  # noqa: E402
 
@@ -49,14 +54,14 @@ def build_setup(seed):
     return {"vocab": vocab, "encoded": encoded, "seed": seed, "device": mx.cpu()}
 
 
-def small_classifier(setup):
+def small_classifier(setup, hybridize=True):
     """A bert.small-shaped `BERTClassifier`, randomly initialized, hybridized as `finetune` runs it."""
     mx.random.seed(setup["seed"])
     encoder = bert.BERTModel(len(setup["vocab"]), **SMALL)
     encoder.initialize(init.Xavier(), ctx=setup["device"])
     net = model.BERTClassifier(encoder)
     net.output.initialize(init.Xavier(), ctx=setup["device"])
-    net.hybridize(static_alloc=True)
+    net.hybridize(static_alloc=True, active=hybridize)
     return net
 
 
@@ -73,6 +78,7 @@ def run_book(steps, env, label):
             peer = json.load(f)
     training = peer["training"]
     return {"command": " ".join(command[1:]), "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS"),
+            "OMP_WAIT_POLICY": env.get("OMP_WAIT_POLICY"),
             "steps": training["steps"], "examples": training["train_examples"],
             "examples_per_sec": training["train_ch13_examples_per_sec"],
             "wallclock_examples_per_sec": training["wallclock_train_examples_per_sec"],
@@ -86,17 +92,18 @@ def section_book(setup, args):
 
 def section_book_all_cores(setup, args):
     """The book's loop with OMP_NUM_THREADS set to every core, as nli runs: the thread-matched baseline."""
-    return run_book(args.book_steps, {**BOOK_ENV, "OMP_NUM_THREADS": str(os.cpu_count())}, "book_all_cores")
+    matched = {"OMP_NUM_THREADS": str(os.cpu_count()), "OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"]}
+    return run_book(args.book_steps, {**BOOK_ENV, **matched}, "book_all_cores")
 
 
-def section_nli(setup, args):
+def section_nli(setup, args, hybridize=True):
     """nli's loop (`train.finetune`, as `python -m nli finetune` runs it): length-bucketed batches padded
     to a multiple of 8, a hybridized model, all cores. Epoch 1 includes building a graph for each new
     batch shape; epoch 2 is the steady state, and the figure compared."""
     encoded, pad_id = setup["encoded"], setup["vocab"]["<pad>"]
     started = time.perf_counter()
-    metrics = train.finetune(small_classifier(setup), encoded, encoded.head(512), [setup["device"]], pad_id,
-                             MAX_LEN, num_epochs=2, batch_size=BATCH_SIZE, lr=LR, seed=setup["seed"],
+    metrics = train.finetune(small_classifier(setup, hybridize), encoded, encoded.head(512), [setup["device"]],
+                             pad_id, MAX_LEN, num_epochs=2, batch_size=BATCH_SIZE, lr=LR, seed=setup["seed"],
                              progress=False)
     wall = time.perf_counter() - started
     epochs = [{"epoch": m["epoch"], "examples_per_sec": m["examples_per_sec"]}
@@ -111,15 +118,62 @@ def section_nli(setup, args):
             "wallclock_seconds_two_epochs_with_eval": wall}
 
 
-SECTIONS = {"book": section_book, "book_all_cores": section_book_all_cores, "nli": section_nli}
+def section_nli_imperative(setup, args):
+    """Section nli with the model left imperative (not hybridized): what hybridization buys."""
+    return section_nli(setup, args, hybridize=False)
+
+
+def section_features(setup, args):
+    """`finetune --extract-features` against full fine-tuning: seconds of training per epoch.
+
+    Full fine-tuning runs one epoch. The feature mode computes the encoder's `<cls>` features once
+    (`train.cls_features`, timed on its own here) and trains the head on them for the book's 5 epochs."""
+    encoded, pad_id, devices = setup["encoded"], setup["vocab"]["<pad>"], [setup["device"]]
+    start = time.perf_counter()
+    train.cls_features(small_classifier(setup), encoded, onp.arange(len(encoded)), devices, BATCH_SIZE, pad_id,
+                       MAX_LEN)
+    extraction = time.perf_counter() - start
+    epoch_seconds = {}
+    for mode, epochs in (("full", 1), ("features", 5)):
+        metrics = train.finetune(small_classifier(setup), encoded, encoded.head(512), devices, pad_id, MAX_LEN,
+                                 num_epochs=epochs, batch_size=BATCH_SIZE, lr=LR, seed=setup["seed"],
+                                 progress=False, mode=mode)
+        epoch_seconds[mode] = [len(encoded) / m["examples_per_sec"] for m in metrics]
+        print(f"[features] {mode}: {epoch_seconds[mode]} s per epoch", flush=True)
+    full, features = epoch_seconds["full"][0], onp.mean(epoch_seconds["features"])
+    return {"full_epoch_seconds": full, "features_epoch_seconds": epoch_seconds["features"],
+            "extraction_seconds": extraction, "examples_per_sec": len(encoded) / features,
+            "speedup_per_epoch": full / features,
+            "speedup_5_epochs_with_extraction": 5 * full / (extraction + 5 * features)}
+
+
+def section_nli_spinning_threads(setup, args):
+    """Section nli with OMP_WAIT_POLICY=ACTIVE (threads spin while they wait), in a child process since
+    OpenMP reads it once; nli's own default is PASSIVE. Spinning costs most on a busy machine."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "spinning.json")
+        load = os.getloadavg()[0]
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--sections", "nli", "--seed", str(args.seed),
+                        "--out", out], env={**os.environ, "OMP_WAIT_POLICY": "ACTIVE"}, check=True)
+        with open(out) as f:
+            figures = json.load(f)["nli"]
+    return {**figures, "OMP_WAIT_POLICY": "ACTIVE", "load_average_before_after": [load, os.getloadavg()[0]]}
+
+
+SECTIONS = {"book": section_book, "book_all_cores": section_book_all_cores, "nli": section_nli,
+            "nli_imperative": section_nli_imperative, "features": section_features,
+            "nli_spinning_threads": section_nli_spinning_threads}
 
 
 def ratios(results):
     """nli's steady-state throughput over each book baseline that has been measured."""
     if "nli" not in results:
         return {}
-    return {f"nli_over_{name}": results["nli"]["examples_per_sec"] / results[name]["examples_per_sec"]
-            for name in ("book", "book_all_cores") if name in results}
+    found = {f"nli_over_{name}": results["nli"]["examples_per_sec"] / results[name]["examples_per_sec"]
+             for name in ("book", "book_all_cores", "nli_imperative", "nli_spinning_threads") if name in results}
+    if "features" in results:
+        found["features_over_full_per_epoch"] = results["features"]["speedup_per_epoch"]
+    return found
 
 
 def main():

@@ -336,6 +336,11 @@ def read_checkpoint(run_dir):
     folder = find_checkpoint(run_dir)
     if folder is None:
         raise UserError(f"{run_dir} has no checkpoint to resume from ({CHECKPOINT}/state.json is missing).")
+    canonical = os.path.join(run_dir, CHECKPOINT)
+    if folder != canonical:  # a swap cut short: its survivor becomes the checkpoint
+        shutil.rmtree(canonical, ignore_errors=True)
+        os.replace(folder, canonical)
+        folder = canonical
     with open(os.path.join(folder, "state.json"), encoding="utf-8") as f:
         return folder, json.load(f)
 

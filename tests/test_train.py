@@ -244,3 +244,27 @@ def test_schedules_warm_up_then_hold_or_decay():
     assert cosine[6] == pytest.approx(0.5) and cosine[10] == pytest.approx(0.0) and cosine[4] > linear[4]
     assert constant[3:] == [1.0] * 8
     assert train.make_optimizer("adam", 1e-4, 0.0, "constant", 0.0, 10).lr_scheduler is None  # the book's
+
+
+def test_a_checkpoint_swap_cut_short_leaves_a_complete_checkpoint(tmp_path):
+    def put(folder, name, text):
+        with open(os.path.join(folder, name), "w") as f:
+            f.write(text)
+
+    def checkpoint_of(step):
+        return lambda folder: (put(folder, "model.params", f"weights {step}"),
+                               put(folder, "state.json", json.dumps({"step": step})))
+
+    def dies_while_writing(folder):
+        put(folder, "model.params", "half")
+        raise OSError("disk full")
+    checkpoint = str(tmp_path / "checkpoint")
+    train.replace_dir(checkpoint, checkpoint_of(1))
+    with pytest.raises(OSError):
+        train.replace_dir(checkpoint, dies_while_writing)
+    assert train.read_checkpoint(str(tmp_path))[1] == {"step": 1}  # untouched
+    train.replace_dir(checkpoint + ".new", checkpoint_of(2))
+    os.replace(checkpoint, checkpoint + ".old")  # as if it died between replace_dir's two renames
+    folder, state = train.read_checkpoint(str(tmp_path))
+    assert folder == checkpoint and state == {"step": 2}  # the newer one, back in its place
+    assert open(os.path.join(checkpoint, "model.params")).read() == "weights 2"
