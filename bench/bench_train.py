@@ -189,8 +189,10 @@ def main():
             results = json.load(f)
     setup = build_setup(args.seed)
     for name in args.sections:
+        load_before = os.getloadavg()[0]  # other jobs on the machine slow every figure: keep a trace of them
         results[name] = SECTIONS[name](setup, args)
         results[name]["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        results[name]["load_average_1min_before_after"] = [load_before, os.getloadavg()[0]]
         results["ratios"] = ratios(results)
         results["machine"] = {"cpu_count": os.cpu_count(), "python": platform.python_version(),
                               "mxnet": mx.__version__, "note": "shared machine: other jobs may run"}
