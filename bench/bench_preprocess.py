@@ -110,7 +110,8 @@ def measure_one(name, pairs, tsv):
 
 def run_child(name, args, tsv, env):
     """Run `measure_one` in a fresh process: its figures."""
-    command = [sys.executable, os.path.abspath(__file__), "--measure", name, "--pairs", str(args.pairs), "--tsv", tsv]
+    command = [sys.executable, os.path.abspath(__file__), "--measure", name, "--pairs", str(args.pairs),
+               "--tsv", tsv]
     done = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, text=True)
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"[{name}] {figures['seconds']:.2f} s ({figures['cpu_seconds']:.2f} s of CPU), "
@@ -145,7 +146,8 @@ def measure(args, work):
     results["nli_encode"] = median_run("nli_encode")
     results["nli_build"] = median_run("nli_load", before=remove_cache)
     results["nli_reload"] = median_run("nli_load")
-    results["cache_file_mib"] = sum(os.path.getsize(os.path.join(cache_dir, n)) for n in os.listdir(cache_dir)) / 2**20
+    results["cache_file_mib"] = sum(os.path.getsize(os.path.join(cache_dir, name))
+                                    for name in os.listdir(cache_dir)) / 2**20
     results["book"] = run_child("book", args, tsv, env)
     for name in ("book", "nli_encode", "nli_build", "nli_reload"):
         results[name]["pairs_per_sec"] = args.pairs / results[name]["seconds"]
@@ -188,7 +190,8 @@ def main():
         print(f"{what:>28}: {r['seconds']:7.2f} s  {r['pairs_per_sec']:>10,.0f} pairs/s  "
               f"{r['cpu_seconds']:7.2f} s of CPU  peak +{r['peak_mib_above_start']:,.0f} MiB")
     print(f"encode speed-up over the book: {results['ratios']['encode_speedup_over_book']:.1f}x "
-          f"(target 20x; in CPU time {results['ratios']['encode_cpu_ratio_over_book']:.1f}x); cached reload {results['nli_reload']['seconds']:.2f} s (target < 2 s); "
+          f"(target 20x; in CPU time {results['ratios']['encode_cpu_ratio_over_book']:.1f}x); "
+          f"cached reload {results['nli_reload']['seconds']:.2f} s (target < 2 s); "
           f"book arrays equal nli's: {results['book']['arrays_equal_nli']}")
     print(f"wrote {args.out}")
 
