@@ -5,8 +5,8 @@ import os
 # two cores busy in the book's loop, so use every core unless the user chose otherwise.
 os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 # OpenMP threads that spin while they wait for work take the cores from each other and from any
-# other process: on a busy 2-core machine, bert.small's training steps ran 2-3x slower than with
-# threads that sleep, and a tiny model's 15x slower.
+# other process: on a busy 2-core machine, bert.small's training steps ran 1.6-3x slower than with
+# threads that sleep (bench/bench_train.py), and a tiny model's 15x slower.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
