@@ -71,11 +71,8 @@ train_set, test_set = (snli.encode_pairs(*pairs, vocab, recipe["max_len"]) for p
 # continues it. The best epoch on the test pairs is not picked here: that would tune on the test set.
 
 # %%
-train.finetune(net, train_set, test_set, devices, vocab["<pad>"], recipe["max_len"], recipe["epochs"],
-               recipe["batch_size"], recipe["lr"], run_dir=args.out, optimizer=recipe["optimizer"],
-               weight_decay=recipe["weight_decay"], schedule=recipe["schedule"],
-               warmup_ratio=recipe["warmup_ratio"], max_grad_norm=recipe["max_grad_norm"],
-               accumulate=recipe["accumulate"])
+train.finetune(net, train_set, test_set, devices, vocab["<pad>"], recipe["max_len"], run_dir=args.out,
+               **train.recipe_options(recipe))
 model.save_run(args.out, net, vocab, bert_config,
                {"max_len": recipe["max_len"], "truncation": "longest_first", "recipe": recipe})
 print(f"saved the run in {args.out}; curves.png shows loss and accuracies per epoch")

@@ -105,10 +105,8 @@ for rule in snli.TRUNCATION_RULES:
     train.seed_everything(0)
     net, vocab, _ = model.from_pretrained(args.model, devices, max_len=args.max_len)
     train_set, test_set = (snli.encode_pairs(*pairs, vocab, args.max_len, rule) for pairs in (train_pairs, test_pairs))
-    train.finetune(net, train_set, test_set, devices, vocab["<pad>"], args.max_len, recipe["epochs"],
-                   recipe["batch_size"], recipe["lr"], run_dir=os.path.join(args.out, rule), optimizer=recipe["optimizer"],
-                   weight_decay=recipe["weight_decay"], schedule=recipe["schedule"], warmup_ratio=recipe["warmup_ratio"],
-                   max_grad_norm=recipe["max_grad_norm"], accumulate=recipe["accumulate"])
+    train.finetune(net, train_set, test_set, devices, vocab["<pad>"], args.max_len,
+                   run_dir=os.path.join(args.out, rule), **train.recipe_options(recipe))
     accuracy[rule] = evaluate.accuracy(net, test_set, devices, 256, vocab["<pad>"], args.max_len)
     print(f"{rule}: test accuracy {accuracy[rule]:.4f}")
 

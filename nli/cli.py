@@ -168,11 +168,9 @@ def run_finetune(args):
     options = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "quiet")}
     settings = {"max_len": args.max_len, "truncation": args.truncation, "recipe": recipe, "finetune": options}
     mode = "features" if args.extract_features else "freeze-encoder" if args.freeze_encoder else "full"
-    train.finetune(net, train_set, test_set, devices, vocab["<pad>"], args.max_len, args.epochs,
-                   args.batch_size, args.lr, args.seed, args.out, progress=not args.quiet,
-                   optimizer=args.optimizer, weight_decay=args.weight_decay, schedule=args.schedule,
-                   warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, accumulate=args.accumulate,
-                   mode=mode, freeze_epochs=args.freeze_epochs, dev_set=dev_set, save_every=args.save_every,
+    train.finetune(net, train_set, test_set, devices, vocab["<pad>"], args.max_len, seed=args.seed,
+                   run_dir=args.out, progress=not args.quiet, **train.recipe_options(recipe), mode=mode,
+                   freeze_epochs=args.freeze_epochs, dev_set=dev_set, save_every=args.save_every,
                    log_every=args.log_every, resume=bool(args.resume), kvstore=args.kvstore, settings=options,
                    save_model=lambda folder: model.save_run(folder, net, vocab, bert_config, settings))
 

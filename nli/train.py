@@ -96,6 +96,12 @@ def resolve_recipe(name, **overrides):
     return dict(RECIPES[name], **{k: v for k, v in overrides.items() if v is not None})
 
 
+def recipe_options(recipe):
+    """`finetune`'s keyword arguments for a recipe (all of it but `max_len`, which encoding uses)."""
+    options = {k: v for k, v in recipe.items() if k not in ("epochs", "max_len")}
+    return dict(options, num_epochs=recipe["epochs"])
+
+
 def seed_everything(seed):
     """Seed Python, NumPy and MXNet so a run can be repeated."""
     random.seed(seed)
