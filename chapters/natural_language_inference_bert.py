@@ -11,6 +11,7 @@
 
 # %%
 import argparse
+import json
 import os
 import sys
 
@@ -48,12 +49,15 @@ print(f"bert.small: {len(vocab)} tokens in the vocabulary, on {devices}")
 # padded only to its longest pair, which gives the same predictions for far less work.
 
 # %%
-max_len, batch_size, num_epochs, lr = 128, 512, 5, 1e-4  # the book's hyperparameters
+recipe = train.resolve_recipe("book")  # Adam, lr 1e-4, batch 512, max_len 128, 5 epochs
+if args.quick:
+    recipe.update(batch_size=64, epochs=1)
+print("recipe", json.dumps(recipe))
+max_len = recipe["max_len"]
 data_dir = hub.download_extract("SNLI")
 train_pairs, test_pairs = snli.read_snli(data_dir, True), snli.read_snli(data_dir, False)
 if args.quick:
     train_pairs, test_pairs = [tuple(c[:512] for c in train_pairs), tuple(c[:256] for c in test_pairs)]
-    batch_size, num_epochs = 64, 1
 train_set = snli.encode_pairs(*train_pairs, vocab, max_len)
 test_set = snli.encode_pairs(*test_pairs, vocab, max_len)
 print(f"read {len(train_set)} training and {len(test_set)} test examples")
@@ -69,9 +73,10 @@ net = model.BERTClassifier(pretrained)
 net.output.initialize(init.Xavier(), ctx=devices)
 net.hybridize(static_alloc=True)
 os.makedirs(args.out, exist_ok=True)
-train.finetune(net, train_set, test_set, devices, vocab["<pad>"], max_len, num_epochs, batch_size, lr,
-               run_dir=args.out)
-model.save_run(args.out, net, vocab, pretrained.config, {"max_len": max_len, "truncation": "longest_first"})
+train.finetune(net, train_set, test_set, devices, vocab["<pad>"], max_len, run_dir=args.out,
+               **train.recipe_options(recipe))
+model.save_run(args.out, net, vocab, pretrained.config,
+               {"max_len": max_len, "truncation": "longest_first", "recipe": recipe})
 
 # %% [markdown]
 # The loss and accuracies per epoch are in `curves.png` of the run directory. The fine-tuned model
