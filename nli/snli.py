@@ -5,6 +5,7 @@ import functools
 import hashlib
 import itertools
 import json
+import logging
 import operator
 import os
 import re
@@ -48,22 +49,31 @@ def read_pairs(path):
     if ext not in (".txt", ".tsv", ".jsonl"):
         raise UserError(f"{path}: expected a .txt (SNLI), .tsv or .jsonl file of pairs.")
     premises, hypotheses, labels = [], [], []
-    try:
-        rows = _read_jsonl(path) if ext == ".jsonl" else _read_tsv(path)
-        for line_no, premise, hypothesis, label in rows:
-            if label == NO_GOLD_LABEL:
-                continue
-            if label not in LABEL_IDS:
-                raise UserError(f"{path}, line {line_no}: label {label!r} is not one of "
-                                f"{', '.join(LABELS)} (or '-', which is skipped).")
-            if not premise or not hypothesis:
-                raise UserError(f"{path}, line {line_no}: empty premise or hypothesis.")
-            premises.append(premise)
-            hypotheses.append(hypothesis)
-            labels.append(LABEL_IDS[label])
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}).") from None
+    no_gold = 0
+    for line_no, premise, hypothesis, label in _read_jsonl(path) if ext == ".jsonl" else _read_tsv(path):
+        if label == NO_GOLD_LABEL:
+            no_gold += 1
+            continue
+        if label not in LABEL_IDS:
+            raise UserError(f"{path}, line {line_no}: label {label!r} is not one of "
+                            f"{', '.join(LABELS)} (or '-', which is skipped).")
+        if not premise or not hypothesis:
+            raise UserError(f"{path}, line {line_no}: empty premise or hypothesis.")
+        premises.append(premise)
+        hypotheses.append(hypothesis)
+        labels.append(LABEL_IDS[label])
+    if no_gold:
+        logging.getLogger(__name__).warning("%s: skipped %d pairs without a gold label ('-'), as the book does.",
+                                            path, no_gold)
     return premises, hypotheses, labels
+
+
+def _check_utf8(path, line_no, text):
+    """Fail naming the line when it held bytes that are not UTF-8 (read as surrogate escapes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{path}, line {line_no}: not UTF-8 text.") from None
 
 
 def _columns(path, names):
@@ -79,16 +89,18 @@ def _columns(path, names):
 
 def _read_tsv(path):
     """Yield (line number, premise, hypothesis, label) from a tab-separated file with a header."""
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         header = next(reader, None)
         if header is None:
             raise UserError(f"{path} is empty; expected a header line.")
+        _check_utf8(path, reader.line_num, "\t".join(header))
         p, h, l = (header.index(c) for c in _columns(path, header))
         parse = extract_text if header[p].endswith("_binary_parse") else str.strip
         for row in reader:
             if not row:
                 continue
+            _check_utf8(path, reader.line_num, "\t".join(row))
             if len(row) != len(header):
                 raise UserError(f"{path}, line {reader.line_num}: {len(row)} tab-separated fields, "
                                 f"expected {len(header)} as in the header.")
@@ -97,10 +109,11 @@ def _read_tsv(path):
 
 def _read_jsonl(path):
     """Yield (line number, premise, hypothesis, label) from a file of one JSON object per line."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            _check_utf8(path, line_no, line)
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:

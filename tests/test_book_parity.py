@@ -116,3 +116,20 @@ def test_two_cpu_contexts_train_like_one(tiny_book_dir):
     initial, _ = bert.load_pretrained(tiny_book_dir, [mx.cpu()])
     start = initial.encoder.blks[0].ffn.dense1.weight.data().asnumpy()
     assert float(onp.abs(one["encoder.blks.0.ffn.dense1.weight"] - start).max()) > 1e-4  # training moved it
+
+
+def test_undecodable_bytes_name_the_line_and_skipped_pairs_are_counted(tmp_path, caplog):
+    bad = tmp_path / "latin1.tsv"
+    bad.write_bytes(b"premise\thypothesis\tlabel\nA man .\tA person .\tentailment\nA caf\xe9 .\tA shop .\tneutral\n")
+    with pytest.raises(UserError, match=r"latin1\.tsv, line 3: not UTF-8"):
+        snli.read_pairs(str(bad))
+    bad_jsonl = tmp_path / "latin1.jsonl"
+    bad_jsonl.write_bytes(b'{"premise": "A", "hypothesis": "B", "label": "neutral"}\n'
+                          b'{"premise": "caf\xe9", "hypothesis": "B", "label": "neutral"}\n')
+    with pytest.raises(UserError, match=r"latin1\.jsonl, line 2: not UTF-8"):
+        snli.read_pairs(str(bad_jsonl))
+    unlabelled = tmp_path / "pairs.tsv"
+    unlabelled.write_text("premise\thypothesis\tlabel\nA .\tB .\t-\nC .\tD .\t-\nE .\tF .\tneutral\n")
+    with caplog.at_level("WARNING"):
+        assert snli.read_pairs(str(unlabelled))[2] == [2]
+    assert "skipped 2 pairs without a gold label" in caplog.text
