@@ -72,13 +72,13 @@ def lookup(obj, path):
 
 
 def render():
-    """The results table as Markdown, with one row per figure whose file exists."""
+    """The results table as Markdown, one row per figure."""
     lines = ["| what | peer | peer's figure | nli | ratio | source (file: command) |",
              "|---|---|---|---|---|---|"]
     for what, source, (peer_path, nli_path, ratio_path), fmt, peer in ROWS:
         path = os.path.join(ROOT, source)
-        if not os.path.exists(path):
-            continue
+        if not os.path.exists(path):  # a benchmark mid-run has removed it: never drop its rows silently
+            raise FileNotFoundError(f"{source} is missing: run the benchmark that writes it, then --write")
         with open(path, encoding="utf-8") as f:
             results = json.load(f)
         figures = [lookup(results, p) if p else None for p in (peer_path, nli_path, ratio_path)]
