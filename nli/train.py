@@ -16,7 +16,6 @@ import shutil
 import signal
 import threading
 import time
-import warnings
 
 import matplotlib
 import mxnet as mx
@@ -143,23 +142,25 @@ def apply_update(trainer, params, devices, num_examples, max_grad_norm=None):
     """Sum the gradients over devices (and workers), clip their global norm, update, zero them.
 
     The gradients are sums over `num_examples` examples (of all workers): the update is that of their
-    mean, and a `max_grad_norm` (0 or None: no clipping) bounds the norm of that mean, which is returned."""
+    mean, and a `max_grad_norm` (0 or None: no clipping) bounds the norm of that mean, which is returned.
+    Clipping scales the optimizer's gradient rescaling instead of every gradient: the same update,
+    without a pass over the weights' worth of gradients."""
     trainer.allreduce_grads()
     trainable = [p for p in params.values() if p.grad_req != "null"]
-    norm = None
+    grads = [g.as_nd_ndarray() for p in trainable for g in p.list_grad()]
+    norm, scale = None, 1.0
     if max_grad_norm:
-        with warnings.catch_warnings():  # a non-finite norm is reported by the caller, with the step
-            warnings.simplefilter("ignore")
-            for ctx in devices:  # after the all-reduce every device holds the same sums
-                norm = gluon.utils.clip_global_norm([p.grad(ctx).as_nd_ndarray() for p in trainable],
-                                                    max_grad_norm * num_examples) / num_examples
+        # After the all-reduce every device holds the same sums: the first device's give the norm.
+        first = [p.grad(devices[0]).as_nd_ndarray() for p in trainable]
+        norm = math.sqrt(float(mx.nd.multi_sum_sq(*first, num_arrays=len(first)).sum().asscalar())) / num_examples
         if not math.isfinite(norm):
             return norm
+        scale = min(1.0, max_grad_norm / (norm + 1e-6))  # as torch.nn.utils.clip_grad_norm_
     for p in trainable:  # a device that saw no example still applies the all-reduced update
         for arr in p.list_data():
             arr._fresh_grad = True
-    trainer.update(num_examples)
-    params.zero_grad()
+    trainer.update(num_examples / scale)  # the optimizer rescales gradients by scale / num_examples
+    mx.nd.reset_arrays(*grads, num_arrays=len(grads))  # one operator for all, not one per gradient
     return norm
 
 

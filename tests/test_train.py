@@ -268,3 +268,27 @@ def test_a_checkpoint_swap_cut_short_leaves_a_complete_checkpoint(tmp_path):
     folder, state = train.read_checkpoint(str(tmp_path))
     assert folder == checkpoint and state == {"step": 2}  # the newer one, back in its place
     assert open(os.path.join(checkpoint, "model.params")).read() == "weights 2"
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e3])
+def test_clipping_bounds_the_update_of_the_mean_gradient(max_norm):
+    """apply_update returns the norm of the mean gradient and, with SGD at lr 1, moves the weights by
+    that gradient scaled to at most `max_norm` (clipping is folded into the optimizer's rescaling)."""
+    net = gluon.nn.Dense(3, in_units=4)
+    net.initialize(mx.init.Normal(1.0))
+    net.collect_params().setattr("grad_req", "add")
+    trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 1.0}, update_on_kvstore=False)
+    X, y = mx.np.random.normal(size=(6, 4)), mx.np.array([0, 1, 2, 0, 1, 2])
+    with mx.autograd.record():
+        loss = gluon.loss.SoftmaxCrossEntropyLoss()(net(X), y).sum()  # gradients summed over 6 examples
+    loss.backward()
+    params = net.collect_params()
+    before = {name: p.data().asnumpy().copy() for name, p in params.items()}
+    mean_grads = {name: p.grad().asnumpy() / 6 for name, p in params.items()}
+    norm = train.apply_update(trainer, params, CPU, 6, max_norm)
+    expected_norm = onp.sqrt(sum((g ** 2).sum() for g in mean_grads.values()))
+    assert norm == pytest.approx(expected_norm, rel=1e-5)
+    scale = min(1.0, max_norm / expected_norm)
+    for name, p in params.items():
+        onp.testing.assert_allclose(before[name] - p.data().asnumpy(), scale * mean_grads[name], rtol=1e-4, atol=1e-7)
+        assert not p.grad().asnumpy().any()  # zeroed for the next accumulation
