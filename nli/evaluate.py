@@ -24,17 +24,12 @@ LENGTH_BUCKETS = (16, 24, 32, 48, 64)  # upper bounds in tokens; SNLI pairs aver
 HIGH_UNKNOWN_SHARE = 0.05  # above this share of unknown tokens, predictions deserve a warning
 
 
-def length_sorted_batches(lengths, batch_size):
-    """Index arrays of batches of pairs of similar length, so padding each to its longest costs little."""
-    order = onp.argsort(lengths, kind="stable")
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
 def predict_logits(net, encoded, devices, batch_size, pad_id, max_len, progress=False):
     """Logits of every pair in `encoded`, in input order: length-sorted batches split over `devices`."""
     logits = onp.zeros((len(encoded), len(LABELS)), dtype=onp.float32)
     with tqdm(total=len(encoded), unit="pair", desc="predict", disable=not progress, leave=False) as bar:
-        for indices in length_sorted_batches(encoded.valid_lens, batch_size):
+        # Batches of pairs sorted by length, so padding each to its longest costs little.
+        for indices in data.LengthBucketSampler(encoded.valid_lens, batch_size, shuffle=False, bucket_width=1):
             tokens, segments, valid_lens, _ = data.make_batch(encoded, indices, pad_id, max_len)
             shards = data.split_batch((tokens, segments, valid_lens), devices[:len(indices)])
             outputs = [net(*shard) for shard in shards]  # every device starts before any result is read
@@ -250,9 +245,6 @@ class InputLine:
     error: str = None
 
 
-PAIR_COLUMNS = (("premise", "hypothesis", "label"), ("sentence1", "sentence2", "gold_label"))
-
-
 def _input_line(line_no, premise, hypothesis, label):
     """An `InputLine`, with the error if a sentence is empty or the label is not one of the three."""
     for name, text in (("premise", premise), ("hypothesis", hypothesis)):
@@ -265,10 +257,10 @@ def _input_line(line_no, premise, hypothesis, label):
 
 def _tsv_header(fields, source):
     """Column positions (premise, hypothesis, label or None) if `fields` is a header line, else None."""
-    known = {name for names in PAIR_COLUMNS for name in names}
+    known = {name for names in snli.PAIR_COLUMNS for name in names}
     if not known & set(fields):
         return None
-    for premise, hypothesis, label in PAIR_COLUMNS:
+    for premise, hypothesis, label in snli.PAIR_COLUMNS:
         if premise in fields and hypothesis in fields:
             return fields.index(premise), fields.index(hypothesis), fields.index(label) if label in fields else None
     raise UserError(f"{source}, line 1: the header names no premise/hypothesis (or sentence1/sentence2) "
@@ -283,7 +275,7 @@ def _json_line(line_no, text):
         return InputLine(line_no, error=f"not valid JSON ({e.msg})")
     if not isinstance(obj, dict):
         return InputLine(line_no, error="expected a JSON object")
-    for premise, hypothesis, label in PAIR_COLUMNS:
+    for premise, hypothesis, label in snli.PAIR_COLUMNS:
         if premise in obj and hypothesis in obj:
             values = obj[premise], obj[hypothesis], obj.get(label, "")
             if not all(isinstance(v, str) for v in values):

@@ -76,11 +76,14 @@ def _check_utf8(path, line_no, text):
         raise UserError(f"{path}, line {line_no}: not UTF-8 text.") from None
 
 
+# Column (or key) names of premise, hypothesis and label in pair files: ours, and SNLI's own.
+PAIR_COLUMNS = (("premise", "hypothesis", "label"), ("sentence1", "sentence2", "gold_label"))
+
+
 def _columns(path, names):
     """Where the premise, hypothesis and label are among `names`, whichever naming the file uses."""
     for premise, hypothesis, label in (("sentence1_binary_parse", "sentence2_binary_parse", "gold_label"),
-                                       ("premise", "hypothesis", "label"),
-                                       ("sentence1", "sentence2", "gold_label")):
+                                       *PAIR_COLUMNS):
         if {premise, hypothesis, label} <= set(names):
             return premise, hypothesis, label
     raise UserError(f"{path}: expected columns premise/hypothesis/label or sentence1/sentence2/gold_label, "
