@@ -78,15 +78,13 @@ def run(command, log_path, env=None):
     return time.perf_counter() - start, load_before, os.getloadavg()
 
 
-def run_nli(args, paths, work, seed):
-    """Fine-tune with `python -m nli finetune --model hf:DIR`, then `python -m nli evaluate` the saved run."""
+def run_nli(args, paths, work, seed, recipe):
+    """Fine-tune with `python -m nli finetune --model hf:DIR` and `recipe` (its options), then
+    `python -m nli evaluate` the saved run: its accuracy, per-epoch figures and times."""
     run_dir = os.path.join(work, "nli_run")
     env = {"OMP_NUM_THREADS": str(args.threads), "NLI_DATA_DIR": os.path.join(args.work, "data"), "PYTHONPATH": ROOT}
     finetune = [sys.executable, "-m", "nli", "finetune", "--model", f"hf:{args.model_dir}",
-                "--train", paths["train"], "--test", paths["test"], "--recipe", "tuned",
-                "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-                "--weight-decay", str(args.weight_decay), "--warmup-ratio", str(args.warmup_ratio),
-                "--max-grad-norm", str(args.max_grad_norm), "--max-len", str(args.max_len),
+                "--train", paths["train"], "--test", paths["test"], *recipe,
                 "--devices", "cpu", "--seed", str(seed), "--quiet", "--out", run_dir]
     seconds, load_before, load_after = run(finetune, os.path.join(work, "nli_finetune.log"), env)
     evaluate = [sys.executable, "-m", "nli", "evaluate", "--run", run_dir, "--test", paths["test"],
@@ -103,6 +101,13 @@ def run_nli(args, paths, work, seed):
             "train_examples_per_sec": sum(m["examples"] for m in epochs) / train_seconds,
             "train_examples_per_sec_per_epoch": [m["examples_per_sec"] for m in epochs],
             "finetune_wall_seconds": seconds, "load_average_before_after": [load_before[0], load_after[0]]}
+
+
+def peer_recipe(args):
+    """The peer's hyperparameters as `nli finetune` options: its recipe is our `tuned` one, resized."""
+    return ["--recipe", "tuned", "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+            "--lr", str(args.lr), "--weight-decay", str(args.weight_decay), "--warmup-ratio", str(args.warmup_ratio),
+            "--max-grad-norm", str(args.max_grad_norm), "--max-len", str(args.max_len)]
 
 
 def run_peer(args, paths, work, seed):
@@ -167,7 +172,7 @@ def main():
         work = os.path.join(args.work, f"seed{seed}")
         os.makedirs(work, exist_ok=True)
         print(f"seed {seed}, nli (MXNet, python -m nli finetune --model hf:DIR):", flush=True)
-        runs["nli"].append(run_nli(args, paths, work, seed))
+        runs["nli"].append(run_nli(args, paths, work, seed, peer_recipe(args)))
         print(f"seed {seed}, peer (transformers + PyTorch, hf_minilm_snli.py):", flush=True)
         runs["peer"].append(run_peer(args, paths, work, seed))
     nli, peer = summarize(runs["nli"]), summarize(runs["peer"])
