@@ -1,7 +1,8 @@
-"""Render the README's results table from the files the benchmarks and runs wrote (`--write` updates it).
+"""Render the README's two results tables from the files the benchmarks and runs wrote (`--write` updates them).
 
-Every figure in the table is read from a results file here, never typed: a row names its file, the
-JSON paths of its figures and how to print them; the file's own `command` says how it was made.
+Every figure in them is read from a results file here, never typed: a row names its file, the JSON
+paths of its figures and how to print them; the file's own `command` says how it was made. The book's
+own figures are quoted, with their place, in bench/book_figures.json.
 """
 import argparse
 import json
@@ -10,7 +11,9 @@ import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
-BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+BOOK_FIGURES = "bench/book_figures.json"
+NOT_RUN = "not run here: bert.small/bert.base and SNLI need downloads this machine cannot make"
+SPLIT = "real SNLI dev pairs: 7,873 to train, 1,969 to test"
 
 # what, results file, (peer figure path, nli figure path, ratio path), format, peer's name
 ROWS = [
@@ -47,74 +50,144 @@ ROWS = [
     ("Batch prediction, bert.small shape, pairs/sec", "bench/results/bench_predict.json",
      ("pairs_per_sec.book_one_pair_at_a_time", "pairs_per_sec.nli_batched", "ratio_batched_vs_book"), "{:.1f}",
      "d2l predict_snli, one pair at a time"),
-    ("all-MiniLM-L6-v2 fine-tuned on 80% of the real SNLI dev pairs: test accuracy on the other 20%",
+    ("all-MiniLM-L6-v2 fine-tuned on 80% of the real SNLI dev pairs: test accuracy on the other 20%, "
+     "mean over the run's seeds",
      "bench/results/bench_accuracy.json", ("peer.accuracy", "nli.accuracy", None), "{:.4f}",
      "HF transformers + PyTorch"),
-    ("  same run: training throughput, examples/sec", "bench/results/bench_accuracy.json",
+    ("  same runs: training throughput, examples/sec", "bench/results/bench_accuracy.json",
      ("peer.train_examples_per_sec", "nli.train_examples_per_sec", "ratios.throughput_nli_over_peer"), "{:.1f}",
      "HF transformers + PyTorch"),
-    ("Exercise 2, all-MiniLM-L6-v2 at max_len 24: test accuracy, longest_first (book) / ratio",
+]
+
+# Accuracy per model and recipe. model, recipe, data, key in BOOK_FIGURES (or None), results file (None:
+# not run here), JSON paths of (test accuracy, fine-tuning seconds, training examples/sec).
+RUNS = [
+    ("bert.small", "book: Adam 1e-4, batch 512, 5 epochs", "SNLI train / test", None, None, None),
+    ("bert.base", "exercise 1: tuned with AdamW 5e-5, batch 128, 8 epochs", "SNLI train / test", "bert.base/tuned",
+     None, None),
+    ("all-MiniLM-L6-v2", "book: Adam 1e-4, batch 512, 5 epochs", SPLIT, None, "bench/results/bench_recipes.json",
+     ("recipes.book.accuracy", "recipes.book.finetune_wall_seconds", "recipes.book.train_examples_per_sec")),
+    ("all-MiniLM-L6-v2", "tuned: AdamW 2e-4, batch 512, 5 epochs, 10% warmup, linear decay", SPLIT, None,
+     "bench/results/bench_recipes.json",
+     ("recipes.tuned.accuracy", "recipes.tuned.finetune_wall_seconds", "recipes.tuned.train_examples_per_sec")),
+    ("all-MiniLM-L6-v2", "tuned with the HF peer's settings: AdamW 5e-5, batch 32, 3 epochs; mean of the seeds",
+     SPLIT, None, "bench/results/bench_accuracy.json",
+     ("nli.accuracy", "nli.finetune_wall_seconds_per_seed", "nli.train_examples_per_sec")),
+    ("all-MiniLM-L6-v2, by HF transformers + PyTorch (the peer)", "the same, the same seeds", SPLIT, None,
+     "bench/results/bench_accuracy.json",
+     ("peer.accuracy", "peer.finetune_wall_seconds_per_seed", "peer.train_examples_per_sec")),
+    ("all-MiniLM-L6-v2, max_len 24", "exercise 2: the book's truncation (longest_first); tuned, 1 epoch", SPLIT,
+     None, "bench/results/exercise_truncation/truncation.json",
+     ("test_accuracy.longest_first", "training.longest_first.wall_seconds",
+      "training.longest_first.examples_per_sec")),
+    ("all-MiniLM-L6-v2, max_len 24", "exercise 2: the ratio rule; tuned, 1 epoch", SPLIT, None,
      "bench/results/exercise_truncation/truncation.json",
-     ("test_accuracy.longest_first", "test_accuracy.ratio", None), "{:.4f}", "the book's rule"),
+     ("test_accuracy.ratio", "training.ratio.wall_seconds", "training.ratio.examples_per_sec")),
 ]
 
 
-def lookup(obj, path):
-    """The value at a dotted `path` in nested dicts and lists (`epochs.-1`: the last), or None when missing."""
+def lookup(results, source, path):
+    """The figure at a dotted `path` in a results file (`epochs.-1`: the last); fails naming what is missing."""
+    obj = results
     for key in path.split("."):
         if isinstance(obj, list) and key.lstrip("-").isdigit() and -len(obj) <= int(key) < len(obj):
             obj = obj[int(key)]
         elif isinstance(obj, dict) and key in obj:
             obj = obj[key]
-        else:
-            return None
+        else:  # a renamed key or an older file: never print a blank in place of a figure
+            raise KeyError(f"{source} has no {path}: run the benchmark that writes it, then --write")
     return obj
 
 
-def render():
-    """The results table as Markdown, one row per figure."""
+def read_results(source):
+    """The JSON of a results file; fails when it is missing (a benchmark mid-run has removed it)."""
+    path = os.path.join(ROOT, source)
+    if not os.path.exists(path):  # never drop its rows silently
+        raise FileNotFoundError(f"{source} is missing: run the benchmark that writes it, then --write")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def cite(source, results):
+    """A table's source cell: the file and the command that wrote it."""
+    return f"`{source}`: `{results.get('command', '').replace('|', chr(92) + '|')}`"
+
+
+def render_table():
+    """The benchmarks' table as Markdown, one row per figure, each against its peer."""
     lines = ["| what | peer | peer's figure | nli | ratio | source (file: command) |",
              "|---|---|---|---|---|---|"]
     for what, source, (peer_path, nli_path, ratio_path), fmt, peer in ROWS:
-        path = os.path.join(ROOT, source)
-        if not os.path.exists(path):  # a benchmark mid-run has removed it: never drop its rows silently
-            raise FileNotFoundError(f"{source} is missing: run the benchmark that writes it, then --write")
-        with open(path, encoding="utf-8") as f:
-            results = json.load(f)
-        figures = [lookup(results, p) if p else None for p in (peer_path, nli_path, ratio_path)]
+        results = read_results(source)
+        figures = [lookup(results, source, p) if p else None for p in (peer_path, nli_path, ratio_path)]
         cells = [fmt.format(v) if isinstance(v, (int, float)) else "–" for v in figures[:2]]
         ratio = f"{figures[2]:.1f}x" if isinstance(figures[2], (int, float)) else "–"
-        command = results.get("command", "").replace("|", "\\|")
-        lines.append(f"| {what} | {peer or '–'} | {cells[0]} | {cells[1]} | {ratio} | `{source}`: `{command}` |")
+        lines.append(f"| {what} | {peer or '–'} | {cells[0]} | {cells[1]} | {ratio} | {cite(source, results)} |")
     return "\n".join(lines)
 
 
-def readme_table(text):
-    """The table between the README's results markers."""
-    match = re.search(re.escape(BEGIN) + r"\n(.*?)\n" + re.escape(END), text, re.S)
+def minutes(seconds):
+    """Seconds as minutes; a list (one run per seed) as their mean."""
+    if isinstance(seconds, list):
+        return f"{sum(seconds) / len(seconds) / 60:.1f} min per run ({len(seconds)} runs)"
+    return f"{seconds / 60:.1f} min"
+
+
+def render_runs():
+    """The table of accuracy per model and recipe: the book's figure, ours, on what data, at what cost."""
+    lines = ["| model | recipe | data | book's figure | test accuracy here | fine-tuning, wall time "
+             "| training examples/sec | source (file: command) |", "|---|---|---|---|---|---|---|---|"]
+    book = read_results(BOOK_FIGURES)
+    for model, recipe, data, book_key, source, paths in RUNS:
+        quoted = book[book_key] if book_key else None
+        book_cell = f"> {quoted['test_accuracy_above']} ([exercise 1]({quoted['url']}))" if quoted else "–"
+        if source is None:
+            lines.append(f"| {model} | {recipe} | {data} | {book_cell} | {NOT_RUN} | – | – | – |")
+            continue
+        results = read_results(source)
+        accuracy, seconds, speed = (lookup(results, source, p) for p in paths)
+        lines.append(f"| {model} | {recipe} | {data} | {book_cell} | {accuracy:.4f} | {minutes(seconds)} "
+                     f"| {speed:.1f} | {cite(source, results)} |")
+    return "\n".join(lines)
+
+
+TABLES = {"results": render_table, "runs": render_runs}  # README marker name -> its renderer
+
+
+def markers(name):
+    """The comments that enclose table `name` in the README."""
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
+def readme_table(text, name="results"):
+    """The README's table `name`, between its markers (None if they are missing)."""
+    begin, end = markers(name)
+    match = re.search(re.escape(begin) + r"\n(.*?)\n?" + re.escape(end), text, re.S)  # empty before the first --write
     return match.group(1) if match else None
 
 
 def cited_files(text):
-    """Results files the README's table cites."""
-    return re.findall(r"`(bench/results/[^`]+)`", readme_table(text) or "")
+    """Results files the README's tables cite."""
+    return [path for name in TABLES for path in re.findall(r"`(bench/results/[^`]+)`", readme_table(text, name) or "")]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help="replace the table in README.md")
+    parser.add_argument("--write", action="store_true", help="replace the tables in README.md")
     args = parser.parse_args()
-    table = render()
+    tables = {name: render() for name, render in TABLES.items()}
     if args.write:
         with open(README, encoding="utf-8") as f:
             text = f.read()
-        if readme_table(text) is None:
-            raise SystemExit(f"README.md has no {BEGIN} ... {END} block")
-        block = re.compile(re.escape(BEGIN) + r"\n.*?\n" + re.escape(END), re.S)
-        text = block.sub(lambda _: f"{BEGIN}\n{table}\n{END}", text)
+        for name, table in tables.items():
+            if readme_table(text, name) is None:
+                raise SystemExit(f"README.md has no {' ... '.join(markers(name))} block")
+            begin, end = markers(name)
+            block = re.compile(re.escape(begin) + r"\n.*?\n?" + re.escape(end), re.S)
+            text = block.sub(lambda _: f"{begin}\n{table}\n{end}", text)
         with open(README, "w", encoding="utf-8") as f:
             f.write(text)
-    print(table)
+    print("\n\n".join(tables.values()))
 
 
 if __name__ == "__main__":

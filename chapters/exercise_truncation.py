@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -100,20 +101,24 @@ recipe = train.resolve_recipe(args.recipe, epochs=1 if args.quick else args.epoc
                               batch_size=64 if args.quick else args.batch_size, lr=args.lr, max_len=args.max_len)
 print("recipe", json.dumps(recipe))
 devices = train.parse_devices(args.devices)
-accuracy = {}
+accuracy, training = {}, {}
 for rule in snli.TRUNCATION_RULES:
+    start = time.perf_counter()  # wall time as `nli finetune` spends it: loading, encoding, training, evaluating
     train.seed_everything(0)
     net, vocab, _ = model.from_pretrained(args.model, devices, max_len=args.max_len)
     train_set, test_set = (snli.encode_pairs(*pairs, vocab, args.max_len, rule) for pairs in (train_pairs, test_pairs))
-    train.finetune(net, train_set, test_set, devices, vocab["<pad>"], args.max_len,
-                   run_dir=os.path.join(args.out, rule), **train.recipe_options(recipe))
+    epochs = train.finetune(net, train_set, test_set, devices, vocab["<pad>"], args.max_len,
+                            run_dir=os.path.join(args.out, rule), **train.recipe_options(recipe))
+    seconds = sum(m["examples"] / m["examples_per_sec"] for m in epochs)
+    training[rule] = {"seconds": seconds, "wall_seconds": time.perf_counter() - start,
+                      "examples_per_sec": sum(m["examples"] for m in epochs) / seconds}
     accuracy[rule] = evaluate.accuracy(net, test_set, devices, 256, vocab["<pad>"], args.max_len)
-    print(f"{rule}: test accuracy {accuracy[rule]:.4f}")
+    print(f"{rule}: test accuracy {accuracy[rule]:.4f}, {training[rule]['examples_per_sec']:.1f} examples/sec")
 
 with open(os.path.join(args.out, "truncation.json"), "w") as f:
-    json.dump({"command": " ".join(sys.argv), "model": args.model, "max_len": args.max_len, "recipe": recipe,
+    json.dump({"command": " ".join([sys.executable] + sys.argv), "model": args.model, "max_len": args.max_len, "recipe": recipe,
                "train_pairs": len(train_pairs[2]), "test_pairs": len(test_pairs[2]), "cuts": cuts,
-               "test_accuracy": accuracy}, f, indent=1)
+               "test_accuracy": accuracy, "training": training}, f, indent=1)
 
 # %% [markdown]
 # **Pros and cons.** `longest_first` keeps the hypothesis whole as long as it is the shorter side,

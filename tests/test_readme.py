@@ -1,6 +1,8 @@
-"""The README's results table is what the results files say, and every file it cites exists."""
+"""The README's results tables are what the results files say, and every file they cite exists."""
 import os
 import sys
+
+import pytest
 
 from conftest import ROOT
 
@@ -15,11 +17,18 @@ def readme():
 
 def test_every_cited_results_file_exists():
     cited = results_table.cited_files(readme())
-    assert cited, "the README's results table cites no results file"
+    assert cited, "the README's results tables cite no results file"
     missing = [path for path in cited if not os.path.exists(os.path.join(ROOT, path))]
     assert not missing, f"README cites missing results files: {missing}"
 
 
-def test_table_is_rendered_from_the_results_files():
-    assert results_table.readme_table(readme()) == results_table.render(), \
-        "README's results table differs from the results files: run python bench/results_table.py --write"
+@pytest.mark.parametrize("name", sorted(results_table.TABLES))
+def test_table_is_rendered_from_the_results_files(name):
+    assert results_table.readme_table(readme(), name) == results_table.TABLES[name](), \
+        f"README's {name} table differs from the results files: run python bench/results_table.py --write"
+
+
+def test_a_missing_figure_stops_rendering_rather_than_leaving_a_blank():
+    assert results_table.lookup({"epochs": [{"acc": 0.5}, {"acc": 0.7}]}, "f.json", "epochs.-1.acc") == 0.7
+    with pytest.raises(KeyError, match="bench/results/x.json has no nli.accuracy"):
+        results_table.lookup({"nli": {"acc": 0.7}}, "bench/results/x.json", "nli.accuracy")
