@@ -76,11 +76,11 @@ RUNS = [
     ("all-MiniLM-L6-v2, by HF transformers + PyTorch (the peer)", "the same, the same seeds", SPLIT, None,
      "bench/results/bench_accuracy.json",
      ("peer.accuracy", "peer.finetune_wall_seconds_per_seed", "peer.train_examples_per_sec")),
-    ("all-MiniLM-L6-v2, max_len 24", "exercise 2: the book's truncation (longest_first); tuned, 1 epoch", SPLIT,
-     None, "bench/results/exercise_truncation/truncation.json",
+    ("all-MiniLM-L6-v2, max_len 24", "exercise 2: the book's truncation (longest_first); AdamW 5e-5, batch 32, "
+     "1 epoch", SPLIT, None, "bench/results/exercise_truncation/truncation.json",
      ("test_accuracy.longest_first", "training.longest_first.wall_seconds",
       "training.longest_first.examples_per_sec")),
-    ("all-MiniLM-L6-v2, max_len 24", "exercise 2: the ratio rule; tuned, 1 epoch", SPLIT, None,
+    ("all-MiniLM-L6-v2, max_len 24", "exercise 2: the ratio rule; AdamW 5e-5, batch 32, 1 epoch", SPLIT, None,
      "bench/results/exercise_truncation/truncation.json",
      ("test_accuracy.ratio", "training.ratio.wall_seconds", "training.ratio.examples_per_sec")),
 ]
