@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -59,6 +60,7 @@ train.seed_everything(0)
 net, vocab, bert_config = model.from_pretrained(args.model, devices)
 print(f"{args.model}: {bert_config}")
 data_dir = hub.download_extract("SNLI")
+start = time.perf_counter()  # the run's wall time: reading and encoding SNLI, training, testing each epoch
 train_pairs, test_pairs = snli.read_snli(data_dir, True), snli.read_snli(data_dir, False)
 if args.quick:
     train_pairs, test_pairs = [c[:512] for c in train_pairs], [c[:256] for c in test_pairs]
@@ -71,13 +73,17 @@ train_set, test_set = (snli.encode_pairs(*pairs, vocab, recipe["max_len"]) for p
 # continues it. The best epoch on the test pairs is not picked here: that would tune on the test set.
 
 # %%
-train.finetune(net, train_set, test_set, devices, vocab["<pad>"], recipe["max_len"], run_dir=args.out,
-               **train.recipe_options(recipe))
+epochs = train.finetune(net, train_set, test_set, devices, vocab["<pad>"], recipe["max_len"], run_dir=args.out,
+                        **train.recipe_options(recipe))
 model.save_run(args.out, net, vocab, bert_config,
                {"max_len": recipe["max_len"], "truncation": "longest_first", "recipe": recipe})
-print(f"saved the run in {args.out}; curves.png shows loss and accuracies per epoch")
+train.save_results(os.path.join(args.out, "results.json"), epochs, time.perf_counter() - start, model=args.model,
+                   recipe=recipe, quick=args.quick, train_pairs=len(train_set), test_pairs=len(test_set))
+print(f"saved the run in {args.out}; curves.png shows loss and accuracies per epoch, results.json the figures")
 
 # %% [markdown]
 # bert.base takes hours per epoch on a CPU; on a GPU workstation `--devices auto` uses every GPU.
 # The book's pretrained bert.base cannot be downloaded on the machine that wrote this package, so
-# its accuracy with this recipe has not been measured here (see the README's results table).
+# its accuracy with this recipe has not been measured there. Where it can be, run this with
+# `--out bench/results/runs/bert_base_tuned`: its `results.json` fills the README's row for it
+# (`python bench/results_table.py --write`).

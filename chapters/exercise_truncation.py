@@ -109,9 +109,8 @@ for rule in snli.TRUNCATION_RULES:
     train_set, test_set = (snli.encode_pairs(*pairs, vocab, args.max_len, rule) for pairs in (train_pairs, test_pairs))
     epochs = train.finetune(net, train_set, test_set, devices, vocab["<pad>"], args.max_len,
                             run_dir=os.path.join(args.out, rule), **train.recipe_options(recipe))
-    seconds = sum(m["examples"] / m["examples_per_sec"] for m in epochs)
-    training[rule] = {"seconds": seconds, "wall_seconds": time.perf_counter() - start,
-                      "examples_per_sec": sum(m["examples"] for m in epochs) / seconds}
+    seconds, speed = train.training_speed(epochs)
+    training[rule] = {"seconds": seconds, "wall_seconds": time.perf_counter() - start, "examples_per_sec": speed}
     accuracy[rule] = evaluate.accuracy(net, test_set, devices, 256, vocab["<pad>"], args.max_len)
     print(f"{rule}: test accuracy {accuracy[rule]:.4f}, {training[rule]['examples_per_sec']:.1f} examples/sec")
 

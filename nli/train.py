@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import threading
 import time
 
@@ -411,6 +412,23 @@ def write_metrics(run_dir, metrics):
 def append_metrics(run_dir, entry):
     with open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
         f.write(json.dumps(entry) + "\n")
+
+
+def training_speed(epochs):
+    """Seconds spent in training steps over `epochs` (finetune's epoch metrics), and examples/sec over them all."""
+    seconds = sum(m["examples"] / m["examples_per_sec"] for m in epochs)
+    return seconds, sum(m["examples"] for m in epochs) / seconds
+
+
+def save_results(path, epochs, wall_seconds, **about):
+    """A finished run's accuracy, time and speed as JSON with the command that made it: what results tables read."""
+    seconds, speed = training_speed(epochs)
+    results = {"command": " ".join([sys.executable] + sys.argv), **about, "test_accuracy": epochs[-1]["test_acc"],
+               "accuracy_per_epoch": [m["test_acc"] for m in epochs], "wall_seconds": wall_seconds,
+               "train_seconds": seconds, "examples_per_sec": speed}
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def training_block(net, mode, train_set, shard, eval_sets, devices, batch_size, pad_id, max_len, cache_dir,

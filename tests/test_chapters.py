@@ -1,4 +1,5 @@
 """Every chapter script runs in --quick mode, offline, and leaves its outputs."""
+import json
 import os
 import subprocess
 import sys
@@ -9,8 +10,8 @@ from conftest import ROOT
 
 CHAPTER_OUTPUTS = {  # script -> files it must leave under --out
     "natural_language_inference_and_dataset.py": ["lengths.png"],
-    "natural_language_inference_bert.py": ["config.json", "model.params", "metrics.jsonl", "curves.png"],
-    "exercise_bert_base.py": ["config.json", "model.params", "metrics.jsonl", "curves.png"],
+    "natural_language_inference_bert.py": ["config.json", "model.params", "metrics.jsonl", "curves.png", "results.json"],
+    "exercise_bert_base.py": ["config.json", "model.params", "metrics.jsonl", "curves.png", "results.json"],
     "exercise_truncation.py": ["tokens_cut.png", "truncation.json", "ratio/metrics.jsonl"],
 }
 # bert.base's real shape weighs 400 MB: the test runs the exercise's recipe on the served bert.small.
@@ -26,6 +27,15 @@ def test_chapter_runs_quick(script, hub_env, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     for name in CHAPTER_OUTPUTS[script]:
         assert os.path.getsize(out / name) > 0, name
+    if "results.json" in CHAPTER_OUTPUTS[script]:  # what the README's table reads: the run's own last test accuracy
+        results = json.loads((out / "results.json").read_text())
+        with open(out / "metrics.jsonl") as f:
+            epochs = [m for m in map(json.loads, f) if m["kind"] == "epoch"]
+        assert results["quick"] is True and results["test_accuracy"] == epochs[-1]["test_acc"]
+        assert results["train_pairs"] == epochs[-1]["examples"] and 0 < results["train_seconds"] < results["wall_seconds"]
+        assert results["examples_per_sec"] == pytest.approx(results["train_pairs"] / results["train_seconds"])
+        assert results["command"].endswith(f"{script} --quick --devices cpu --out {out}" + "".join(
+            " " + a for a in EXTRA_ARGS.get(script, [])))
 
 
 def test_every_chapter_is_tested():
