@@ -115,7 +115,8 @@ for rule in snli.TRUNCATION_RULES:
     print(f"{rule}: test accuracy {accuracy[rule]:.4f}, {training[rule]['examples_per_sec']:.1f} examples/sec")
 
 with open(os.path.join(args.out, "truncation.json"), "w") as f:
-    json.dump({"command": " ".join([sys.executable] + sys.argv), "model": args.model, "max_len": args.max_len, "recipe": recipe,
+    json.dump({"command": " ".join([sys.executable] + sys.argv), "model": args.model, "max_len": args.max_len,
+               "recipe": recipe,
                "train_pairs": len(train_pairs[2]), "test_pairs": len(test_pairs[2]), "cuts": cuts,
                "test_accuracy": accuracy, "training": training}, f, indent=1)
 

@@ -26,8 +26,9 @@ from mxnet.gluon import nn
 from tqdm import tqdm
 
 from . import data
-from .evaluate import accuracy
 from .errors import UserError
+from .evaluate import accuracy
+from .model import _dump_json, _write_atomically
 
 matplotlib.use("Agg")  # scripts and servers have no display; curves are saved as PNG
 
@@ -426,9 +427,7 @@ def save_results(path, epochs, wall_seconds, **about):
     results = {"command": " ".join([sys.executable] + sys.argv), **about, "test_accuracy": epochs[-1]["test_acc"],
                "accuracy_per_epoch": [m["test_acc"] for m in epochs], "wall_seconds": wall_seconds,
                "train_seconds": seconds, "examples_per_sec": speed}
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1)
-    os.replace(path + ".tmp", path)
+    _write_atomically(path, lambda tmp: _dump_json(results, tmp))
 
 
 def training_block(net, mode, train_set, shard, eval_sets, devices, batch_size, pad_id, max_len, cache_dir,
