@@ -12,9 +12,9 @@ import zipfile
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
-SAMPLE_DIR = os.path.join(SHARED_DATA, "snli_1.0_format_sample")
-DEV_PAIRS = os.path.join(SHARED_DATA, "snli_1.0_dev_pairs.tsv")
+DATA = os.path.join(ROOT, "tests", "data")  # real SNLI pairs; see its README.md
+SAMPLE_DIR = os.path.join(DATA, "snli_1.0_format_sample")
+DEV_PAIRS = os.path.join(DATA, "snli_1.0_dev_pairs.tsv")
 SNLI_TXT_COLUMNS = ["gold_label", "sentence1_binary_parse", "sentence2_binary_parse", "sentence1_parse",
                     "sentence2_parse", "sentence1", "sentence2", "captionID", "pairID",
                     "label1", "label2", "label3", "label4", "label5"]
