@@ -9,4 +9,6 @@ os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 # threads that sleep (bench/bench_train.py), and a tiny model's 15x slower.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from . import compat  # noqa: E402,F401  (before anything imports mxnet)
+
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
 """The book's BERT (parameter layout of `d2l.BERTModel`), hybridizable, and loading pretrained files."""
+import collections
 import dataclasses
 import json
 import math
@@ -7,7 +8,6 @@ import os
 import mxnet as mx
 from mxnet import np, npx
 from mxnet.gluon import nn
-from d2l import mxnet as d2l
 
 from . import hub
 from .errors import UserError
@@ -211,6 +211,39 @@ class BERTModel(nn.Block):
         return encoded_X, mlm_Y_hat, nsp_Y_hat
 
 
+class Vocab:
+    """The book's vocabulary (`d2l.Vocab`, d2l 1.0.3): tokens sorted, `<unk>` for unknown ones.
+
+    Written here so the package runs where d2l cannot be installed (Python 3.12+, whose numpy d2l's
+    pins refuse); the ids are the book's, so the book's `vocab.json` files load to the same ids.
+    """
+
+    def __init__(self, tokens=(), min_freq=0, reserved_tokens=()):
+        counts = collections.Counter(tokens)
+        kept = {token for token, count in counts.items() if count >= min_freq}
+        self.idx_to_token = sorted(kept | {"<unk>", *reserved_tokens})
+        self.token_to_idx = {token: idx for idx, token in enumerate(self.idx_to_token)}
+
+    def __len__(self):
+        return len(self.idx_to_token)
+
+    def __getitem__(self, tokens):
+        """The id of a token, or the ids of a list or tuple of tokens; unknown tokens get `unk`."""
+        if isinstance(tokens, (list, tuple)):
+            return [self.token_to_idx.get(token, self.unk) for token in tokens]
+        return self.token_to_idx.get(tokens, self.unk)
+
+    def to_tokens(self, indices):
+        """The tokens of a list of ids, or the token of one id."""
+        if hasattr(indices, "__len__"):
+            return [self.idx_to_token[int(i)] for i in indices]
+        return self.idx_to_token[int(indices)]
+
+    @property
+    def unk(self):
+        return self.token_to_idx["<unk>"]
+
+
 def load_vocab(path):
     """The vocabulary stored in a `vocab.json` (a list of tokens, index = position), as the book loads it."""
     try:
@@ -224,7 +257,7 @@ def load_vocab(path):
         raise UserError(f"{path} must hold a JSON list of token strings.")
     if "<unk>" not in idx_to_token:
         raise UserError(f"{path} has no '<unk>' token, which every d2l vocabulary has.")
-    vocab = d2l.Vocab()
+    vocab = Vocab()
     vocab.idx_to_token = idx_to_token
     vocab.token_to_idx = {token: idx for idx, token in enumerate(idx_to_token)}
     return vocab
