@@ -1,6 +1,7 @@
 """Argument parsing over the package's functions: download, finetune, evaluate, predict."""
 import argparse
 import json
+import os
 import sys
 
 from .errors import UserError
@@ -8,7 +9,8 @@ from .errors import UserError
 
 def build_parser():
     """The `python -m nli` argument parser, one sub-command per step of the flow."""
-    parser = argparse.ArgumentParser(prog="python -m nli", description=__doc__)
+    prog = "nli" if os.path.basename(sys.argv[0]) == "nli" else "python -m nli"  # the console script, or -m
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     download = commands.add_parser("download", help="download and extract a registry entry")
@@ -92,6 +94,8 @@ def build_parser():
     predict.add_argument("--tokenized", action="store_true",
                          help="the text is already tokenized as SNLI's is: split on spaces only")
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
+    commands.add_parser("doctor", help="versions, MXNet's build, devices, OpenMP, the download cache, and the fix "
+                                       "for each known problem found")
     return parser
 
 
@@ -219,17 +223,22 @@ def run_download(args):
     print(hub.download_extract(args.name, quiet=args.quiet))
 
 
+def run_doctor(args):
+    from . import doctor
+    return doctor.main()
+
+
 def main(argv=None):
     """Run one command; user mistakes print one sentence and exit 2, without a traceback."""
     args = build_parser().parse_args(argv)
     commands = {"download": run_download, "finetune": run_finetune, "evaluate": run_evaluate,
-                "predict": run_predict}
+                "predict": run_predict, "doctor": run_doctor}
     try:
-        commands[args.command](args)
+        status = commands[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0

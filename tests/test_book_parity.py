@@ -5,15 +5,15 @@ import os
 import mxnet as mx
 import numpy as onp
 import pytest
-from d2l import mxnet as d2l
-from mxnet import init, np, npx
+from mxnet import np, npx
 
-from conftest import SAMPLE_DIR, jsonl_to_txt, save_book_bert
+from conftest import D2L, DATA, DEV_PAIRS, RESERVED, SAMPLE_DIR, jsonl_to_txt, needs_d2l, save_book_bert
 from nli import bert, data, model, snli, train
 from nli.errors import UserError
 
 npx.set_np()
 TINY = dict(num_hiddens=32, ffn_num_hiddens=64, num_heads=4, num_blks=2, max_len=64)
+BOOK_BERT_TINY = os.path.join(DATA, "book_bert_tiny")  # saved by d2l.BERTModel: make_book_bert_tiny.py
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +25,35 @@ def tiny_book_dir(tmp_path_factory):
     return folder
 
 
+def test_bert_saved_by_d2l_gives_the_outputs_d2l_gave_on_every_python():
+    expected = onp.load(os.path.join(BOOK_BERT_TINY, "expected.npz"))
+    ours, vocab = bert.load_pretrained(BOOK_BERT_TINY, [mx.cpu()])
+    inputs = [np.array(expected[name]) for name in ("tokens", "segments", "valid_lens")]
+    got, _, got_nsp = ours(*inputs)
+    assert len(vocab) == ours.config.vocab_size > 50
+    assert onp.abs(got.asnumpy() - expected["encoded"]).max() < 1e-6
+    assert onp.abs(got_nsp.asnumpy() - expected["nsp"]).max() < 1e-6
+    ours.encoder.hybridize(static_alloc=True)
+    assert onp.abs(ours.encoder(*inputs).asnumpy() - expected["encoded"]).max() < 1e-6
+
+
+@needs_d2l
+def test_vocab_gives_the_ids_of_d2l_vocab():
+    premises, hypotheses, _ = snli.read_pairs(DEV_PAIRS)
+    tokens = [t for s in premises + hypotheses for t in snli.tokenize(s)]
+    for min_freq in (0, 2):
+        ours = bert.Vocab(tokens, min_freq=min_freq, reserved_tokens=RESERVED)
+        book = D2L.Vocab(tokens, min_freq=min_freq, reserved_tokens=RESERVED)
+        assert ours.idx_to_token == book.idx_to_token and ours.token_to_idx == book.token_to_idx
+        assert ours[["a", "man", "zzqx"]] == book[["a", "man", "zzqx"]] and ours.unk == book.unk
+        assert ours.to_tokens([5, 9]) == book.to_tokens([5, 9]) and ours.to_tokens(7) == book.to_tokens(7)
+    assert len(ours) < len(bert.Vocab(tokens, reserved_tokens=RESERVED))  # min_freq 2 left words out
+
+
+@needs_d2l
 def test_d2l_saved_bert_loads_with_identical_outputs(tiny_book_dir):
     vocab_size = len(bert.load_vocab(os.path.join(tiny_book_dir, "vocab.json")))
-    reference = d2l.BERTModel(vocab_size, dropout=0.0, **TINY)
+    reference = D2L.BERTModel(vocab_size, dropout=0.0, **TINY)
     reference.load_parameters(os.path.join(tiny_book_dir, "pretrained.params"))
     ours, _ = bert.load_pretrained(tiny_book_dir, [mx.cpu()])
     tokens = np.array(onp.random.RandomState(0).randint(0, vocab_size, (3, 20)), dtype="int32")
@@ -60,6 +86,7 @@ def test_unknown_model_name_is_a_clear_error():
         bert.load_pretrained("bert.enormous", [mx.cpu()])
 
 
+@needs_d2l
 def test_read_snli_equals_d2l_on_the_real_format(tmp_path):
     for split in ("train", "test"):
         txt = os.path.join(SAMPLE_DIR, f"snli_1.0_{split}.txt")
@@ -68,7 +95,7 @@ def test_read_snli_equals_d2l_on_the_real_format(tmp_path):
         (tmp_path / f"snli_1.0_{split}.txt").write_text(content)
     for is_train in (True, False):
         ours = snli.read_snli(str(tmp_path), is_train)
-        assert ours == tuple(d2l.read_snli(str(tmp_path), is_train))
+        assert ours == tuple(D2L.read_snli(str(tmp_path), is_train))
         assert len(ours[0]) > 5
 
 
