@@ -18,7 +18,7 @@ import zipfile
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, closed_port, run_cli
 from nli import hub
 from nli.errors import UserError
 
@@ -275,12 +275,6 @@ def test_real_layouts_extract_where_d2l_puts_them(hub_env):
     assert hub.download_extract("SNLI", quiet=True) == os.path.join(data, "snli_1.0")
     for name in ("bert.small", "SNLI"):
         assert all(os.path.isfile(os.path.join(data, m)) for m in hub.entry(name).members)
-
-
-def closed_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 SLOW_RETRIES = {"NLI_HUB_RETRIES": "3", "NLI_HUB_BACKOFF": "3"}  # 3 + 6 + 9 s of waiting, were they spent
