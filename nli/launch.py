@@ -41,7 +41,8 @@ class LocalJob:
         with self.lock:
             if status == 0 or self.failure:
                 return
-            self.failure = f"a {role} (task {env.get('DMLC_TASK_ID', 0)}) exited with status {status}"
+            who = "the scheduler" if role == "scheduler" else f"a {role} (task {env['DMLC_TASK_ID']})"
+            self.failure = f"{who} exited with status {status}"
             others = [p for p in self.processes if p.poll() is None]
         for p in others:
             p.terminate()
