@@ -16,7 +16,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from nli import hub, model, snli, train  # noqa: E402
+from nli import errors, hub, model, snli, train  # noqa: E402
+
+errors.report_user_errors()  # a user's mistake prints one line, `error: ...`, as in `python -m nli`
 
 parser = argparse.ArgumentParser(description="Exercise 1: bert.base with a tuned recipe.")
 parser.add_argument("--model", default="bert.base", help="bert.base (the exercise), or another model to try it on")

@@ -23,7 +23,9 @@ matplotlib.use("Agg")  # scripts have no display: figures are saved as PNG
 import numpy as onp  # noqa: E402
 from matplotlib import pyplot as plt  # noqa: E402
 
-from nli import evaluate, hub, model, snli, train  # noqa: E402
+from nli import errors, evaluate, hub, model, snli, train  # noqa: E402
+
+errors.report_user_errors()  # a user's mistake prints one line, `error: ...`, as in `python -m nli`
 
 parser = argparse.ArgumentParser(description="The book's truncation against the ratio rule.")
 parser.add_argument("--model", default="bert.small", help="bert.small, bert.base, a directory or hf:DIR")

@@ -21,7 +21,9 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")  # scripts have no display: the figure is saved as a PNG
 from matplotlib import pyplot as plt  # noqa: E402
 
-from nli import hub, snli  # noqa: E402
+from nli import errors, hub, snli  # noqa: E402
+
+errors.report_user_errors()  # a user's mistake prints one line, `error: ...`, as in `python -m nli`
 
 parser = argparse.ArgumentParser(description="Read SNLI, show examples, counts and lengths.")
 parser.add_argument("--quick", action="store_true", help="accepted for symmetry: reading SNLI is quick")

@@ -18,9 +18,11 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from nli import bert, hub, model, snli, train  # noqa: E402  (before mxnet: nli repairs numpy for it)
+from nli import bert, errors, hub, model, snli, train  # noqa: E402  (before mxnet: nli repairs numpy for it)
 from nli.evaluate import predict_snli  # noqa: E402
 from mxnet import init  # noqa: E402,I100
+
+errors.report_user_errors()  # a user's mistake prints one line, `error: ...`, as in `python -m nli`
 
 parser = argparse.ArgumentParser(description="The chapter, end to end.")
 parser.add_argument("--quick", action="store_true", help="a small run on the CPU: few pairs, one epoch")

@@ -20,6 +20,7 @@ PRESETS = {  # the book's pretrained models, as the chapter builds them
     "bert.base": dict(num_hiddens=768, ffn_num_hiddens=3072, num_heads=12, num_blks=12, dropout=0.1,
                       max_len=512),
 }
+HF_FILES = ("config.json", "vocab.txt", "model.safetensors")  # a Hugging Face checkpoint (nli/hf.py)
 
 
 @dataclasses.dataclass
@@ -291,6 +292,12 @@ def check_params_file(block, path):
 def model_dir(name_or_dir):
     """The directory of a pretrained model: `name_or_dir` itself, or a registry entry downloaded."""
     if os.path.isdir(name_or_dir):
+        hf_files = [f for f in HF_FILES if os.path.exists(os.path.join(name_or_dir, f))]
+        if not os.path.exists(os.path.join(name_or_dir, "vocab.json")) and (
+                "model.safetensors" in hf_files or {"config.json", "vocab.txt"} <= set(hf_files)):
+            raise UserError(f"{name_or_dir} holds a Hugging Face checkpoint ({', '.join(hf_files)}), not the "
+                            f"book's vocab.json and pretrained.params: name it hf:{name_or_dir} "
+                            f"(--model hf:{name_or_dir}).")
         return name_or_dir
     if name_or_dir in hub.registry():
         return hub.download_extract(name_or_dir)

@@ -18,6 +18,9 @@ def build_parser():
     download.add_argument("--list", action="store_true", help="every entry: URL, size, cached and verified?")
     download.add_argument("--from", dest="source", metavar="FILE",
                           help="import NAME from a file fetched by other means (its SHA-1 is checked)")
+    download.add_argument("--replace", action="store_true",
+                          help="move a cached file whose SHA-1 is not NAME's aside (to FILE.mismatch-SHA1) "
+                               "instead of refusing it, then download or import NAME")
     download.add_argument("--quiet", action="store_true", help="no progress bar or notes")
 
     finetune = commands.add_parser("finetune", help="fine-tune a pretrained BERT on SNLI pairs")
@@ -219,8 +222,8 @@ def run_download(args):
     if args.name is None:
         raise UserError("Say which entry to download; `python -m nli download --list` shows them.")
     if args.source:
-        hub.import_file(args.name, args.source, quiet=args.quiet)
-    print(hub.download_extract(args.name, quiet=args.quiet))
+        hub.import_file(args.name, args.source, quiet=args.quiet, replace=args.replace)
+    print(hub.download_extract(args.name, quiet=args.quiet, replace=args.replace))
 
 
 def run_doctor(args):

@@ -1,9 +1,11 @@
 """The registry of downloadable files, and downloading, verifying and extracting them safely.
 
 A download streams into `NAME.part`, resumes with an HTTP Range request after a dropped
-connection, retries with backoff, and becomes `NAME` only once its SHA-1 matches; a file lock
-keeps two processes from fetching the same file at once. Archives are unpacked into a temporary
-directory next to the target and renamed into place after every path and member is checked.
+connection, retries with backoff what retrying can fix, and becomes `NAME` only once its SHA-1
+matches; a file lock keeps two processes from fetching the same file at once. A cached file is
+never deleted: one whose SHA-1 is not the entry's is refused, or moved aside when asked. Archives
+are unpacked into a temporary directory next to the target and renamed into place after every
+path and member is checked.
 """
 import contextlib
 import dataclasses
@@ -13,11 +15,14 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
 import sys
 import tarfile
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 import zipfile
 import zlib
 
@@ -39,14 +44,21 @@ ZIP_SUFFIXES = (".zip",)
 TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".gz")  # d2l extracts .tar and .gz with tarfile too
 CORRUPT_ARCHIVE = (zipfile.BadZipFile, tarfile.ReadError, tarfile.CompressionError, zlib.error,
                    gzip.BadGzipFile, EOFError)
+# No server listens there, or there is no such host: asking again at once gets the same answer.
+PERMANENT_NETWORK_ERRORS = (ConnectionRefusedError, socket.gaierror)
 
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """One downloadable archive: where it lives, its SHA-1 and the members it must contain."""
+    """One downloadable archive: where it lives, its SHA-1, the members it must contain, and who says so."""
     url: str
     sha1: str
     members: tuple = ()
+    manifest: str = None  # the NLI_HUB_MANIFEST file that names this entry; None: the built-in registry
+
+    @property
+    def origin(self):
+        return f"the manifest {self.manifest}" if self.manifest else "the built-in registry"
 
     @property
     def file_name(self):
@@ -98,7 +110,7 @@ def _read_manifest(path, known):
         if not isinstance(spec, dict) or not {"url", "sha1"} <= spec.keys():
             raise UserError(f"{path}: entry {name!r} needs both \"url\" and \"sha1\".")
         members = tuple(spec.get("members", known[name].members if name in known else ()))
-        entries[name] = Entry(spec["url"], spec["sha1"].lower(), members)
+        entries[name] = Entry(spec["url"], spec["sha1"].lower(), members, os.path.abspath(path))
     return entries
 
 
@@ -119,71 +131,79 @@ def sha1_of(path, chunk_size=1 << 20):
     return digest.hexdigest()
 
 
-def is_verified(path, sha1):
+def is_verified(path, sha1, manifest=None):
     """Whether `path` holds the file with this SHA-1; its sidecar record spares re-hashing an unchanged file."""
+    actual, record, st = _sha1_and_record(path)
+    if actual == sha1 and record is None:
+        _write_record(path, sha1, manifest, st)
+    return actual == sha1
+
+
+def _sha1_and_record(path):
+    """(SHA-1, sidecar record or None, stat) of the file at `path`; (None, None, None) when there is none."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        return False
+        return None, None, None
     try:
         with open(path + ".verified", encoding="utf-8") as f:
-            if json.load(f) == _record(st, sha1):
-                return True
-    except (OSError, ValueError):
-        pass  # no record, or an unreadable one: hash the file
-    if sha1_of(path) != sha1:
-        return False
-    _write_record(path, sha1, st)
-    return True
+            record = json.load(f)
+        if (record["size"], record["mtime_ns"]) == (st.st_size, st.st_mtime_ns):
+            return record["sha1"], record, st
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no record, an unreadable one, or the file changed since: hash the file
+    return sha1_of(path), None, st
 
 
-def _record(st, sha1):
-    """The sidecar record of a verified file: its size and mtime when it was hashed, and the SHA-1."""
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha1": sha1}
-
-
-def _write_record(path, sha1, st=None):
-    """Write `PATH.verified` atomically, from the stat taken before hashing (a later change then shows)."""
-    data = json.dumps(_record(st or os.stat(path), sha1)).encode()
+def _write_record(path, sha1, manifest, st=None):
+    """Write `PATH.verified` atomically: size and mtime from the stat taken before hashing (a later change
+    then shows), the SHA-1, and the manifest that named it (None: the built-in registry)."""
+    st = st or os.stat(path)
+    record = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha1": sha1, "manifest": manifest}
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", dir=os.path.dirname(path))
     with os.fdopen(fd, "wb") as f:
-        f.write(data)
+        f.write(json.dumps(record).encode())
     os.replace(tmp, path + ".verified")
 
 
-def download(name, folder=None, quiet=False):
-    """Download entry `name` into the data dir (unless a verified copy is there) and return its path."""
+def download(name, folder=None, quiet=False, replace=False):
+    """Download entry `name` into the data dir (unless a verified copy is there) and return its path.
+
+    A cached file with another SHA-1 is refused, never deleted; `replace` moves it aside first."""
     e = entry(name)
     path = _cache_path(e, folder)
     with _locked(path, quiet):
-        if is_verified(path, e.sha1):
+        if is_verified(path, e.sha1, e.manifest):
             return path
-        if os.path.exists(path):
-            _say(quiet, f"{path} does not match SHA-1 {e.sha1}: downloading it again.")
-            _remove(path)
-        _fetch(name, e, path + ".part", quiet)
-        _install(path + ".part", path, e.sha1, e.url)
+        _clear_the_way(name, e, path, replace, quiet)
+        if e.url.startswith("file:"):
+            source = _local_path(name, e)
+            _copy(source, path + ".part",
+                  lambda reason: _unreachable(name, e, path + ".part", f"{source}: {reason}"))
+            _install(name, e, path, e.url, keep_mismatch=False)
+        else:
+            _fetch(name, e, path + ".part", quiet)
+            _install(name, e, path, e.url, keep_mismatch=True)
     return path
 
 
-def import_file(name, source, folder=None, quiet=False):
+def import_file(name, source, folder=None, quiet=False, replace=False):
     """Copy a file fetched by other means into the cache as entry `name`, once its SHA-1 is checked."""
     e = entry(name)
     path = _cache_path(e, folder)
     with _locked(path, quiet):
-        try:
-            shutil.copyfile(source, path + ".part")
-        except OSError as err:
-            _remove(path + ".part")
-            raise UserError(f"Cannot read {source} to import it as {name}: {err.strerror}.") from None
-        _install(path + ".part", path, e.sha1, source)
+        if is_verified(path, e.sha1, e.manifest):
+            return path
+        _copy(source, path + ".part",
+              lambda reason: UserError(f"Cannot read {source} to import it as {name}: {reason}."))
+        _install(name, e, path, source, keep_mismatch=False, replace=replace, quiet=quiet)
     return path
 
 
-def download_extract(name, folder=None, quiet=False):
+def download_extract(name, folder=None, quiet=False, replace=False):
     """Download and extract entry `name`; return the directory the archive unpacks to (as d2l does)."""
     e = entry(name)
-    path = download(name, folder, quiet)
+    path = download(name, folder, quiet, replace)
     base = os.path.dirname(path)
     target = os.path.join(base, _archive_stem(e.file_name))
     with _locked(path, quiet):
@@ -217,13 +237,19 @@ def status(folder=None):
     for name, e in sorted(registry().items()):
         path = _cache_path(e, folder)
         if os.path.exists(path):
-            size, state = os.path.getsize(path), "verified" if is_verified(path, e.sha1) else "SHA-1 differs"
+            verified = is_verified(path, e.sha1, e.manifest)
+            size, state = os.path.getsize(path), "verified" if verified else "SHA-1 differs"
         elif os.path.exists(path + ".part"):
             size, state = os.path.getsize(path + ".part"), "partial"
         else:
             size, state = None, "missing"
         rows.append((name, e.url, size, state))
     return rows
+
+
+def mismatch_path(path, sha1):
+    """Where a file that is not the entry's is moved aside: `NAME.mismatch-` and the start of its SHA-1."""
+    return f"{path}.mismatch-{sha1[:12]}"
 
 
 def _cache_path(e, folder):
@@ -260,9 +286,8 @@ def _fetch(name, e, part, quiet):
                 return _fetch_once(session, e, part, timeout, quiet)
             except _Transient as err:
                 reason = str(err)
-            except requests.HTTPError as err:  # 4xx: asking again will not help
-                answer = f"HTTP {err.response.status_code} {err.response.reason}"
-                raise _unreachable(name, e, part, f"{e.url} answered {answer}") from None
+            except _Permanent as err:
+                raise _unreachable(name, e, part, f"{e.url}: {err}") from None
             except requests.RequestException as err:  # a malformed URL, say
                 raise _unreachable(name, e, part, f"{e.url}: {err}") from None
             failures = 0 if _size(part) > best else failures + 1
@@ -277,6 +302,10 @@ def _fetch(name, e, part, quiet):
 
 class _Transient(Exception):
     """A failure worth another attempt: a lost connection, a timeout, a 5xx answer."""
+
+
+class _Permanent(Exception):
+    """A failure that another attempt would repeat: connection refused, an unknown host, a 4xx answer."""
 
 
 def _fetch_once(session, e, part, timeout, quiet):
@@ -294,7 +323,8 @@ def _fetch_once(session, e, part, timeout, quiet):
                 raise _Transient("the partial download is longer than the file")
             if r.status_code >= 500 or r.status_code in (408, 429):
                 raise _Transient(f"HTTP {r.status_code} {r.reason}")
-            r.raise_for_status()
+            if r.status_code >= 400:
+                raise _Permanent(f"the server answered HTTP {r.status_code} {r.reason}")
             if r.status_code != 206 or not r.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
                 offset = 0  # the server ignored the Range: start again from the first byte
             length = r.headers.get("Content-Length")
@@ -306,24 +336,33 @@ def _fetch_once(session, e, part, timeout, quiet):
                     f.write(chunk)
                     bar.update(len(chunk))
     except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
-        raise _Transient(_network_reason(err, timeout)) from None
+        cause = _root_cause(err)
+        if isinstance(cause, PERMANENT_NETWORK_ERRORS) and not isinstance(err, requests.Timeout):
+            raise _Permanent(_network_reason(err, cause, timeout)) from None
+        raise _Transient(_network_reason(err, cause, timeout)) from None
     if total is not None and _size(part) != total:  # urllib3 1.x does not raise on a short body
         raise _Transient(f"the connection closed at {_size(part):,} of {total:,} bytes")
 
 
-def _network_reason(err, timeout):
-    """A few words on a network error: the socket's own, from under requests' and urllib3's wrapping."""
+def _root_cause(err):
+    """The socket's own error under requests' and urllib3's wrapping of a network error."""
     cause = err
     while True:
         inner = next((x for x in (*cause.args, getattr(cause, "reason", None), cause.__cause__)
                       if isinstance(x, BaseException)), None)
         if inner is None:
-            break
+            return cause
         cause = inner
+
+
+def _network_reason(err, cause, timeout):
+    """A few words on a network error, from its root cause."""
     if isinstance(err, requests.Timeout) or isinstance(cause, TimeoutError):
         return f"no answer for {timeout:g} s (timed out)"
     if isinstance(err, requests.exceptions.ChunkedEncodingError):
         return "the connection dropped"
+    if isinstance(cause, socket.gaierror):
+        return f"the host {urllib.parse.urlsplit(err.request.url).hostname} is unknown ({cause.strerror})"
     return getattr(cause, "strerror", None) or str(cause)
 
 
@@ -338,15 +377,75 @@ def _unreachable(name, e, part, what):
         f"which imports it after checking its SHA-1 ({e.sha1}).")
 
 
-def _install(part, path, sha1, source):
-    """Rename `part` to `path` if its SHA-1 is `sha1`; otherwise delete it and fail naming both."""
+def _install(name, e, path, source, keep_mismatch, replace=False, quiet=True):
+    """Rename `PATH.part` to `path` if its SHA-1 is the entry's; otherwise fail naming both.
+
+    A wrong download is kept aside (fetching it again would cost as much); a wrong copy of a local
+    file is deleted, as its source is still there."""
+    part = path + ".part"
     actual = sha1_of(part)
-    if actual != sha1:
+    if actual != e.sha1:
+        if keep_mismatch:
+            os.replace(part, mismatch_path(path, actual))
+            kept = (f"it is kept as {mismatch_path(path, actual)}. If the file changed on purpose, name its "
+                    f"SHA-1 for {name} in a manifest (NLI_HUB_MANIFEST) and import the kept file with "
+                    f"`python -m nli download {name} --from {mismatch_path(path, actual)}`")
+        else:
+            _remove(part)
+            kept = (f"the copy was not kept and {source} is untouched. If the file changed on purpose, "
+                    f"name its SHA-1 for {name} in a manifest (NLI_HUB_MANIFEST)")
+        raise UserError(f"{source} gave a file with SHA-1 {actual}, but {e.origin} expects {e.sha1} "
+                        f"for {name}; {kept}.")
+    try:
+        _clear_the_way(name, e, path, replace, quiet)
+    except UserError:
         _remove(part)
-        raise UserError(f"{source} gave a file with SHA-1 {actual}, expected {sha1}; nothing was kept. "
-                        f"If the file changed on purpose, name its new SHA-1 in NLI_HUB_MANIFEST.")
+        raise
     os.replace(part, path)
-    _write_record(path, sha1)
+    _write_record(path, e.sha1, e.manifest)
+
+
+def _clear_the_way(name, e, path, replace, quiet):
+    """Before a new copy takes `path`: refuse when another file is there, or with `replace` move it aside."""
+    actual, record, _ = _sha1_and_record(path)
+    if actual is None:
+        return
+    aside = mismatch_path(path, actual)
+    if replace:
+        os.replace(path, aside)
+        _remove(path + ".verified")
+        _say(quiet, f"Moved {path} (SHA-1 {actual}) aside to {aside}.")
+        return
+    if record and "manifest" in record and record["manifest"] != e.manifest:
+        was = record.get("manifest")
+        use_it = (f"It was verified against the manifest {was}: set NLI_HUB_MANIFEST={was} to use it again."
+                  if was else f"It was verified against the built-in registry: run without {e.origin} "
+                              f"(NLI_HUB_MANIFEST) to use it again.")
+    else:
+        use_it = f"If it is the file you want, name its SHA-1 for {name} in a manifest (NLI_HUB_MANIFEST)."
+    raise UserError(
+        f"{path} is not the file {name} is set to: its SHA-1 is {actual}, and {e.origin} expects {e.sha1}. "
+        f"The file is kept and was not used. {use_it} To put {name} as {e.origin} names it in its place, add "
+        f"--replace to `python -m nli download {name}` (with or without --from FILE): the file is then moved "
+        f"aside to {aside}.")
+
+
+def _local_path(name, e):
+    """The path a `file:` URL names (file:///abs/path, or file://localhost/abs/path)."""
+    url = urllib.parse.urlsplit(e.url)
+    if url.netloc not in ("", "localhost"):
+        raise UserError(f"{e.url} ({name} in {e.origin}): a file URL names a local path, as in "
+                        f"file:///data/{e.file_name}; host {url.netloc!r} is not this machine.")
+    return urllib.request.url2pathname(url.path)
+
+
+def _copy(source, part, failure):
+    """Copy the local file `source` to `part`; on failure remove `part` and raise `failure(reason)`."""
+    try:
+        shutil.copyfile(source, part)
+    except OSError as err:
+        _remove(part)
+        raise failure(err.strerror) from None
 
 
 def _unpack(path, dest):

@@ -4,6 +4,7 @@ import hashlib
 import http.server
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -161,6 +162,13 @@ def hub_env(tmp_path, served_dir, http_server, monkeypatch):
     monkeypatch.setenv("NLI_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.delenv("NLI_MIRROR", raising=False)
     return dict(os.environ)
+
+
+def closed_port():
+    """A loopback port nothing listens on: connecting to it is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_cli(*args, env=None, cwd=None):

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, closed_port
 
 CHAPTER_OUTPUTS = {  # script -> files it must leave under --out
     "natural_language_inference_and_dataset.py": ["lengths.png"],
@@ -43,3 +43,19 @@ def test_chapter_runs_quick(script, hub_env, tmp_path):
 def test_every_chapter_is_tested():
     scripts = {f for f in os.listdir(os.path.join(ROOT, "chapters")) if f.endswith(".py")}
     assert scripts == set(CHAPTER_OUTPUTS)
+
+
+@pytest.mark.parametrize("script", sorted(CHAPTER_OUTPUTS))
+def test_chapter_reports_a_user_error_in_one_line(script, tmp_path):
+    port = closed_port()
+    manifest = {name: {"url": f"http://127.0.0.1:{port}/{name}.zip", "sha1": "0" * 40}
+                for name in ("bert.small", "bert.base", "SNLI")}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    env = {**os.environ, "NLI_HUB_MANIFEST": str(tmp_path / "manifest.json"), "NLI_DATA_DIR": str(tmp_path / "data")}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "chapters", script), "--quick", "--devices", "cpu",
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, cwd=tmp_path,
+                            timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    [message] = result.stderr.strip().splitlines()
+    assert message.startswith("error: Could not download ") and f"127.0.0.1:{port}" in message

@@ -103,3 +103,18 @@ def test_finetunes_on_the_real_pairs(book_run, tmp_path):
     assert "256 training pairs, 128 test pairs" in result.stdout
     metrics = [json.loads(line) for line in open(tmp_path / "real" / "metrics.jsonl")]
     assert any(EPOCH_KEYS <= m.keys() for m in metrics)
+
+
+@pytest.mark.parametrize("files", [("config.json", "vocab.txt", "model.safetensors"), ("config.json", "vocab.txt"),
+                                   ("model.safetensors",)], ids=["full", "no-weights", "weights-only"])
+def test_a_hugging_face_directory_without_hf_prefix_gets_a_hint(files, tmp_path, hub_env):
+    checkpoint = tmp_path / "minilm"
+    checkpoint.mkdir()
+    for name in files:
+        (checkpoint / name).write_text("{}")
+    result = run_cli("finetune", "--model", checkpoint, "--train", DEV_PAIRS, "--test", DEV_PAIRS,
+                     "--out", tmp_path / "run", env=hub_env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [message] = result.stderr.strip().splitlines()
+    assert f"--model hf:{checkpoint}" in message and "Missing vocabulary file" not in message
+    assert not (tmp_path / "run").exists()

@@ -34,3 +34,19 @@ def test_two_workers_and_a_server_train_one_model(training_bert_dir, tmp_path):
     assert [m["epoch"] for m in epochs] == [1, 2, 3, 4, 5, 6]
     assert all(m["examples"] == 129 for m in epochs)  # worker 0's shard: every other pair of 258
     assert epochs[-1]["loss"] < epochs[0]["loss"] - 0.05  # it learns
+
+
+def test_a_worker_that_fails_stops_the_job_with_one_message(tmp_path):
+    out = tmp_path / "run"  # in every process's command line: how the test finds any left running
+    finetune = [sys.executable, "-m", "nli", "finetune", "--model", tmp_path / "no-such-model", "--train", DEV_PAIRS,
+                "--test", DEV_PAIRS, "--devices", "cpu", "--kvstore", "dist_sync", "--quiet", "--out", out]
+    launch = [sys.executable, "-m", "nli.launch", "-n", "2", "-s", "1", "--launcher", "local", *finetune]
+    env = {**os.environ, "PYTHONPATH": ROOT, "NLI_DATA_DIR": str(tmp_path / "data"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(list(map(str, launch)), capture_output=True, text=True, env=env, cwd=ROOT,
+                            timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    *workers, message = result.stderr.strip().splitlines()
+    assert workers and all(line.startswith(f"error: '{tmp_path / 'no-such-model'}'") for line in workers)
+    assert message.startswith("error: The job stopped: a worker (task ") and "exited with status 2" in message
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(out) not in ps, "a process of the job is still running"

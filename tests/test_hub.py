@@ -8,15 +8,17 @@ import random
 import re
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tarfile
 import threading
+import time
 import zipfile
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, closed_port, run_cli
 from nli import hub
 from nli.errors import UserError
 
@@ -48,6 +50,10 @@ class MisbehavingHandler(http.server.BaseHTTPRequestHandler):
         srv, file = self.server, self.path.lstrip("/")
         srv.requests.append((file, self.headers.get("Range")))
         fault = srv.faults.get(file, {})
+        if len(srv.gets(file)) <= fault.get("resets", 0):  # close with a TCP reset, before any answer
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.close_connection = True
+            return self.connection.close()
         if file not in srv.files or "status" in fault:
             return self.send_error(fault.get("status", 404))
         data = fault.get("body", srv.files[file])
@@ -129,7 +135,7 @@ def test_server_ignoring_range_restarts_from_zero(server, publish):
     assert os.path.getsize(path) == len(DATA) and hub.sha1_of(path) == digest(DATA)
 
 
-def test_wrong_bytes_fail_naming_url_and_both_sha1s(server, publish):
+def test_wrong_bytes_fail_naming_url_and_both_sha1s_and_are_kept_aside(server, publish):
     wrong = DATA[::-1]
     path = publish("blob", "blob.bin", DATA, body=wrong)
     with pytest.raises(UserError) as err:
@@ -137,6 +143,8 @@ def test_wrong_bytes_fail_naming_url_and_both_sha1s(server, publish):
     assert f"{server.url}/blob.bin" in str(err.value)
     assert digest(wrong) in str(err.value) and digest(DATA) in str(err.value)
     assert not os.path.exists(path) and not os.path.exists(path + ".part")
+    aside = hub.mismatch_path(path, digest(wrong))  # fetching it again would cost as much: it is kept
+    assert f"--from {aside}" in str(err.value) and open(aside, "rb").read() == wrong
     assert len(server.gets("blob.bin")) == 1
 
 
@@ -148,6 +156,12 @@ def test_http_errors_stop_after_bounded_tries(server, publish, status, tries):
     assert f"{server.url}/blob.bin" in str(err.value)
     assert len(server.gets("blob.bin")) == tries
     assert not os.path.exists(path)
+
+
+def test_reset_connections_are_retried(server, publish):
+    path = publish("blob", "blob.bin", DATA, resets=2)  # NLI_HUB_RETRIES=2: the third try gets it
+    assert hub.download("blob", quiet=True) == path
+    assert len(server.gets("blob.bin")) == 3 and hub.sha1_of(path) == digest(DATA)
 
 
 def test_stalled_server_times_out(server, publish, monkeypatch):
@@ -172,8 +186,13 @@ def test_cached_file_is_trusted_by_its_record_until_it_changes(server, publish, 
             f.write(b"\0")
         os.utime(path, ns=(0, os.stat(path).st_mtime_ns + 10**9))
         assert not hub.is_verified(path, digest(DATA))
-        hub.download("blob", quiet=True)
+        changed = open(path, "rb").read()
+        with pytest.raises(UserError, match=f"its SHA-1 is {digest(changed)}"):  # kept, and refused
+            hub.download("blob", quiet=True)
+        assert open(path, "rb").read() == changed
+        hub.download("blob", quiet=True, replace=True)
         assert hub.sha1_of(path) == digest(DATA)
+        assert open(hub.mismatch_path(path, digest(changed)), "rb").read() == changed
     assert len(server.gets("blob.bin")) == 3
 
 
@@ -258,24 +277,41 @@ def test_real_layouts_extract_where_d2l_puts_them(hub_env):
         assert all(os.path.isfile(os.path.join(data, m)) for m in hub.entry(name).members)
 
 
-def closed_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+SLOW_RETRIES = {"NLI_HUB_RETRIES": "3", "NLI_HUB_BACKOFF": "3"}  # 3 + 6 + 9 s of waiting, were they spent
 
 
-def test_offline_cli_prints_the_ways_out_without_traceback(tmp_path):
+def test_offline_cli_prints_the_ways_out_at_once_without_traceback(tmp_path):
     mirror = f"http://127.0.0.1:{closed_port()}/"
-    env = {**os.environ, "NLI_MIRROR": mirror, "NLI_DATA_DIR": str(tmp_path / "data"),
-           "NLI_HUB_RETRIES": "1", "NLI_HUB_BACKOFF": "0.01"}
+    env = {**os.environ, **SLOW_RETRIES, "NLI_MIRROR": mirror, "NLI_DATA_DIR": str(tmp_path / "data")}
     env.pop("NLI_HUB_MANIFEST", None)
     result = run_cli("download", "bert.small", env=env)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    *retry_notes, message = result.stderr.strip().splitlines()  # the error is one paragraph, after the notes
-    assert message.startswith("error: Could not download bert.small") and len(retry_notes) == 1
-    for needed in (mirror + "bert.small.zip", "Connection refused", "NLI_MIRROR", "NLI_HUB_MANIFEST",
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [message] = result.stderr.strip().splitlines()  # one paragraph, and no retry notes before it
+    assert message.startswith("error: Could not download bert.small")
+    for needed in (mirror + "bert.small.zip: Connection refused", "NLI_MIRROR", "NLI_HUB_MANIFEST",
                    "python -m nli download bert.small --from FILE", hub.BUILTIN["bert.small"].sha1):
         assert needed in message
+
+
+@pytest.mark.parametrize("url, reason", [
+    (lambda server: f"http://127.0.0.1:{closed_port()}/blob.bin", "Connection refused"),
+    (lambda server: "http://nli-test.invalid/blob.bin", "the host nli-test.invalid is unknown"),  # never resolves
+    (lambda server: f"{server.url}/missing.bin", "the server answered HTTP 404 Not Found"),
+    (lambda server: f"{server.url}/forbidden.bin", "the server answered HTTP 403 Forbidden"),
+], ids=["refused", "unknown-host", "404", "403"])
+def test_errors_that_retrying_cannot_fix_fail_at_once(server, publish, monkeypatch, tmp_path, url, reason):
+    path = publish("blob", "blob.bin", DATA)
+    server.files["forbidden.bin"], server.faults["forbidden.bin"] = DATA, {"status": 403}
+    url = url(server)
+    (tmp_path / "manifest.json").write_text(json.dumps({"blob": {"url": url, "sha1": digest(DATA)}}))
+    for var, value in SLOW_RETRIES.items():
+        monkeypatch.setenv(var, value)
+    start = time.perf_counter()
+    with pytest.raises(UserError) as err:
+        hub.download("blob", quiet=True)
+    assert time.perf_counter() - start < 5
+    assert str(err.value).startswith(f"Could not download blob: {url}: {reason}")
+    assert len(server.requests) <= 1 and not os.path.exists(path)
 
 
 def test_download_from_file_checks_sha1_then_extracts(tmp_path):
@@ -326,3 +362,102 @@ def test_two_processes_end_with_one_good_copy(server, publish, tmp_path):
     assert len(server.gets("pack.zip")) == 1
     assert hub.sha1_of(path) == digest(archive) and not os.path.exists(path + ".part")
     assert os.path.getsize(tmp_path / "data" / "pack" / "weights.bin") == 2 << 20
+
+
+def file_state(path):
+    """What a refused command must leave alone: a file's bytes and its mtime."""
+    return open(path, "rb").read(), os.stat(path).st_mtime_ns
+
+
+def test_a_file_imported_under_one_manifest_is_kept_and_refused_without_it(tmp_path):
+    mine = zip_bytes({f"snli_1.0/snli_1.0_{split}.txt": split.encode() for split in ("train", "dev", "test")})
+    (tmp_path / "my_snli.zip").write_bytes(mine)
+    (tmp_path / "manifest.json").write_text(json.dumps({"SNLI": {"url": "http://nli-test.invalid/snli_1.0.zip",
+                                                                 "sha1": digest(mine)}}))
+    env = {**os.environ, "NLI_DATA_DIR": str(tmp_path / "data"), "NLI_MIRROR": f"http://127.0.0.1:{closed_port()}/"}
+    imported = run_cli("download", "SNLI", "--from", tmp_path / "my_snli.zip", "--quiet",
+                       env={**env, "NLI_HUB_MANIFEST": str(tmp_path / "manifest.json")})
+    assert imported.returncode == 0, imported.stderr
+    cached = tmp_path / "data" / "snli_1.0.zip"
+    before = file_state(cached)
+
+    env.pop("NLI_HUB_MANIFEST", None)  # the built-in SNLI is in force again
+    refused = run_cli("download", "SNLI", env=env)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    [message] = refused.stderr.strip().splitlines()
+    for needed in (str(cached), digest(mine), hub.BUILTIN["SNLI"].sha1, "The file is kept",
+                   f"NLI_HUB_MANIFEST={tmp_path / 'manifest.json'}", "--replace",
+                   hub.mismatch_path(str(cached), digest(mine))):
+        assert needed in message, needed
+    again = run_cli("download", "SNLI", "--from", tmp_path / "my_snli.zip", env=env)  # not the built-in SNLI
+    assert again.returncode == 2 and f"my_snli.zip gave a file with SHA-1 {digest(mine)}" in again.stderr
+    assert run_cli("download", "--list", env=env).returncode == 0
+    assert file_state(cached) == before and file_state(tmp_path / "my_snli.zip")[0] == mine
+
+    replaced = run_cli("download", "SNLI", "--replace", env=env)  # moved aside, then the mirror is down
+    assert replaced.returncode == 2 and "Connection refused" in replaced.stderr
+    assert not cached.exists() and open(hub.mismatch_path(str(cached), digest(mine)), "rb").read() == mine
+
+
+def test_import_and_replace_under_another_manifest(server, publish, tmp_path):
+    theirs = DATA[:1000]
+    path = publish("blob", "blob.bin", DATA)
+    (tmp_path / "theirs.bin").write_bytes(theirs)
+    (tmp_path / "good.bin").write_bytes(DATA)
+    other = {"blob": {"url": f"{server.url}/theirs/blob.bin", "sha1": digest(theirs)}}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("NLI_HUB_MANIFEST", str(tmp_path / "other.json"))
+        hub.import_file("blob", tmp_path / "theirs.bin", quiet=True)
+    before = file_state(path)
+    with pytest.raises(UserError, match=f"verified against the manifest {tmp_path / 'other.json'}"):
+        hub.import_file("blob", tmp_path / "good.bin", quiet=True)  # the right file, but another is in the way
+    with pytest.raises(UserError, match="The file is kept"):
+        hub.download_extract("blob", quiet=True)
+    assert file_state(path) == before and not server.requests and not os.path.exists(path + ".part")
+    assert hub.import_file("blob", tmp_path / "good.bin", quiet=True, replace=True) == path
+    assert hub.sha1_of(path) == digest(DATA) and open(hub.mismatch_path(path, digest(theirs)), "rb").read() == theirs
+    assert hub.download("blob", quiet=True) == path and not server.requests
+
+
+def test_file_urls_are_copied_checked_and_left_alone(tmp_path, monkeypatch):
+    archive, other = zip_bytes({"pack/vocab.json": b"[]"}), b"another file"
+    mirror = tmp_path / "mirror dir"  # a space, which the URL spells %20
+    mirror.mkdir()
+    (mirror / "pack.zip").write_bytes(archive)
+    (mirror / "other.zip").write_bytes(other)
+    before = [file_state(mirror / f) for f in ("pack.zip", "other.zip")]
+    manifest = {"pack": {"url": (mirror / "pack.zip").as_uri(), "sha1": digest(archive),
+                         "members": ["pack/vocab.json"]},
+                "wrong": {"url": (mirror / "other.zip").as_uri(), "sha1": digest(archive)},
+                "gone": {"url": (mirror / "gone.zip").as_uri(), "sha1": digest(archive)},
+                "remote": {"url": "file://elsewhere/remote.zip", "sha1": digest(archive)}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv("NLI_HUB_MANIFEST", str(tmp_path / "manifest.json"))
+    monkeypatch.setenv("NLI_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("NLI_MIRROR", raising=False)
+
+    assert hub.download_extract("pack", quiet=True) == str(tmp_path / "data" / "pack")
+    assert (tmp_path / "data" / "pack" / "vocab.json").read_bytes() == b"[]"
+    assert hub.is_verified(str(tmp_path / "data" / "pack.zip"), digest(archive))
+    with pytest.raises(UserError, match=f"gave a file with SHA-1 {digest(other)}, but the manifest .* expects "
+                                        f"{digest(archive)} for wrong; the copy was not kept"):
+        hub.download("wrong", quiet=True)
+    with pytest.raises(UserError, match=f"Could not download gone: {mirror / 'gone.zip'}: No such file"):
+        hub.download("gone", quiet=True)
+    with pytest.raises(UserError, match="host 'elsewhere' is not this machine"):
+        hub.download("remote", quiet=True)
+    assert sorted(os.listdir(tmp_path / "data")) == ["gone.zip.lock", "other.zip.lock", "pack", "pack.zip",
+                                                     "pack.zip.lock", "pack.zip.verified", "remote.zip.lock"]
+    assert [file_state(mirror / f) for f in ("pack.zip", "other.zip")] == before
+
+
+def test_a_file_url_mirror_is_checked_against_the_built_in_sha1(tmp_path):
+    (tmp_path / "bert.small.zip").write_bytes(b"not the book's bert.small")
+    env = {**os.environ, "NLI_MIRROR": tmp_path.as_uri() + "/", "NLI_DATA_DIR": str(tmp_path / "data")}
+    env.pop("NLI_HUB_MANIFEST", None)
+    result = run_cli("download", "bert.small", env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert digest(b"not the book's bert.small") in result.stderr and hub.BUILTIN["bert.small"].sha1 in result.stderr
+    assert "No connection adapters" not in result.stderr
+    assert (tmp_path / "bert.small.zip").read_bytes() == b"not the book's bert.small"
