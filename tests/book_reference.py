@@ -28,6 +28,7 @@ import io
 import json
 import multiprocessing
 import os
+import pathlib
 import platform
 import random
 import re
@@ -246,9 +247,7 @@ def main():
                  "eval_pairs": len(test_set), "note": "random weights, not bert.small's: near chance"},
     }
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=1)
+        pathlib.Path(args.out).write_text(json.dumps(results, indent=1), encoding="utf-8")
         print(f"wrote {args.out}")
 
 

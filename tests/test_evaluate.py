@@ -19,10 +19,9 @@ def tiny_run(tmp_path_factory):
     """A run dir holding a small, randomly initialized classifier over the real data's vocabulary."""
     import mxnet as mx
     from mxnet import init, np
-    from d2l import mxnet as d2l
     from nli import bert, model
     mx.random.seed(1)
-    vocab = d2l.Vocab(build_vocab_tokens(), reserved_tokens=RESERVED)
+    vocab = bert.Vocab(build_vocab_tokens(), reserved_tokens=RESERVED)
     encoder = bert.BERTModel(len(vocab), num_hiddens=32, ffn_num_hiddens=64, num_heads=2, num_blks=1,
                              dropout=0.0, max_len=64)
     net = model.BERTClassifier(encoder)
