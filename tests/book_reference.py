@@ -35,6 +35,7 @@ import re
 import sys
 import time
 import types
+import warnings
 
 import matplotlib
 
@@ -188,6 +189,7 @@ def main():
     # the figure's repr in a script. Draw on the figure as the book does, show nothing, save it at the end.
     d2l.use_svg_display = lambda: None
     d2l.display = types.SimpleNamespace(display=lambda *figures: None, clear_output=lambda wait=False: None)
+    warnings.filterwarnings("ignore", "Attempting to set identical")  # train_ch13's xlim is [1, 1] for 1 epoch
 
     batch_size, max_len, num_workers = args.batch_size, args.max_len, args.num_workers
     devices = d2l.try_all_gpus() or [mx.cpu()]  # d2l 1.0.3 returns [] on a machine without a GPU
