@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Real accuracy: fine-tune all-MiniLM-L6-v2 with nli and with Hugging Face transformers + PyTorch, same split.
 
-The split is fixed: SNLI's 9,842 dev pairs (../shared/data/snli_1.0_dev_pairs.tsv) shuffled with seed 0,
+The split is fixed: SNLI's 9,842 dev pairs (tests/data/snli_1.0_dev_pairs.tsv) shuffled with seed 0,
 the first 80% to train on, the other 20% to evaluate. nli runs through its command line
 (`finetune --model hf:DIR --recipe tuned`, then `evaluate` on the saved run), the peer is
-../shared/peers/hf_minilm_snli.py. Both get
-the same recipe (the peer's: AdamW, lr 5e-5, weight decay 0.01, 10% linear warmup then linear decay,
+bench/hf_peer.py, run by a Python that has torch and transformers (its header says how to make one).
+Both get the same recipe (the peer's: AdamW, lr 5e-5, weight decay 0.01, 10% linear warmup then linear decay,
 gradient clipping at 1.0, batch 32, 3 epochs, max_len 128, 2 threads) and run one after the other, so
 neither slows the other. A fine-tuning's accuracy moves by about a point from seed to seed (the new
 head's initialization, dropout, batch order), so each side runs once per `--seeds` and the targets are
@@ -30,9 +30,8 @@ import time
 import numpy as onp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(ROOT, "..", "shared")
-DEV_PAIRS = os.path.join(SHARED, "data", "snli_1.0_dev_pairs.tsv")
-PEER = os.path.join(SHARED, "peers", "hf_minilm_snli.py")
+DEV_PAIRS = os.path.join(ROOT, "tests", "data", "snli_1.0_dev_pairs.tsv")
+PEER = os.path.join(ROOT, "bench", "hf_peer.py")
 TRAIN_SHARE = 0.8
 SPLIT_SEED = 0  # the split never changes; --seeds vary the training only
 TARGET_ACCURACY_GAP = 0.005  # nli's accuracy may trail the peer's by at most half a point
@@ -111,7 +110,7 @@ def peer_recipe(args):
 
 
 def run_peer(args, paths, work, seed):
-    """Fine-tune and evaluate with ../shared/peers/hf_minilm_snli.py; its figures, as its JSON records them."""
+    """Fine-tune and evaluate with bench/hf_peer.py; its figures, as its JSON records them."""
     out = os.path.join(work, "peer.json")
     command = [args.peer_python, PEER, "--model-dir", args.model_dir, "--train", paths["train"],
                "--eval", paths["test"], "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
@@ -173,7 +172,7 @@ def main():
         os.makedirs(work, exist_ok=True)
         print(f"seed {seed}, nli (MXNet, python -m nli finetune --model hf:DIR):", flush=True)
         runs["nli"].append(run_nli(args, paths, work, seed, peer_recipe(args)))
-        print(f"seed {seed}, peer (transformers + PyTorch, hf_minilm_snli.py):", flush=True)
+        print(f"seed {seed}, peer (transformers + PyTorch, bench/hf_peer.py):", flush=True)
         runs["peer"].append(run_peer(args, paths, work, seed))
     nli, peer = summarize(runs["nli"]), summarize(runs["peer"])
 
@@ -183,7 +182,7 @@ def main():
         source_sha1 = hashlib.sha1(f.read()).hexdigest()
     result = {
         "benchmark": "bench_accuracy", "command": " ".join([sys.executable] + sys.argv),
-        "split": {"source": "shared/data/snli_1.0_dev_pairs.tsv", "sha1": source_sha1, "seed": SPLIT_SEED,
+        "split": {"source": "tests/data/snli_1.0_dev_pairs.tsv", "sha1": source_sha1, "seed": SPLIT_SEED,
                   "train_share": TRAIN_SHARE, **{f"{k}_pairs": v for k, v in sizes.items()}},
         "recipe": {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_ratio",
                                                  "max_grad_norm", "max_len", "threads")},

@@ -1,18 +1,17 @@
 """Prediction throughput: `nli`'s batched, length-sorted `Predictor` vs the book's one-pair-at-a-time loop.
 
-Both run in this process on the real SNLI dev pairs (../shared/data), with the same weights: a
+Both run in this process on the real SNLI dev pairs (tests/data), with the same weights: a
 bert.small-shaped `d2l.BERTModel` (256 hidden, 512 ffn, 4 heads, 2 layers; random init, vocabulary
-from the data) under the book's `BERTClassifier`. The book's side is the chapter's own code, taken
-from ../shared/peers/d2l_reference.py: each pair goes through `SNLIBERTDataset`'s preprocessing
-(padded to max_len 128) and then alone through the un-hybridized classifier, as `predict_snli` does
-in the book's earlier NLI section. It is slow, so it runs on a seeded sample (--book-pairs). Other
+from the data) under the book's `BERTClassifier`. The book's side is the chapter's own code, from
+tests/book_reference.py (it needs d2l): each pair goes through `SNLIBERTDataset`'s preprocessing
+(padded to max_len 128) and then alone through the un-hybridized classifier, as the book's
+`predict_snli` runs one pair. It is slow, so it runs on a seeded sample (--book-pairs). Other
 jobs share the machine, so the three ways (book loop, `nli` one pair at a time, `nli` batched on all
 pairs) take turns in --rounds rounds and their medians are compared.
 
     python bench/bench_predict.py            # writes bench/results/bench_predict.json
 """
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -21,42 +20,26 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # nli, and the book's code (tests/book_reference.py)
 
 import nli  # noqa: E402  (first: it sets OMP_NUM_THREADS before MXNet loads)
 import mxnet as mx  # noqa: E402
 import numpy as onp  # noqa: E402
-from mxnet import init, np  # noqa: E402
+from mxnet import init  # noqa: E402
 from d2l import mxnet as d2l  # noqa: E402
 
+import book_reference as book  # noqa: E402
 from nli import bert, evaluate, model, snli  # noqa: E402
 
-DATA = os.path.join(ROOT, "..", "shared", "data", "snli_1.0_dev_pairs.tsv")
-PEER = os.path.join(ROOT, "..", "shared", "peers", "d2l_reference.py")
+DATA = os.path.join(ROOT, "tests", "data", "snli_1.0_dev_pairs.tsv")
 MAX_LEN = 128  # the book's
 SMALL = dict(num_hiddens=256, ffn_num_hiddens=512, num_heads=4, num_blks=2, dropout=0.1, max_len=512)  # bert.small
 
 
-def load_peer():
-    """The book's code as the peer script holds it (SNLIBERTDataset, BERTClassifier)."""
-    spec = importlib.util.spec_from_file_location("d2l_reference", PEER)
-    peer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(peer)
-    return peer
-
-
-def book_predict_loop(peer, net, vocab, pairs, device):
-    """The book's way: each pair preprocessed as SNLIBERTDataset does, padded to 128, run alone."""
-    dataset = peer.SNLIBERTDataset.__new__(peer.SNLIBERTDataset)  # its per-example code, without the Pool
-    dataset.vocab, dataset.max_len = vocab, MAX_LEN
-    labels = []
-    for premise, hypothesis in pairs:
-        p_tokens, h_tokens = d2l.tokenize([premise.lower(), hypothesis.lower()])
-        token_ids, segments, valid_len = dataset._mp_worker([p_tokens, h_tokens])
-        inputs = (np.array([token_ids], dtype="int32", ctx=device), np.array([segments], dtype="int32", ctx=device),
-                  np.array([valid_len], dtype="float32", ctx=device))
-        labels.append(int(net(inputs).argmax(axis=1)[0]))  # reading the label waits for the result
-    return labels
+def book_predict_loop(net, vocab, pairs):
+    """The book's way: each pair tokenized as SNLIBERTDataset does, then `predict_snli` on it alone."""
+    return [book.predict_snli(net, vocab, *d2l.tokenize([premise.lower(), hypothesis.lower()]), MAX_LEN)
+            for premise, hypothesis in pairs]
 
 
 def timed(function):
@@ -80,14 +63,13 @@ def main():
     premises, hypotheses, _ = snli.read_pairs(DATA)
     pairs = list(zip(premises, hypotheses))
     sample = [pairs[i] for i in onp.random.RandomState(args.seed).choice(len(pairs), args.book_pairs, False)]
-    vocab = d2l.Vocab([t for s in premises + hypotheses for t in snli.tokenize(s)],
-                      reserved_tokens=["<pad>", "<mask>", "<cls>", "<sep>"])
+    vocab = bert.Vocab([t for s in premises + hypotheses for t in snli.tokenize(s)],
+                       reserved_tokens=["<pad>", "<mask>", "<cls>", "<sep>"])
 
-    peer = load_peer()
     book_bert = d2l.BERTModel(len(vocab), **SMALL)
-    book_net = peer.BERTClassifier(book_bert)
+    book_net = book.BERTClassifier(book_bert)
     book_net.initialize(init.Xavier(), ctx=device)
-    book_predict_loop(peer, book_net, vocab, sample[:5], device)  # warm-up, and finishes deferred init
+    book_predict_loop(book_net, vocab, sample[:5])  # warm-up, and finishes deferred init
 
     with tempfile.TemporaryDirectory() as run_dir:  # the same weights, as a run dir `nli` loads
         book_net.save_parameters(os.path.join(run_dir, "book.params"))
@@ -107,7 +89,7 @@ def main():
     rounds, book_labels, single = [], [], []
     for r in range(args.rounds):
         part = sample[r::args.rounds]
-        labels, book_seconds = timed(lambda: book_predict_loop(peer, book_net, vocab, part, device))
+        labels, book_seconds = timed(lambda: book_predict_loop(book_net, vocab, part))
         results, single_seconds = timed(lambda: [predictor.predict(*pair, tokenized=True) for pair in part])
         batched, batched_seconds = timed(lambda: predictor.predict_pairs(pairs, tokenized=True))
         book_labels += labels
@@ -125,7 +107,7 @@ def main():
 
     sample_order = [pair for r in range(args.rounds) for pair in sample[r::args.rounds]]
     index = {pair: i for i, pair in enumerate(pairs)}
-    agree = sum(snli.LABELS[b] == batched[index[pair]]["label"] for b, pair in zip(book_labels, sample_order))
+    agree = sum(b == batched[index[pair]]["label"] for b, pair in zip(book_labels, sample_order))
     same_as_single = sum(s["label"] == batched[index[pair]]["label"] for s, pair in zip(single, sample_order))
     raw_same = sum(r["label"] == b["label"] for r, b in zip(raw, batched))
     per_round = [r["nli_batched"] / r["book_one_pair_at_a_time"] for r in rounds]
@@ -135,7 +117,7 @@ def main():
 
     results = {
         "command": " ".join(["python bench/bench_predict.py"] + sys.argv[1:]),
-        "data": "../shared/data/snli_1.0_dev_pairs.tsv", "pairs": len(pairs), "book_sample": len(sample),
+        "data": "tests/data/snli_1.0_dev_pairs.tsv", "pairs": len(pairs), "book_sample": len(sample),
         "model": "bert.small shape (256 hidden, 512 ffn, 4 heads, 2 layers), random init, vocab from the data "
                  f"({len(vocab)} tokens)",
         "batch_size": args.batch_size, "max_len": MAX_LEN,

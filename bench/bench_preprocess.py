@@ -1,14 +1,15 @@
 """Encoding speed: `nli`'s vectorized encoder and its cache against the book's `SNLIBERTDataset`.
 
 The corpus has the size of SNLI's train split, 550,152 pairs, made by repeating the real SNLI dev
-pairs (../shared/data/snli_1.0_dev_pairs.tsv); the vocabulary is the book's `d2l.Vocab` over them;
+pairs (tests/data/snli_1.0_dev_pairs.tsv); the vocabulary is the book's over them (`nli.bert.Vocab`, the
+same ids as `d2l.Vocab`);
 max_len 128. Each measurement runs in its own fresh process, which builds the corpus, then resets
 its peak-memory mark, then is timed, so the peak memory reported is that of the measured step.
 Wall-clock seconds give the ratio; CPU seconds (all processes of the step) are given beside them, as
 they hardly change when other jobs share the machine:
 
-  book          SNLIBERTDataset(corpus, 128, vocab) from ../shared/peers/d2l_reference.py: the book's
-                code as printed, Pool(4) and all. Its arrays are then checked equal to nli's.
+  book          SNLIBERTDataset(corpus, 128, vocab) from tests/book_reference.py (it needs d2l): the
+                book's code as printed, Pool(4) and all. Its arrays are then checked equal to nli's.
   nli_encode    snli.encode_pairs(*corpus, vocab, 128): the same inputs to the same arrays.
   nli_build     snli.load_encoded(tsv, vocab, 128) with no cache: read the file, encode, write the cache.
   nli_reload    snli.load_encoded(tsv, vocab, 128) again: the checksummed cache read back.
@@ -16,7 +17,7 @@ they hardly change when other jobs share the machine:
     python bench/bench_preprocess.py    # ~3 min; writes bench/results/bench_preprocess.json
 """
 import argparse
-import importlib.util
+import importlib
 import json
 import multiprocessing
 import os
@@ -29,29 +30,18 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # nli, and the book's code (tests/book_reference.py)
 
 import nli  # noqa: E402,F401  (first: it sets OMP_NUM_THREADS before MXNet loads)
 import mxnet as mx  # noqa: E402
 import numpy as onp  # noqa: E402
-from d2l import mxnet as d2l  # noqa: E402
 
-from nli import snli  # noqa: E402
+from nli import bert, snli  # noqa: E402
 
-DATA = os.path.join(ROOT, "..", "shared", "data", "snli_1.0_dev_pairs.tsv")
-PEER = os.path.join(ROOT, "..", "shared", "peers", "d2l_reference.py")
+DATA = os.path.join(ROOT, "tests", "data", "snli_1.0_dev_pairs.tsv")
 SNLI_TRAIN_PAIRS = 550152
 MAX_LEN = 128
 FIELDS = ("token_ids", "offsets", "segment_a_lens", "labels")
-
-
-def load_peer():
-    """The book's code as the peer script holds it (its argparse runs only under __main__)."""
-    spec = importlib.util.spec_from_file_location("d2l_reference", PEER)
-    peer = importlib.util.module_from_spec(spec)
-    sys.modules["d2l_reference"] = peer  # the book's Pool pickles its dataset, whose class must be importable
-    spec.loader.exec_module(peer)
-    return peer
 
 
 def corpus_and_vocab(pairs):
@@ -59,8 +49,8 @@ def corpus_and_vocab(pairs):
     dev = snli.read_pairs(DATA)
     copies = -(-pairs // len(dev[0]))
     corpus = tuple((column * copies)[:pairs] for column in dev)
-    vocab = d2l.Vocab([t for s in dev[0] + dev[1] for t in snli.tokenize(s)],
-                      reserved_tokens=["<pad>", "<mask>", "<cls>", "<sep>"])
+    vocab = bert.Vocab([t for s in dev[0] + dev[1] for t in snli.tokenize(s)],
+                       reserved_tokens=["<pad>", "<mask>", "<cls>", "<sep>"])
     return corpus, vocab
 
 
@@ -87,7 +77,8 @@ def cpu_seconds():
 def measure_one(name, pairs, tsv):
     """Child process: build the inputs, time step `name` with its peak memory, then check its arrays."""
     corpus, vocab = corpus_and_vocab(pairs)
-    steps = {"book": lambda: load_peer().SNLIBERTDataset(corpus, MAX_LEN, vocab),
+    book = importlib.import_module("book_reference") if name == "book" else None  # d2l loads before the clock
+    steps = {"book": lambda: book.SNLIBERTDataset(corpus, MAX_LEN, vocab),
              "nli_encode": lambda: snli.encode_pairs(*corpus, vocab, MAX_LEN),
              "nli_load": lambda: snli.load_encoded(tsv, vocab, MAX_LEN, progress=False)}
     with open("/proc/self/clear_refs", "w") as f:

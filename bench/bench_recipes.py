@@ -42,7 +42,7 @@ def main():
         with open(os.path.join(work, "nli_run", "config.json"), encoding="utf-8") as f:
             results[name]["recipe"] = json.load(f)["recipe"]  # as the run printed and saved it
     result = {"benchmark": "bench_recipes", "command": " ".join([sys.executable] + sys.argv),
-              "model": "all-MiniLM-L6-v2", "split": {"source": "shared/data/snli_1.0_dev_pairs.tsv",
+              "model": "all-MiniLM-L6-v2", "split": {"source": "tests/data/snli_1.0_dev_pairs.tsv",
                                                      "seed": SPLIT_SEED, **sizes},
               "seed": args.seed, "recipes": results,
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}

@@ -1,10 +1,11 @@
 """Fine-tuning throughput: `nli`'s loop against the book's `train_ch13`, on the real SNLI pairs.
 
-Same machine, same data (../shared/data/snli_1.0_dev_pairs.tsv, 9,842 pairs), same model size: a
+Same machine, same data (tests/data/snli_1.0_dev_pairs.tsv, 9,842 pairs), same model size: a
 bert.small-shaped BERT (256 hidden, 512 ffn, 4 heads, 2 layers, dropout 0.1; random init, the
 book's vocabulary built from the data), the book's classifier head, Adam at 1e-4, batch 512,
-max_len 128. Examples/sec count only the training steps (forward, backward, update), as
-`train_ch13`'s own timer does; wall-clock figures are given beside them.
+max_len 128. The book's side is the chapter's code run by tests/book_reference.py in a child process
+(it needs d2l; nli's sections do not). Examples/sec count only the training steps (forward, backward,
+update), as `train_ch13`'s own timer does; wall-clock figures are given beside them.
 
 Beyond the book: what hybridization buys (`nli_imperative`), the feature-extraction mode against full
 fine-tuning per epoch (`features`), and OpenMP threads that spin while waiting (`nli_spinning_threads`,
@@ -35,12 +36,11 @@ import nli  # noqa: E402  (first: it sets OMP_NUM_THREADS before MXNet loads)
 import mxnet as mx  # noqa: E402
 import numpy as onp  # noqa: E402
 from mxnet import init  # noqa: E402
-from d2l import mxnet as d2l  # noqa: E402
 
 from nli import bert, data, model, snli, train  # noqa: E402
 
-DATA = os.path.join(ROOT, "..", "shared", "data", "snli_1.0_dev_pairs.tsv")
-PEER = os.path.join(ROOT, "..", "shared", "peers", "d2l_reference.py")
+DATA = os.path.join(ROOT, "tests", "data", "snli_1.0_dev_pairs.tsv")
+BOOK = os.path.join(ROOT, "tests", "book_reference.py")
 SMALL = dict(num_hiddens=256, ffn_num_hiddens=512, num_heads=4, num_blks=2, dropout=0.1, max_len=512)  # bert.small
 BATCH_SIZE, MAX_LEN, LR = 512, 128, 1e-4  # the book's
 
@@ -48,8 +48,8 @@ BATCH_SIZE, MAX_LEN, LR = 512, 128, 1e-4  # the book's
 def build_setup(seed):
     """What every section shares: the real pairs, the book's vocabulary over them, their encoding."""
     premises, hypotheses, labels = snli.read_pairs(DATA)
-    vocab = d2l.Vocab([t for s in premises + hypotheses for t in snli.tokenize(s)],
-                      reserved_tokens=["<pad>", "<mask>", "<cls>", "<sep>"])
+    vocab = bert.Vocab([t for s in premises + hypotheses for t in snli.tokenize(s)],
+                       reserved_tokens=["<pad>", "<mask>", "<cls>", "<sep>"])
     encoded = snli.encode_pairs(premises, hypotheses, labels, vocab, MAX_LEN)
     return {"vocab": vocab, "encoded": encoded, "seed": seed, "device": mx.cpu()}
 
@@ -66,11 +66,11 @@ def small_classifier(setup, hybridize=True):
 
 
 def run_book(steps, env, label):
-    """The peer script (the book's code) for `steps` steps of train_ch13: its own JSON figures."""
+    """The book's code (tests/book_reference.py) for `steps` steps of one epoch of train_ch13: its figures."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "book.json")
-        command = [sys.executable, PEER, "--train", DATA, "--eval", DATA, "--eval-limit", "512",
-                   "--max-steps", str(steps), "--out", out]
+        command = [sys.executable, BOOK, "--train", DATA, "--eval", DATA, "--eval-limit", "512",
+                   "--max-steps", str(steps), "--epochs", "1", "--out", out]
         print(f"[{label}] {' '.join(command)}  (OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', 'unset')})",
               flush=True)
         subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)

@@ -21,7 +21,7 @@ import transformers
 from transformers import AutoModel, AutoTokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEV_PAIRS = os.path.join(HERE, "..", "..", "..", "shared", "data", "snli_1.0_dev_pairs.tsv")
+DEV_PAIRS = os.path.join(HERE, "..", "data", "snli_1.0_dev_pairs.tsv")
 NUM_PAIRS = 20
 STRIDE = 491  # pairs 0, 491, 982, ...: spread over the whole dev file, so lengths vary
 HIDDEN_DIMS = np.arange(0, 384, 8)  # every 8th hidden unit at every token keeps the file small
