@@ -25,6 +25,7 @@ import filelock
 import requests
 from tqdm import tqdm
 
+from . import rundir
 from .errors import UserError
 
 DATA_URL = "http://d2l-data.s3-accelerate.amazonaws.com/"  # d2l.DATA_URL
@@ -144,11 +145,7 @@ def _record(st, sha1):
 
 def _write_record(path, sha1, st=None):
     """Write `PATH.verified` atomically, from the stat taken before hashing (a later change then shows)."""
-    data = json.dumps(_record(st or os.stat(path), sha1)).encode()
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", dir=os.path.dirname(path))
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path + ".verified")
+    rundir.write_json(path + ".verified", _record(st or os.stat(path), sha1), indent=None)
 
 
 def download(name, folder=None, quiet=False):
