@@ -4,7 +4,6 @@ import dataclasses
 import json
 import sys
 
-from . import recipe as recipe_lib
 from . import rundir
 from .errors import UserError
 from .recipe import RECIPES, Recipe
@@ -103,7 +102,8 @@ def read_data(args, train):
 
 
 def finetune_recipe(args):
-    """The Recipe of `finetune ARGS`: the named recipe with the options given, or that of the run `--resume` continues."""
+    """The Recipe of `finetune ARGS`: the named recipe changed by the options given, or the recipe of the
+    run that `--resume` continues."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if hasattr(args, f.name)}
     if not args.resume:
         return dataclasses.replace(RECIPES[getattr(args, "recipe", "book")], **given)
@@ -111,7 +111,7 @@ def finetune_recipe(args):
         changed = next(iter(given), "recipe")
         raise UserError(f"--resume continues a run as it was set; drop --{changed.replace('_', '-')}.")
     _, state = rundir.read_checkpoint(args.resume)
-    return dataclasses.replace(recipe_lib.from_checkpoint(state), out=args.resume)
+    return dataclasses.replace(Recipe.from_checkpoint(state), out=args.resume)
 
 
 def run_finetune(args):

@@ -87,6 +87,22 @@ class Recipe:
         if self.dev_fraction is not None and not 0 < self.dev_fraction < 1:
             raise UserError(f"--dev-fraction {self.dev_fraction}: expected a fraction in (0, 1).")
 
+    @classmethod
+    def from_checkpoint(cls, state):
+        """The Recipe a checkpoint's `state` was written with.
+
+        Checkpoints written before the Recipe existed keep the command's options as `settings`: the same
+        names, but with the recipe's name as `recipe` and the mode as two flags."""
+        if "recipe" in state:
+            return cls(**state["recipe"])
+        options = dict(state.get("settings") or {})
+        if "recipe" not in options:
+            raise UserError("this checkpoint was not written by `python -m nli finetune`: continue it with the "
+                            "script that started it.")
+        mode = "features" if options.pop("extract_features") else "full"
+        mode = "freeze-encoder" if options.pop("freeze_encoder") else mode
+        return cls(name=options.pop("recipe"), mode=mode, **options)
+
     def run_config(self):
         """config.json's entries about training: what encoding the input needs, and the whole recipe."""
         return {"max_len": self.max_len, "truncation": self.truncation, "recipe": dataclasses.asdict(self)}
@@ -98,19 +114,3 @@ BOOK = Recipe()  # the chapter's: plain Adam at a constant 1e-4, batch 512, max_
 TUNED = dataclasses.replace(BOOK, name="tuned", optimizer="adamw", lr=2e-4, weight_decay=0.01, warmup_ratio=0.1,
                             schedule="linear", max_grad_norm=1.0)
 RECIPES = {recipe.name: recipe for recipe in (BOOK, TUNED)}
-
-
-def from_checkpoint(state):
-    """The Recipe a checkpoint's `state` was written with.
-
-    Checkpoints written before the Recipe existed keep the command's options as `settings`: the same
-    names, but with the recipe's name as `recipe` and the mode as two flags."""
-    if "recipe" in state:
-        return Recipe(**state["recipe"])
-    options = dict(state.get("settings") or {})
-    if "recipe" not in options:
-        raise UserError("this checkpoint was not written by `python -m nli finetune`: continue it with the "
-                        "script that started it.")
-    mode = "features" if options.pop("extract_features") else "full"
-    mode = "freeze-encoder" if options.pop("freeze_encoder") else mode
-    return Recipe(name=options.pop("recipe"), mode=mode, **options)

@@ -41,8 +41,6 @@ def check_dtype(dtype, devices):
     """Fail clearly unless `dtype` can be trained on `devices` (float16 is mixed precision, for GPUs)."""
     if dtype == "float32":
         return
-    if dtype != "float16":
-        raise UserError(f"--dtype {dtype}: expected float32 or float16.")
     if any(d.device_type != "gpu" for d in devices):
         raise UserError(f"--dtype float16 is mixed precision for GPUs (mxnet.contrib.amp, float16 kernels); "
                         f"this run's devices are {devices}. Train in float32 here, or use --devices gpu.")
