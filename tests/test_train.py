@@ -15,7 +15,7 @@ from mxnet import gluon, npx
 from conftest import DEV_PAIRS, ROOT, run_cli
 from nli import cli, model, rundir, snli, train
 from nli.errors import UserError
-from nli.recipe import BOOK
+from nli.recipe import BOOK, TUNED, Recipe
 
 npx.set_np()
 CPU = [mx.cpu()]
@@ -128,6 +128,19 @@ def test_resume_refuses_a_dir_without_checkpoint_or_new_settings(tmp_path):
     assert cli.main(["finetune", "--resume", str(tmp_path), "--epochs", "9"]) == 2
     with pytest.raises(UserError, match="no checkpoint"):
         rundir.read_checkpoint(str(tmp_path))
+
+
+def test_finetune_options_are_the_recipes_fields():
+    parse = cli.build_parser().parse_args
+    args = parse(["finetune", "--recipe", "tuned", "--lr", "5e-5", "--extract-features", "--limit-train", "8"])
+    assert cli.finetune_recipe(args) == dataclasses.replace(TUNED, lr=5e-5, mode="features", limit_train=8)
+    every = [token for field in dataclasses.fields(Recipe)[1:] if getattr(TUNED, field.name) is not None
+             for token in (f"--{field.name.replace('_', '-')}", str(getattr(TUNED, field.name)))]
+    assert cli.finetune_recipe(parse(["finetune", *every])) == dataclasses.replace(TUNED, name="book")
+    with pytest.raises(SystemExit):
+        parse(["finetune", "--optimizer", "sgd"])  # the choices are the Recipe's
+    with pytest.raises(UserError, match="optimizer 'sgd'"):
+        dataclasses.replace(BOOK, optimizer="sgd")
 
 
 def test_float16_fails_clearly_without_a_gpu(capsys):
