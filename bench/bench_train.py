@@ -22,6 +22,7 @@ import os
 BOOK_ENV = dict(os.environ)  # the environment the book's code runs in, before nli sets OMP_NUM_THREADS
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import subprocess  # noqa: E402
@@ -38,6 +39,7 @@ import numpy as onp  # noqa: E402
 from mxnet import init  # noqa: E402
 
 from nli import bert, data, model, snli, train  # noqa: E402
+from nli.recipe import BOOK  # noqa: E402
 
 DATA = os.path.join(ROOT, "tests", "data", "snli_1.0_dev_pairs.tsv")
 BOOK = os.path.join(ROOT, "tests", "book_reference.py")
@@ -63,6 +65,11 @@ def small_classifier(setup, hybridize=True):
     net.output.initialize(init.Xavier(), ctx=setup["device"])
     net.hybridize(static_alloc=True, active=hybridize)
     return net
+
+
+def recipe(setup, **changes):
+    """The book's recipe (Adam at 1e-4, batch 512, max_len 128) with this run's seed and `changes`."""
+    return dataclasses.replace(BOOK, batch_size=BATCH_SIZE, max_len=MAX_LEN, lr=LR, seed=setup["seed"], **changes)
 
 
 def run_book(steps, env, label):
@@ -100,17 +107,15 @@ def section_nli(setup, args, hybridize=True):
     """nli's loop (`train.finetune`, as `python -m nli finetune` runs it): length-bucketed batches padded
     to a multiple of 8, a hybridized model, all cores. Epoch 1 includes building a graph for each new
     batch shape; epoch 2 is the steady state, and the figure compared."""
-    encoded, pad_id = setup["encoded"], setup["vocab"]["<pad>"]
+    encoded = setup["encoded"]
     started = time.perf_counter()
     metrics = train.finetune(small_classifier(setup, hybridize), encoded, encoded.head(512), [setup["device"]],
-                             pad_id, MAX_LEN, num_epochs=2, batch_size=BATCH_SIZE, lr=LR, seed=setup["seed"],
-                             progress=False)
+                             recipe(setup, epochs=2), progress=False)
     wall = time.perf_counter() - started
     epochs = [{"epoch": m["epoch"], "examples_per_sec": m["examples_per_sec"]}
               for m in metrics if "examples_per_sec" in m]
     for epoch in epochs:
-        batches = list(data.batches(encoded, BATCH_SIZE, pad_id, MAX_LEN, shuffle=True, seed=setup["seed"],
-                                    epoch=epoch["epoch"]))
+        batches = list(data.batches(encoded, BATCH_SIZE, shuffle=True, seed=setup["seed"], epoch=epoch["epoch"]))
         epoch["padding_efficiency"] = (sum(float(b[2].sum()) for b in batches)
                                        / sum(b[0].size for b in batches))
     return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "epochs": epochs,
@@ -128,16 +133,14 @@ def section_features(setup, args):
 
     Full fine-tuning runs one epoch. The feature mode computes the encoder's `<cls>` features once
     (`train.cls_features`, timed on its own here) and trains the head on them for the book's 5 epochs."""
-    encoded, pad_id, devices = setup["encoded"], setup["vocab"]["<pad>"], [setup["device"]]
+    encoded, devices = setup["encoded"], [setup["device"]]
     start = time.perf_counter()
-    train.cls_features(small_classifier(setup), encoded, onp.arange(len(encoded)), devices, BATCH_SIZE, pad_id,
-                       MAX_LEN)
+    train.cls_features(small_classifier(setup), encoded, onp.arange(len(encoded)), devices, BATCH_SIZE)
     extraction = time.perf_counter() - start
     epoch_seconds = {}
     for mode, epochs in (("full", 1), ("features", 5)):
-        metrics = train.finetune(small_classifier(setup), encoded, encoded.head(512), devices, pad_id, MAX_LEN,
-                                 num_epochs=epochs, batch_size=BATCH_SIZE, lr=LR, seed=setup["seed"],
-                                 progress=False, mode=mode)
+        metrics = train.finetune(small_classifier(setup), encoded, encoded.head(512), devices,
+                                 recipe(setup, epochs=epochs, mode=mode), progress=False)
         epoch_seconds[mode] = [len(encoded) / m["examples_per_sec"] for m in metrics]
         print(f"[features] {mode}: {epoch_seconds[mode]} s per epoch", flush=True)
     full, features = epoch_seconds["full"][0], onp.mean(epoch_seconds["features"])

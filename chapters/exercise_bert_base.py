@@ -9,14 +9,15 @@
 
 # %%
 import argparse
-import json
+import dataclasses
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from nli import errors, hub, model, snli, train  # noqa: E402
+from nli import data, errors, hub, model, rundir, snli, train  # noqa: E402
+from nli.recipe import RECIPES  # noqa: E402
 
 errors.report_user_errors()  # a user's mistake prints one line, `error: ...`, as in `python -m nli`
 
@@ -42,14 +43,13 @@ args, _ = parser.parse_known_args()  # notebooks pass their own arguments
 #   the deeper network tolerates, with gradients **clipped** to norm 1 against rare spikes;
 # * **more epochs** (8 instead of 5), since decay to zero makes late epochs safe.
 #
-# It starts from the `tuned` recipe and changes what bert.base needs; all of it is printed and
-# saved in the run's `config.json`.
+# It starts from the `tuned` recipe and changes what bert.base needs; `finetune` prints all of it when
+# it starts, and it is saved in the run's `config.json`.
 
 # %%
-recipe = train.resolve_recipe("tuned", lr=5e-5, batch_size=128, epochs=8)
+recipe = dataclasses.replace(RECIPES["tuned"], lr=5e-5, batch_size=128, epochs=8)
 if args.quick:
-    recipe.update(epochs=1, batch_size=64)
-print("recipe", json.dumps(recipe))
+    recipe = dataclasses.replace(recipe, epochs=1, batch_size=64)
 
 # %% [markdown]
 # ## Loading bert.base and SNLI
@@ -57,7 +57,7 @@ print("recipe", json.dumps(recipe))
 # bert.base's download is about 400 MB; it is resumed after an interruption and checked by SHA-1.
 
 # %%
-devices = train.parse_devices(args.devices)
+devices = data.parse_devices(args.devices)
 train.seed_everything(0)
 net, vocab, bert_config = model.from_pretrained(args.model, devices)
 print(f"{args.model}: {bert_config}")
@@ -66,7 +66,7 @@ start = time.perf_counter()  # the run's wall time: reading and encoding SNLI, t
 train_pairs, test_pairs = snli.read_snli(data_dir, True), snli.read_snli(data_dir, False)
 if args.quick:
     train_pairs, test_pairs = [c[:512] for c in train_pairs], [c[:256] for c in test_pairs]
-train_set, test_set = (snli.encode_pairs(*pairs, vocab, recipe["max_len"]) for pairs in (train_pairs, test_pairs))
+train_set, test_set = (snli.encode_pairs(*pairs, vocab, recipe.max_len) for pairs in (train_pairs, test_pairs))
 
 # %% [markdown]
 # ## Fine-Tuning
@@ -75,12 +75,11 @@ train_set, test_set = (snli.encode_pairs(*pairs, vocab, recipe["max_len"]) for p
 # continues it. The best epoch on the test pairs is not picked here: that would tune on the test set.
 
 # %%
-epochs = train.finetune(net, train_set, test_set, devices, vocab["<pad>"], recipe["max_len"], run_dir=args.out,
-                        **train.recipe_options(recipe))
-model.save_run(args.out, net, vocab, bert_config,
-               {"max_len": recipe["max_len"], "truncation": "longest_first", "recipe": recipe})
-train.save_results(os.path.join(args.out, "results.json"), epochs, time.perf_counter() - start, model=args.model,
-                   recipe=recipe, quick=args.quick, train_pairs=len(train_set), test_pairs=len(test_set))
+epochs = train.finetune(net, train_set, test_set, devices, recipe, run_dir=args.out)
+model.save_run(args.out, net, vocab, bert_config, recipe.run_config())
+rundir.save_results(os.path.join(args.out, "results.json"), epochs, time.perf_counter() - start, model=args.model,
+                    recipe=dataclasses.asdict(recipe), quick=args.quick, train_pairs=len(train_set),
+                    test_pairs=len(test_set))
 print(f"saved the run in {args.out}; curves.png shows loss and accuracies per epoch, results.json the figures")
 
 # %% [markdown]

@@ -10,6 +10,7 @@
 
 # %%
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -23,7 +24,8 @@ matplotlib.use("Agg")  # scripts have no display: figures are saved as PNG
 import numpy as onp  # noqa: E402
 from matplotlib import pyplot as plt  # noqa: E402
 
-from nli import errors, evaluate, hub, model, snli, train  # noqa: E402
+from nli import data, errors, evaluate, hub, model, rundir, snli, train  # noqa: E402
+from nli.recipe import RECIPES  # noqa: E402
 
 errors.report_user_errors()  # a user's mistake prints one line, `error: ...`, as in `python -m nli`
 
@@ -31,7 +33,7 @@ parser = argparse.ArgumentParser(description="The book's truncation against the 
 parser.add_argument("--model", default="bert.small", help="bert.small, bert.base, a directory or hf:DIR")
 parser.add_argument("--pairs", help="a file of labelled pairs, split 80/20 (default: SNLI's train and test)")
 parser.add_argument("--max-len", type=int, default=24, help="short enough that truncation matters")
-parser.add_argument("--recipe", default="tuned", choices=sorted(train.RECIPES))
+parser.add_argument("--recipe", default="tuned", choices=sorted(RECIPES))
 parser.add_argument("--epochs", type=int)
 parser.add_argument("--batch-size", type=int)
 parser.add_argument("--lr", type=float)
@@ -99,26 +101,26 @@ fig.savefig(os.path.join(args.out, "tokens_cut.png"))
 # on the test pairs encoded with the same rule.
 
 # %%
-recipe = train.resolve_recipe(args.recipe, epochs=1 if args.quick else args.epochs,
-                              batch_size=64 if args.quick else args.batch_size, lr=args.lr, max_len=args.max_len)
-print("recipe", json.dumps(recipe))
-devices = train.parse_devices(args.devices)
+overrides = dict(epochs=1 if args.quick else args.epochs, batch_size=64 if args.quick else args.batch_size,
+                 lr=args.lr, max_len=args.max_len, devices=args.devices)
+recipe = dataclasses.replace(RECIPES[args.recipe], **{k: v for k, v in overrides.items() if v is not None})
+devices = data.parse_devices(recipe.devices)
 accuracy, training = {}, {}
 for rule in snli.TRUNCATION_RULES:
     start = time.perf_counter()  # wall time as `nli finetune` spends it: loading, encoding, training, evaluating
     train.seed_everything(0)
     net, vocab, _ = model.from_pretrained(args.model, devices, max_len=args.max_len)
     train_set, test_set = (snli.encode_pairs(*pairs, vocab, args.max_len, rule) for pairs in (train_pairs, test_pairs))
-    epochs = train.finetune(net, train_set, test_set, devices, vocab["<pad>"], args.max_len,
-                            run_dir=os.path.join(args.out, rule), **train.recipe_options(recipe))
-    seconds, speed = train.training_speed(epochs)
+    epochs = train.finetune(net, train_set, test_set, devices, dataclasses.replace(recipe, truncation=rule),
+                            run_dir=os.path.join(args.out, rule))
+    seconds, speed = rundir.training_speed(epochs)
     training[rule] = {"seconds": seconds, "wall_seconds": time.perf_counter() - start, "examples_per_sec": speed}
-    accuracy[rule] = evaluate.accuracy(net, test_set, devices, 256, vocab["<pad>"], args.max_len)
+    accuracy[rule] = evaluate.accuracy(net, test_set, devices, 256)
     print(f"{rule}: test accuracy {accuracy[rule]:.4f}, {training[rule]['examples_per_sec']:.1f} examples/sec")
 
 with open(os.path.join(args.out, "truncation.json"), "w") as f:
     json.dump({"command": " ".join([sys.executable] + sys.argv), "model": args.model, "max_len": args.max_len,
-               "recipe": recipe,
+               "recipe": dataclasses.asdict(recipe),
                "train_pairs": len(train_pairs[2]), "test_pairs": len(test_pairs[2]), "cuts": cuts,
                "test_accuracy": accuracy, "training": training}, f, indent=1)
 

@@ -11,15 +11,16 @@
 
 # %%
 import argparse
-import json
+import dataclasses
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from nli import bert, errors, hub, model, snli, train  # noqa: E402  (before mxnet: nli repairs numpy for it)
+from nli import bert, data, errors, hub, model, rundir, snli, train  # noqa: E402  (before mxnet: nli repairs numpy)
 from nli.evaluate import predict_snli  # noqa: E402
+from nli.recipe import RECIPES  # noqa: E402
 from mxnet import init  # noqa: E402,I100
 
 errors.report_user_errors()  # a user's mistake prints one line, `error: ...`, as in `python -m nli`
@@ -38,7 +39,7 @@ args, _ = parser.parse_known_args()  # notebooks pass their own arguments
 # download holds `vocab.json` and `pretrained.params`; the SHA-1 of the archive is checked.
 
 # %%
-devices = train.parse_devices(args.devices)
+devices = data.parse_devices(args.devices)
 pretrained, vocab = bert.load_pretrained("bert.small", devices, dropout=0.1)
 print(f"bert.small: {len(vocab)} tokens in the vocabulary, on {devices}")
 
@@ -51,11 +52,10 @@ print(f"bert.small: {len(vocab)} tokens in the vocabulary, on {devices}")
 # padded only to its longest pair, which gives the same predictions for far less work.
 
 # %%
-recipe = train.resolve_recipe("book")  # Adam, lr 1e-4, batch 512, max_len 128, 5 epochs
+recipe = RECIPES["book"]  # Adam, lr 1e-4, batch 512, max_len 128, 5 epochs
 if args.quick:
-    recipe.update(batch_size=64, epochs=1)
-print("recipe", json.dumps(recipe))
-max_len = recipe["max_len"]
+    recipe = dataclasses.replace(recipe, batch_size=64, epochs=1)
+max_len = recipe.max_len
 data_dir = hub.download_extract("SNLI")
 start = time.perf_counter()  # the run's wall time: reading and encoding SNLI, training, testing each epoch
 train_pairs, test_pairs = snli.read_snli(data_dir, True), snli.read_snli(data_dir, False)
@@ -76,12 +76,11 @@ net = model.BERTClassifier(pretrained)
 net.output.initialize(init.Xavier(), ctx=devices)
 net.hybridize(static_alloc=True)
 os.makedirs(args.out, exist_ok=True)
-epochs = train.finetune(net, train_set, test_set, devices, vocab["<pad>"], max_len, run_dir=args.out,
-                        **train.recipe_options(recipe))
-model.save_run(args.out, net, vocab, pretrained.config,
-               {"max_len": max_len, "truncation": "longest_first", "recipe": recipe})
-train.save_results(os.path.join(args.out, "results.json"), epochs, time.perf_counter() - start, model="bert.small",
-                   recipe=recipe, quick=args.quick, train_pairs=len(train_set), test_pairs=len(test_set))
+epochs = train.finetune(net, train_set, test_set, devices, recipe, run_dir=args.out)  # prints the recipe first
+model.save_run(args.out, net, vocab, pretrained.config, recipe.run_config())
+rundir.save_results(os.path.join(args.out, "results.json"), epochs, time.perf_counter() - start, model="bert.small",
+                    recipe=dataclasses.asdict(recipe), quick=args.quick, train_pairs=len(train_set),
+                    test_pairs=len(test_set))
 
 # %% [markdown]
 # The loss and accuracies per epoch are in `curves.png` of the run directory, and the test accuracy,

@@ -328,7 +328,9 @@ def read_config(directory, vocab_size):
 
 
 def load_pretrained(name_or_dir, devices, dropout=None):
-    """Load `vocab.json` + `pretrained.params` (book's name or a directory) onto `devices`: (bert, vocab)."""
+    """Load `vocab.json` + `pretrained.params` (book's name or a directory) onto `devices`: (bert, vocab).
+
+    Book: `load_pretrained_model`."""
     directory = model_dir(name_or_dir)
     vocab = load_vocab(os.path.join(directory, "vocab.json"))
     config = read_config(directory, len(vocab))

@@ -1,10 +1,13 @@
 """Argument parsing over the package's functions: download, finetune, evaluate, predict."""
 import argparse
+import dataclasses
 import json
 import os
 import sys
 
+from . import rundir
 from .errors import UserError
+from .recipe import RECIPES, Recipe
 
 
 def build_parser():
@@ -24,58 +27,13 @@ def build_parser():
     download.add_argument("--quiet", action="store_true", help="no progress bar or notes")
 
     finetune = commands.add_parser("finetune", help="fine-tune a pretrained BERT on SNLI pairs")
-    finetune.add_argument("--model",
-                          help="bert.small, bert.base, a model directory, or hf:DIR (a Hugging Face BERT "
-                               "checkpoint: config.json, vocab.txt, model.safetensors)")
-    add_data_arguments(finetune, train=True)
-    finetune.add_argument("--recipe", choices=["book", "tuned"], default="book",
-                          help="book: the chapter's (Adam, lr 1e-4, batch 512, max-len 128, 5 epochs); tuned: "
-                               "AdamW, 10%% warmup, linear decay, clipping at 1; the options below override it")
-    finetune.add_argument("--epochs", type=int)
-    finetune.add_argument("--batch-size", type=int, help="pairs per batch (and per worker)")
-    finetune.add_argument("--lr", type=float, help="the learning rate (its peak, with a schedule)")
-    finetune.add_argument("--optimizer", choices=["adam", "adamw"],
-                          help="adam: the book's; adamw: decoupled weight decay, none on biases and LayerNorm")
-    finetune.add_argument("--weight-decay", type=float)
-    finetune.add_argument("--schedule", choices=["constant", "linear", "cosine"],
-                          help="the learning rate after the warmup: constant, or decayed to 0")
-    finetune.add_argument("--warmup-ratio", type=float, help="share of the updates warming the rate up from 0")
-    finetune.add_argument("--max-grad-norm", type=float, help="clip gradients to this global norm (0: off)")
-    finetune.add_argument("--accumulate", type=int, metavar="N",
-                          help="update every N batches, as one batch N times larger would")
-    finetune.add_argument("--max-len", type=int)
-    finetune.add_argument("--freeze-encoder", action="store_true", help="train only the head (hidden + output)")
-    finetune.add_argument("--extract-features", action="store_true",
-                          help="compute the encoder's <cls> features once (cached in the run dir) and train "
-                               "only the head on them: the fastest way, a baseline")
-    finetune.add_argument("--freeze-epochs", type=int, default=0, metavar="N",
-                          help="train only the head for the first N epochs, then everything")
-    finetune.add_argument("--dev", help="a file of pairs to pick the best epoch on; it is kept in OUT/best/")
-    finetune.add_argument("--dev-fraction", type=float, help="hold out this share of the training pairs as --dev")
-    finetune.add_argument("--truncation", choices=["longest_first", "ratio"], default="longest_first",
-                          help="pairs over --max-len: cut the longer side first (the book's), or both "
-                               "sides in proportion to their lengths")
-    finetune.add_argument("--dropout", type=float, default=None, help="default: the model's own (0.1)")
-    finetune.add_argument("--devices", default="auto", help="auto, cpu, cpu:N, gpu or gpu:0,1")
-    finetune.add_argument("--limit-train", type=int, default=None, help="use the first N train pairs")
-    finetune.add_argument("--limit-test", type=int, default=None, help="use the first N test pairs")
-    finetune.add_argument("--seed", type=int, default=0)
-    finetune.add_argument("--kvstore", choices=["device", "local", "dist_sync", "dist_device_sync"],
-                          default="device", help="how gradients are summed: over this machine's devices, or "
-                                                 "over the workers that `python -m nli.launch` starts")
-    finetune.add_argument("--dtype", choices=["float32", "float16"], default="float32",
-                          help="float16: mixed precision, on GPUs only")
-    finetune.add_argument("--save-every", type=int, metavar="N",
-                          help="checkpoint every N updates too (there is one at each epoch's end)")
-    finetune.add_argument("--log-every", type=int, default=10, metavar="N",
-                          help="a step entry in metrics.jsonl every N updates")
+    add_recipe_arguments(finetune)
     finetune.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its checkpoint, as it was set")
     finetune.add_argument("--quiet", action="store_true", help="no progress bars")
-    finetune.add_argument("--out", help="run directory to write")
 
     evaluate = commands.add_parser("evaluate", help="accuracy, per-class F1, confusion matrix, errors of a run")
     evaluate.add_argument("--run", required=True)
-    add_data_arguments(evaluate, train=False)
+    add_data_arguments(evaluate)
     evaluate.add_argument("--devices", default="auto")
     evaluate.add_argument("--batch-size", type=int, default=512)
     evaluate.add_argument("--errors", type=int, default=0, metavar="N",
@@ -102,12 +60,31 @@ def build_parser():
     return parser
 
 
-def add_data_arguments(parser, train):
-    """`--data SNLI` or explicit files: `--train FILE --test FILE` (training) or `--test FILE`."""
-    parser.add_argument("--data", default=None, help="SNLI: download the dataset and use its splits")
-    if train:
-        parser.add_argument("--train", default=None, help="a .tsv/.jsonl/.txt file of training pairs")
-    parser.add_argument("--test", default=None, help="a .tsv/.jsonl/.txt file of test pairs")
+def add_recipe_arguments(parser):
+    """`finetune`'s options: `--recipe NAME`, then one option per field of `Recipe`, which it overrides."""
+    parser.add_argument("--recipe", choices=list(RECIPES), default=argparse.SUPPRESS,
+                        help="book (the default): the chapter's (Adam, lr 1e-4, batch 512, max-len 128, 5 epochs); "
+                             "tuned: AdamW, 10%% warmup, linear decay, clipping at 1; the options below override it")
+    modes = parser.add_mutually_exclusive_group()
+    for field in dataclasses.fields(Recipe)[1:]:  # all but the name, which --recipe gives
+        add_field_argument(modes if field.name == "mode" else parser, field, argparse.SUPPRESS)
+    for flag, mode in (("--freeze-encoder", "freeze-encoder"), ("--extract-features", "features")):
+        modes.add_argument(flag, dest="mode", action="store_const", const=mode, default=argparse.SUPPRESS,
+                           help=f"--mode {mode}")
+
+
+def add_field_argument(parser, field, default):
+    """The option of a `Recipe` field: its help (with the book's value), type and choices."""
+    book = "" if field.default is None else f" (book: {field.default})"
+    parser.add_argument("--" + field.name.replace("_", "-"), type=field.metadata["kind"],
+                        choices=field.metadata["choices"], default=default, help=field.metadata["help"] + book)
+
+
+def add_data_arguments(parser):
+    """`--data SNLI` or `--test FILE`, as `finetune` takes them."""
+    for field in dataclasses.fields(Recipe):
+        if field.name in ("data", "test"):
+            add_field_argument(parser, field, None)
 
 
 def data_files(args, train):
@@ -131,60 +108,48 @@ def read_data(args, train):
     return (snli.read_pairs(train_file) if train else None), snli.read_pairs(test_file)
 
 
-def resumed_arguments(args):
-    """The arguments the run in `--resume RUN_DIR` was started with, from its checkpoint."""
-    from . import train
-    defaults = vars(build_parser().parse_args(["finetune"]))
-    changed = [k for k, v in vars(args).items() if v != defaults[k] and k not in ("resume", "quiet")]
-    if changed:
-        raise UserError(f"--resume continues a run as it was set; drop --{changed[0].replace('_', '-')}.")
-    _, state = train.read_checkpoint(args.resume)
-    return argparse.Namespace(**{**defaults, **state["settings"], "resume": args.resume, "out": args.resume,
-                                 "quiet": args.quiet})
+def finetune_recipe(args):
+    """The Recipe of `finetune ARGS`: the named recipe changed by the options given, or the recipe of the
+    run that `--resume` continues."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if hasattr(args, f.name)}
+    if not args.resume:
+        return dataclasses.replace(RECIPES[getattr(args, "recipe", "book")], **given)
+    if given or hasattr(args, "recipe"):
+        changed = next(iter(given), "recipe")
+        raise UserError(f"--resume continues a run as it was set; drop --{changed.replace('_', '-')}.")
+    _, state = rundir.read_checkpoint(args.resume)
+    return dataclasses.replace(Recipe.from_checkpoint(state), out=args.resume)
 
 
 def run_finetune(args):
-    from . import model, snli, train
-    if args.resume:
-        args = resumed_arguments(args)
-    elif args.model is None or args.out is None:
+    from . import data, model, snli, train
+    recipe = finetune_recipe(args)
+    if recipe.model is None or recipe.out is None:
         raise UserError("finetune needs --model and --out (or --resume RUN_DIR to continue a run).")
-    if args.freeze_encoder and args.extract_features:
-        raise UserError("--freeze-encoder or --extract-features: choose one (both train only the head).")
-    recipe = train.resolve_recipe(args.recipe, **{k: getattr(args, k) for k in train.RECIPES["book"]})
-    vars(args).update(recipe)
-    print(f"recipe {args.recipe}: {json.dumps(recipe)}", flush=True)
-    devices = train.parse_devices(args.devices)
-    train.check_dtype(args.dtype, devices)
-    train_file, test_file = data_files(args, train=True)
-    train.seed_everything(args.seed)
-    net, vocab, bert_config = model.from_pretrained(args.model, devices, args.dropout, args.max_len)
-    if args.max_len > bert_config.max_len:
-        raise UserError(f"--max-len {args.max_len} exceeds the model's {bert_config.max_len} positions.")
-    train_set, test_set = (snli.load_encoded(path, vocab, args.max_len, args.truncation, not args.quiet).head(n)
-                           for path, n in ((train_file, args.limit_train), (test_file, args.limit_test)))
+    devices = data.parse_devices(recipe.devices)
+    train.check_dtype(recipe.dtype, devices)
+    train_file, test_file = data_files(recipe, train=True)
+    train.seed_everything(recipe.seed)
+    net, vocab, bert_config = model.from_pretrained(recipe.model, devices, recipe.dropout, recipe.max_len)
+    if recipe.max_len > bert_config.max_len:
+        raise UserError(f"--max-len {recipe.max_len} exceeds the model's {bert_config.max_len} positions.")
+    train_set, test_set = (snli.load_encoded(path, vocab, recipe.max_len, recipe.truncation, not args.quiet).head(n)
+                           for path, n in ((train_file, recipe.limit_train), (test_file, recipe.limit_test)))
     dev_set = None
-    if args.dev and args.dev_fraction:
-        raise UserError("--dev FILE or --dev-fraction F: choose one.")
-    if args.dev_fraction:
-        train_set, dev_set = train.hold_out(train_set, args.dev_fraction)
-    elif args.dev:
-        dev_set = snli.load_encoded(args.dev, vocab, args.max_len, args.truncation, not args.quiet)
+    if recipe.dev_fraction:
+        train_set, dev_set = train.hold_out(train_set, recipe.dev_fraction)
+    elif recipe.dev:
+        dev_set = snli.load_encoded(recipe.dev, vocab, recipe.max_len, recipe.truncation, not args.quiet)
     print(f"{len(train_set)} training pairs, {len(test_set)} test pairs"
           + (f", {len(dev_set)} dev pairs" if dev_set else "") + f", devices {devices}", flush=True)
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "quiet")}
-    settings = {"max_len": args.max_len, "truncation": args.truncation, "recipe": recipe, "finetune": options}
-    mode = "features" if args.extract_features else "freeze-encoder" if args.freeze_encoder else "full"
-    train.finetune(net, train_set, test_set, devices, vocab["<pad>"], args.max_len, seed=args.seed,
-                   run_dir=args.out, progress=not args.quiet, **train.recipe_options(recipe), mode=mode,
-                   freeze_epochs=args.freeze_epochs, dev_set=dev_set, save_every=args.save_every,
-                   log_every=args.log_every, resume=bool(args.resume), kvstore=args.kvstore, settings=options,
-                   save_model=lambda folder: model.save_run(folder, net, vocab, bert_config, settings))
+    train.finetune(net, train_set, test_set, devices, recipe, run_dir=recipe.out, dev_set=dev_set,
+                   resume=bool(args.resume), progress=not args.quiet,
+                   save_model=lambda folder: model.save_run(folder, net, vocab, bert_config, recipe.run_config()))
 
 
 def run_evaluate(args):
-    from . import evaluate, train
-    predictor = evaluate.Predictor.from_run(args.run, train.parse_devices(args.devices), args.batch_size)
+    from . import data, evaluate
+    predictor = evaluate.Predictor.from_run(args.run, data.parse_devices(args.devices), args.batch_size)
     _, test_pairs = read_data(args, train=False)
     out_dir = args.out or args.run
     result = evaluate.evaluate_run(predictor, *test_pairs, out_dir, args.errors, args.test or "SNLI test split",
@@ -196,11 +161,11 @@ def run_evaluate(args):
 
 
 def run_predict(args):
-    from . import evaluate, train
+    from . import data, evaluate
     one_pair = args.premise is not None
     if one_pair + (args.file is not None) + args.stdin != 1 or one_pair != (args.hypothesis is not None):
         raise UserError("Give one pair (PREMISE HYPOTHESIS), or --file FILE, or --stdin.")
-    predictor = evaluate.Predictor.from_run(args.run, train.parse_devices(args.devices), args.batch_size)
+    predictor = evaluate.Predictor.from_run(args.run, data.parse_devices(args.devices), args.batch_size)
     if one_pair:
         result = predictor.predict(args.premise, args.hypothesis, args.tokenized)
         print(json.dumps(result, ensure_ascii=False))

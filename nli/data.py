@@ -1,8 +1,35 @@
-"""Batching encoded pairs: length buckets, dynamic padding, and splitting each batch over the devices."""
+"""Devices, and batching encoded pairs: length buckets, dynamic padding, splitting each batch over the devices."""
+import mxnet as mx
 import numpy as onp
 from mxnet import gluon, np
 
+from .errors import UserError
+
 PAD_MULTIPLE = 8  # batches are padded to a multiple of 8 tokens so hybridized graphs see few shapes
+
+
+def parse_devices(spec):
+    """Devices from `auto`, `cpu`, `cpu:N`, `gpu` or `gpu:0,1`; `auto` is every GPU, else the CPU.
+
+    Book: `try_all_gpus` (which gives no device at all on a machine without a GPU)."""
+    num_gpus = mx.context.num_gpus()
+    kind, _, rest = spec.partition(":")
+    if spec == "auto":
+        return [mx.gpu(i) for i in range(num_gpus)] or [mx.cpu()]
+    if kind == "cpu":
+        if not rest:
+            return [mx.cpu()]
+        if rest.isdigit() and int(rest) > 0:
+            return [mx.cpu(i) for i in range(int(rest))]
+    if kind == "gpu":
+        ids = list(range(num_gpus)) if not rest else [int(i) for i in rest.split(",") if i.isdigit()]
+        if rest and len(ids) != len(rest.split(",")):
+            raise UserError(f"--devices {spec}: expected gpu:0,1,... with GPU numbers.")
+        missing = [i for i in ids if i >= num_gpus]
+        if not ids or missing:
+            raise UserError(f"--devices {spec}: this machine has {num_gpus} GPU(s) visible to MXNet.")
+        return [mx.gpu(i) for i in ids]
+    raise UserError(f"--devices {spec!r}: expected auto, cpu, cpu:N, gpu or gpu:0,1.")
 
 
 class LengthBucketSampler(gluon.data.Sampler):
@@ -44,14 +71,14 @@ def padded_length(longest, max_len, multiple=PAD_MULTIPLE):
     return min(-(-longest // multiple) * multiple, max_len)
 
 
-def make_batch(encoded, indices, pad_id, max_len):
+def make_batch(encoded, indices):
     """Arrays for the pairs at `indices`, padded to their longest pair: tokens, segments, valid lens, labels."""
-    length = padded_length(int(encoded.valid_lens[indices].max()), max_len)
-    tokens, segments, valid_lens = encoded.padded(indices, length, pad_id)
+    length = padded_length(int(encoded.valid_lens[indices].max()), encoded.max_len)
+    tokens, segments, valid_lens = encoded.padded(indices, length)
     return tokens, segments, valid_lens.astype(onp.float32), encoded.labels[indices]
 
 
-def batches(encoded, batch_size, pad_id, max_len, shuffle=False, seed=0, epoch=0, bucket=True):
+def batches(encoded, batch_size, shuffle=False, seed=0, epoch=0, bucket=True):
     """Yield the batches of one epoch (see `make_batch`): length-bucketed when shuffled, else in order.
 
     `bucket=False` shuffles pairs regardless of length, as the book's DataLoader does.
@@ -61,11 +88,21 @@ def batches(encoded, batch_size, pad_id, max_len, shuffle=False, seed=0, epoch=0
     else:
         order = batch_order(len(encoded), batch_size, shuffle, seed, epoch)
     for indices in order:
-        yield make_batch(encoded, indices, pad_id, max_len)
+        yield make_batch(encoded, indices)
+
+
+def inference_batches(encoded, batch_size, indices=None):
+    """(positions, (tokens, segments, valid lens)) of the pairs at `indices` (default: all), shortest first
+    so each batch pads little; `positions` index `indices`."""
+    indices = onp.arange(len(encoded)) if indices is None else indices
+    for positions in LengthBucketSampler(encoded.valid_lens[indices], batch_size, shuffle=False, bucket_width=1):
+        yield positions, make_batch(encoded, indices[positions])[:3]
 
 
 def split_batch(arrays, devices):
-    """Split each array of a batch over `devices`: one tuple of arrays per device (uneven splits allowed)."""
+    """Split each array of a batch over `devices`: one tuple of arrays per device (uneven splits allowed).
+
+    Book: `split_batch_multi_inputs`."""
     shards = [gluon.utils.split_and_load(np.array(a, dtype=a.dtype), devices, even_split=False)
               for a in arrays]
     return list(zip(*shards))

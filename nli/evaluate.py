@@ -11,9 +11,8 @@ import matplotlib
 import numpy as onp
 from tqdm import tqdm
 
-from . import data, snli
+from . import data, model, rundir, snli
 from .errors import UserError
-from .model import _dump_json, _write_atomically
 from .snli import LABEL_IDS, LABELS, NO_GOLD_LABEL
 
 matplotlib.use("Agg")  # scripts and servers have no display; plots are saved as PNG
@@ -24,23 +23,28 @@ LENGTH_BUCKETS = (16, 24, 32, 48, 64)  # upper bounds in tokens; SNLI pairs aver
 HIGH_UNKNOWN_SHARE = 0.05  # above this share of unknown tokens, predictions deserve a warning
 
 
-def predict_logits(net, encoded, devices, batch_size, pad_id, max_len, progress=False):
-    """Logits of every pair in `encoded`, in input order: length-sorted batches split over `devices`."""
-    logits = onp.zeros((len(encoded), len(LABELS)), dtype=onp.float32)
-    with tqdm(total=len(encoded), unit="pair", desc="predict", disable=not progress, leave=False) as bar:
-        # Batches of pairs sorted by length, so padding each to its longest costs little.
-        for indices in data.LengthBucketSampler(encoded.valid_lens, batch_size, shuffle=False, bucket_width=1):
-            tokens, segments, valid_lens, _ = data.make_batch(encoded, indices, pad_id, max_len)
-            shards = data.split_batch((tokens, segments, valid_lens), devices[:len(indices)])
-            outputs = [net(*shard) for shard in shards]  # every device starts before any result is read
-            logits[indices] = onp.concatenate([out.asnumpy() for out in outputs])
-            bar.update(len(indices))
-    return logits
+def predict_batches(forward, batches, devices, shape, progress=False, desc="predict"):
+    """`forward`'s outputs, rows in example order, from `(positions, arrays)` batches: each batch is split
+    over `devices`, every device starts before any result is read, and the results are put together."""
+    outputs = onp.zeros(shape, dtype=onp.float32)
+    with tqdm(total=shape[0], unit="example", desc=desc, disable=not progress, leave=False) as bar:
+        for positions, arrays in batches:
+            shards = data.split_batch(arrays, devices[:len(positions)])
+            results = [forward(*shard) for shard in shards]
+            outputs[positions] = onp.concatenate([result.asnumpy() for result in results])
+            bar.update(len(positions))
+    return outputs
 
 
-def accuracy(net, encoded, devices, batch_size, pad_id, max_len):
+def predict_logits(net, encoded, devices, batch_size, progress=False):
+    """Logits of every pair in `encoded`, in input order, from length-sorted batches split over `devices`."""
+    return predict_batches(net, data.inference_batches(encoded, batch_size), devices, (len(encoded), len(LABELS)),
+                           progress)
+
+
+def accuracy(net, encoded, devices, batch_size):
     """Share of pairs whose predicted label is the gold one."""
-    logits = predict_logits(net, encoded, devices, batch_size, pad_id, max_len)
+    logits = predict_logits(net, encoded, devices, batch_size)
     return float((logits.argmax(axis=1) == encoded.labels).mean()) if len(encoded) else float("nan")
 
 
@@ -98,9 +102,9 @@ def scores(gold, predicted, lengths):
             "accuracy_by_length": accuracy_by_length(onp.asarray(lengths), correct)}
 
 
-def evaluate(net, encoded, devices, batch_size, pad_id, max_len, progress=False):
+def evaluate(net, encoded, devices, batch_size, progress=False):
     """`scores` of `net` on encoded labelled pairs, as a JSON-ready dict."""
-    predicted = predict_logits(net, encoded, devices, batch_size, pad_id, max_len, progress).argmax(axis=1)
+    predicted = predict_logits(net, encoded, devices, batch_size, progress).argmax(axis=1)
     return scores(encoded.labels, predicted, encoded.valid_lens)
 
 
@@ -125,7 +129,7 @@ def write_errors(path, premises, hypotheses, gold, probs, indices):
                 k = int(probs[i].argmax())
                 f.write("\t".join([one_line(premises[i]), one_line(hypotheses[i]), LABELS[gold[i]], LABELS[k],
                                    f"{probs[i, k]:.4f}"] + [f"{p:.4f}" for p in probs[i]]) + "\n")
-    _write_atomically(path, write)
+    rundir.write_atomically(path, write)
 
 
 def plot_confusion(confusion, path, title):
@@ -143,7 +147,7 @@ def plot_confusion(confusion, path, title):
     ax.set_ylabel("gold")
     ax.set_title(title)
     fig.tight_layout()
-    _write_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
+    rundir.write_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
 
 
@@ -164,15 +168,13 @@ class Predictor:
     @classmethod
     def from_run(cls, run_dir, devices=None, batch_size=256):
         """Load the run dir written by `finetune` onto `devices` (default: every GPU, else the CPU)."""
-        from . import model, train  # train imports this module, so import it only when called
-        devices = devices or train.parse_devices("auto")
+        devices = devices or data.parse_devices("auto")
         net, vocab, config = model.load_run(run_dir, devices)
         return cls(net, vocab, config, devices, batch_size)
 
     def logits(self, encoded, progress=False):
         """Logits of encoded pairs, in order (see `predict_logits`)."""
-        return predict_logits(self.net, encoded, self.devices, self.batch_size, self.vocab["<pad>"],
-                              self.config["max_len"], progress)
+        return predict_logits(self.net, encoded, self.devices, self.batch_size, progress)
 
     def unknown_shares(self, encoded):
         """Share of each pair's tokens (all but `<cls>` and the two `<sep>`) missing from the vocabulary."""
@@ -203,7 +205,9 @@ class Predictor:
 
 
 def predict_snli(net, vocab, premise, hypothesis, devices, max_len):
-    """Label and label -> probability for one pair of raw sentences (the book's `predict_snli`)."""
+    """Label and label -> probability for one pair of raw sentences.
+
+    Book: `predict_snli`."""
     return Predictor(net, vocab, {"max_len": max_len}, devices).predict(premise, hypothesis)
 
 
@@ -224,7 +228,7 @@ def evaluate_run(predictor, premises, hypotheses, labels, out_dir, num_errors=0,
     unknown = predictor.unknown_shares(encoded)
     result["unknown_share"] = float((unknown * words).sum() / max(words.sum(), 1))
     os.makedirs(out_dir, exist_ok=True)
-    _write_atomically(os.path.join(out_dir, "eval.json"), lambda tmp: _dump_json(result, tmp))
+    rundir.write_json(os.path.join(out_dir, "eval.json"), result)
     plot_confusion(result["confusion"], os.path.join(out_dir, "confusion.png"),
                    f"accuracy {result['accuracy']:.3f}, macro F1 {result['macro_f1']:.3f}, n={result['n']}")
     if num_errors > 0:
@@ -383,7 +387,7 @@ def predict_file(predictor, path, output, tokenized=False, progress=True):
                 nonlocal summary
                 with open(tmp, "w", encoding="utf-8") as out:
                     summary = run(out)
-            _write_atomically(output, write_output)
+            rundir.write_atomically(output, write_output)
     return {"source": source, "output": output or "<stdout>", **summary}
 
 

@@ -30,6 +30,7 @@ import filelock
 import requests
 from tqdm import tqdm
 
+from . import rundir
 from .errors import UserError
 
 DATA_URL = "http://d2l-data.s3-accelerate.amazonaws.com/"  # d2l.DATA_URL
@@ -160,10 +161,7 @@ def _write_record(path, sha1, manifest, st=None):
     then shows), the SHA-1, and the manifest that named it (None: the built-in registry)."""
     st = st or os.stat(path)
     record = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha1": sha1, "manifest": manifest}
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", dir=os.path.dirname(path))
-    with os.fdopen(fd, "wb") as f:
-        f.write(json.dumps(record).encode())
-    os.replace(tmp, path + ".verified")
+    rundir.write_json(path + ".verified", record, indent=None)
 
 
 def download(name, folder=None, quiet=False, replace=False):

@@ -1,4 +1,4 @@
-"""`BERTClassifier`: BERT's encoder and `<cls>` hidden layer with a 3-way output layer; run dirs."""
+"""`BERTClassifier`: BERT's encoder and `<cls>` hidden layer with a 3-way output layer; saving and loading it."""
 import dataclasses
 import json
 import os
@@ -7,7 +7,7 @@ from mxnet import init
 from mxnet.gluon import nn
 
 from . import bert as bert_lib
-from . import hf
+from . import hf, rundir
 from .errors import UserError
 from .snli import LABELS
 
@@ -60,11 +60,10 @@ def save_run(run_dir, net, vocab, bert_config, settings):
     tokenizer = vocab.describe() if wordpiece else BOOK_TOKENIZER
     config = {"bert": dataclasses.asdict(bert_config), "tokenizer": tokenizer, "labels": list(LABELS),
               **settings}
-    _write_atomically(os.path.join(run_dir, "config.json"),
-                      lambda path: _dump_json(config, path))
-    _write_atomically(os.path.join(run_dir, tokenizer["vocab"]),
-                      vocab.save if wordpiece else lambda path: bert_lib.save_vocab(vocab, path))
-    _write_atomically(os.path.join(run_dir, "model.params"), net.save_parameters)
+    rundir.write_json(os.path.join(run_dir, "config.json"), config)
+    rundir.write_atomically(os.path.join(run_dir, tokenizer["vocab"]),
+                            vocab.save if wordpiece else lambda path: bert_lib.save_vocab(vocab, path))
+    rundir.write_atomically(os.path.join(run_dir, "model.params"), net.save_parameters)
 
 
 def load_run(run_dir, devices):
@@ -92,14 +91,3 @@ def load_run(run_dir, devices):
     net.hybridize(static_alloc=True)
     return net, vocab, config
 
-
-def _dump_json(obj, path):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-
-
-def _write_atomically(path, write):
-    """Call `write(tmp)` then rename tmp over `path`, so a crash never leaves a half-written file."""
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)

@@ -15,7 +15,7 @@ import zipfile
 import numpy as onp
 from tqdm import tqdm
 
-from . import hub
+from . import hub, rundir
 from .errors import UserError
 
 LABELS = ("entailment", "contradiction", "neutral")  # ids 0, 1, 2, as d2l.read_snli numbers them
@@ -175,11 +175,14 @@ def truncated_lengths(p_lens, h_lens, max_len, truncation="longest_first"):
 
 @dataclasses.dataclass
 class EncodedPairs:
-    """Token ids of `<cls> p <sep> h <sep>` for many pairs, stored ragged (no padding) as int32."""
+    """Token ids of `<cls> p <sep> h <sep>` for many pairs, stored ragged (no padding) as int32, with what
+    batching them needs: the padding id and `max_len` (GluonNLP binds these once, in its batchify)."""
     token_ids: onp.ndarray  # all pairs' ids, one after another
     offsets: onp.ndarray  # pair i is token_ids[offsets[i]:offsets[i + 1]]
     segment_a_lens: onp.ndarray  # tokens in segment 0 ('<cls>' p '<sep>'); the rest are segment 1
     labels: onp.ndarray
+    pad_id: int  # the vocabulary's '<pad>' ('[PAD]' in WordPiece)
+    max_len: int  # pairs were truncated to fit it; batches are never padded past it
 
     def __len__(self):
         return len(self.labels)
@@ -192,20 +195,21 @@ class EncodedPairs:
         """The first `n` pairs (all of them when n is None)."""
         if n is None or n >= len(self):
             return self
-        return EncodedPairs(self.token_ids[:self.offsets[n]], self.offsets[:n + 1], self.segment_a_lens[:n],
-                            self.labels[:n])
+        return dataclasses.replace(self, token_ids=self.token_ids[:self.offsets[n]], offsets=self.offsets[:n + 1],
+                                   segment_a_lens=self.segment_a_lens[:n], labels=self.labels[:n])
 
     def take(self, indices):
         """The pairs at `indices`, in that order (a held-out split, a worker's shard)."""
         lens = self.valid_lens[indices].astype(onp.int64)
         positions = onp.repeat(self.offsets[:-1][indices], lens) + _positions_within(lens)
-        return EncodedPairs(self.token_ids[positions], onp.concatenate([[0], onp.cumsum(lens)]).astype(onp.int64),
-                            self.segment_a_lens[indices], self.labels[indices])
+        return dataclasses.replace(self, token_ids=self.token_ids[positions],
+                                   offsets=onp.concatenate([[0], onp.cumsum(lens)]).astype(onp.int64),
+                                   segment_a_lens=self.segment_a_lens[indices], labels=self.labels[indices])
 
-    def padded(self, indices, length, pad_id):
+    def padded(self, indices, length):
         """Book-style arrays for pairs `indices` padded to `length`: (token ids, segments, valid lens)."""
         lens = self.valid_lens[indices]
-        tokens = onp.full((len(indices), length), pad_id, dtype=onp.int32)
+        tokens = onp.full((len(indices), length), self.pad_id, dtype=onp.int32)
         positions = onp.arange(length)
         mask = positions < lens[:, None]
         starts = self.offsets[:-1][indices]
@@ -215,13 +219,13 @@ class EncodedPairs:
 
     @staticmethod
     def concatenate(parts):
-        """One EncodedPairs holding `parts` one after another."""
+        """One EncodedPairs holding `parts` (encoded alike) one after another."""
         starts = onp.cumsum([0] + [len(p.token_ids) for p in parts[:-1]])
         return EncodedPairs(
             onp.concatenate([p.token_ids for p in parts], dtype=onp.int32),
             onp.concatenate([[0]] + [p.offsets[1:] + s for p, s in zip(parts, starts)], dtype=onp.int64),
             onp.concatenate([p.segment_a_lens for p in parts], dtype=onp.int32),
-            onp.concatenate([p.labels for p in parts], dtype=onp.int32))
+            onp.concatenate([p.labels for p in parts], dtype=onp.int32), parts[0].pad_id, parts[0].max_len)
 
 
 def ragged(sequences):
@@ -237,11 +241,11 @@ def _positions_within(lengths):
     return onp.arange(int(lengths.sum())) - onp.repeat(starts, lengths)
 
 
-def assemble_pairs(premise_ids, hypothesis_ids, labels, cls_id, sep_id, max_len, truncation="longest_first"):
+def assemble_pairs(premise_ids, hypothesis_ids, labels, cls_id, sep_id, pad_id, max_len, truncation="longest_first"):
     """Truncate each pair and lay it out as `cls p sep h sep`, for any tokenizer's ids, in a few numpy passes.
 
     `premise_ids` and `hypothesis_ids` are `(flat ids, lengths)` as `ragged` makes them; the book's word
-    vocabulary passes `<cls>`/`<sep>`, a WordPiece vocabulary `[CLS]`/`[SEP]`.
+    vocabulary passes `<cls>`/`<sep>`/`<pad>`, a WordPiece vocabulary `[CLS]`/`[SEP]`/`[PAD]`.
     """
     (p_flat, p_lens), (h_flat, h_lens) = premise_ids, hypothesis_ids
     if not len(p_lens) == len(h_lens) == len(labels):
@@ -259,7 +263,7 @@ def assemble_pairs(premise_ids, hypothesis_ids, labels, cls_id, sep_id, max_len,
         keep = within < onp.repeat(kept, lens)
         token_ids[onp.repeat(first, kept) + within[keep]] = onp.asarray(flat)[keep]
     return EncodedPairs(token_ids, offsets.astype(onp.int64), seg_a.astype(onp.int32),
-                        onp.asarray(labels, dtype=onp.int32))
+                        onp.asarray(labels, dtype=onp.int32), pad_id, max_len)
 
 
 _MARKERS = [chr(c) for c in (*range(0, 9), *range(14, 28), 127)]  # caseless, and not whitespace to split()
@@ -287,9 +291,10 @@ def word_ids(sentences, vocab):
     return ids[~is_marker], onp.diff(bounds) - 1
 
 
-def encode_in_chunks(premises, hypotheses, labels, sentence_ids, cls_id, sep_id, max_len,
-                     truncation="longest_first", progress=False):
-    """`assemble_pairs` over `sentence_ids(sentences) -> (flat ids, lengths)`, a chunk of pairs at a time."""
+def encode_in_chunks(premises, hypotheses, labels, sentence_ids, special_ids, max_len, truncation="longest_first",
+                     progress=False):
+    """`assemble_pairs` over `sentence_ids(sentences) -> (flat ids, lengths)`, a chunk of pairs at a time;
+    `special_ids` are the ids of `<cls>`, `<sep>` and `<pad>`."""
     if not len(premises) == len(hypotheses) == len(labels):
         raise ValueError(f"{len(premises)} premises, {len(hypotheses)} hypotheses and {len(labels)} labels")
     truncated_lengths([], [], max_len, truncation)  # a bad setting fails before any work
@@ -299,11 +304,11 @@ def encode_in_chunks(premises, hypotheses, labels, sentence_ids, cls_id, sep_id,
             chunk = slice(start, start + CHUNK_PAIRS)
             premise_ids, hypothesis_ids = (tokenize_repeats_once(sentence_ids, sentences[chunk])
                                            for sentences in (premises, hypotheses))
-            parts.append(assemble_pairs(premise_ids, hypothesis_ids, labels[chunk], cls_id, sep_id, max_len,
+            parts.append(assemble_pairs(premise_ids, hypothesis_ids, labels[chunk], *special_ids, max_len,
                                         truncation))
             bar.update(len(parts[-1]))
     return EncodedPairs.concatenate(parts) if parts else assemble_pairs(
-        ragged([]), ragged([]), [], cls_id, sep_id, max_len, truncation)
+        ragged([]), ragged([]), [], *special_ids, max_len, truncation)
 
 
 def tokenize_repeats_once(sentence_ids, sentences):
@@ -332,15 +337,15 @@ def special_id(vocab, token):
 def encode_pairs(premises, hypotheses, labels, vocab, max_len, truncation="longest_first", progress=False):
     """Encode pairs to the arrays of the book's SNLIBERTDataset (tokenize, truncate, `<cls> p <sep> h <sep>`).
 
+    Book: `SNLIBERTDataset`, without its padding: `data.make_batch` pads each batch to its longest pair.
     `vocab` is the book's word vocabulary, or a tokenizer that splits sentences itself (`hf.WordPieceTokenizer`).
     """
     sentence_ids = getattr(vocab, "sentence_ids", None) or functools.partial(word_ids, vocab=vocab)
-    return encode_in_chunks(premises, hypotheses, labels, sentence_ids,
-                            special_id(vocab, "<cls>"), special_id(vocab, "<sep>"), max_len, truncation,
-                            progress)
+    special_ids = [special_id(vocab, token) for token in ("<cls>", "<sep>", "<pad>")]
+    return encode_in_chunks(premises, hypotheses, labels, sentence_ids, special_ids, max_len, truncation, progress)
 
 
-CACHE_FORMAT = 1  # bump when the encoding or the file layout changes, so old caches are rebuilt
+CACHE_FORMAT = 2  # bump when the encoding or the file layout changes, so old caches are rebuilt
 
 
 def vocab_id(vocab):
@@ -378,7 +383,7 @@ def cached_encoding(path, encoder_id, max_len, truncation, encode):
     return encoded
 
 
-_CACHED_FIELDS = [f.name for f in dataclasses.fields(EncodedPairs)]
+_CACHED_ARRAYS = ["token_ids", "offsets", "segment_a_lens", "labels"]  # beside pad_id and max_len, in the header
 
 
 def _checksum(arrays):
@@ -397,7 +402,7 @@ def _read_cache(cache_path, key):
     try:
         with onp.load(cache_path, allow_pickle=False) as f:
             header = json.loads(str(f["header"]))
-            arrays = [f[name] for name in _CACHED_FIELDS]
+            arrays = [f[name] for name in _CACHED_ARRAYS]
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
         print(f"warning: unreadable cache {cache_path} ({type(e).__name__}: {e}); rebuilding it",
               file=sys.stderr)
@@ -407,20 +412,19 @@ def _read_cache(cache_path, key):
     if header.get("sha1") != _checksum(arrays):
         print(f"warning: cache {cache_path} fails its checksum; rebuilding it", file=sys.stderr)
         return None
-    return EncodedPairs(*arrays)
+    return EncodedPairs(*arrays, header["pad_id"], header["max_len"])
 
 
 def _write_cache(cache_path, key, encoded):
-    """Write `encoded` with its key and checksum to a temporary file, then rename it over `cache_path`."""
-    arrays = [getattr(encoded, name) for name in _CACHED_FIELDS]
-    header = json.dumps({"key": key, "sha1": _checksum(arrays)})
-    tmp = f"{cache_path}.{os.getpid()}.tmp"
+    """Write `encoded` with its key and checksum to `cache_path`, atomically."""
+    arrays = [getattr(encoded, name) for name in _CACHED_ARRAYS]
+    header = json.dumps({"key": key, "sha1": _checksum(arrays), "pad_id": encoded.pad_id, "max_len": encoded.max_len})
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            onp.savez(f, header=onp.array(header), **dict(zip(_CACHED_ARRAYS, arrays)))
     try:
         os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-        with open(tmp, "wb") as f:
-            onp.savez(f, header=onp.array(header), **dict(zip(_CACHED_FIELDS, arrays)))
-        os.replace(tmp, cache_path)
+        rundir.write_atomically(cache_path, write)
     except OSError as e:  # a read-only or full data dir costs speed next time, not this run
         print(f"warning: could not write the cache {cache_path} ({e}); continuing without it", file=sys.stderr)
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -127,10 +127,11 @@ def finetuned_params(model_dir, devices, steps=3):
     premises, hypotheses, labels = snli.read_pairs(os.path.join(SAMPLE_DIR, "snli_1.0_dev.jsonl"))
     encoded = snli.encode_pairs(premises, hypotheses, labels, vocab, 64)
     loss = mx.gluon.loss.SoftmaxCrossEntropyLoss()
-    trainer = mx.gluon.Trainer(net.collect_params(), "adam", {"learning_rate": 1e-4})
+    trainer = mx.gluon.Trainer(net.collect_params(), "adam", {"learning_rate": 1e-4}, update_on_kvstore=False)
     for step in range(steps):
-        batch = data.make_batch(encoded, onp.arange(len(encoded)), vocab["<pad>"], 64)
-        train.train_batch(net, batch, loss, trainer, devices)
+        batch = data.make_batch(encoded, onp.arange(len(encoded)))
+        train.train_batch(net, batch, loss, devices)
+        train.apply_update(trainer, net.collect_params(), devices, len(batch[-1]))
     return {name: p.data(devices[0]).asnumpy() for name, p in net._collect_params_with_prefix().items()}
 
 

@@ -219,7 +219,7 @@ def test_real_minilm_matches_transformers_on_real_pairs():
                                 tokenizer, 128)
     onp.testing.assert_array_equal(encoded.token_ids, golden["input_ids"])  # WordPiece and [CLS] p [SEP] h [SEP]
     onp.testing.assert_array_equal(encoded.valid_lens, lengths)
-    tokens, segments, valid_lens = encoded.padded(onp.arange(len(lengths)), int(lengths.max()), tokenizer["<pad>"])
+    tokens, segments, valid_lens = encoded.padded(onp.arange(len(lengths)), int(lengths.max()))
     mask = onp.arange(tokens.shape[1]) < lengths[:, None]
     onp.testing.assert_array_equal(segments[mask], golden["token_type_ids"])
     bert.encoder.hybridize(static_alloc=True)  # as the classifier runs it

@@ -51,7 +51,7 @@ def test_arrays_equal_the_books_dataset_on_real_pairs(book, dev_pairs, vocab, ma
     monkeypatch.setattr(book.multiprocessing, "Pool", SerialPool)
     expected = book.SNLIBERTDataset(dev_pairs, max_len, vocab)
     encoded = snli.encode_pairs(*dev_pairs, vocab, max_len)
-    tokens, segments, valid_lens = encoded.padded(onp.arange(len(encoded)), max_len, vocab["<pad>"])
+    tokens, segments, valid_lens = encoded.padded(onp.arange(len(encoded)), max_len)
     onp.testing.assert_array_equal(tokens, expected.all_token_ids.asnumpy())
     onp.testing.assert_array_equal(segments, expected.all_segments.asnumpy())
     onp.testing.assert_array_equal(valid_lens, expected.valid_lens.asnumpy())
@@ -103,7 +103,7 @@ def test_long_pairs_keep_leading_tokens_and_fill_max_len(vocab, truncation):
     premises = [" ".join(words[:150]), " ".join(words[:5])]
     hypotheses = [" ".join(words[150:200]), " ".join(words[100:190])]
     encoded = snli.encode_pairs(premises, hypotheses, [0, 2], vocab, 32, truncation)
-    tokens, segments, valid_lens = encoded.padded(onp.arange(2), 32, vocab["<pad>"])
+    tokens, segments, valid_lens = encoded.padded(onp.arange(2), 32)
     assert list(valid_lens) == [32, 32]
     p_kept, h_kept = snli.truncated_lengths([150, 5], [50, 90], 32, truncation)
     for i, (premise, hypothesis) in enumerate(zip(premises, hypotheses)):
@@ -130,7 +130,7 @@ def test_assemble_pairs_takes_any_tokenizers_ids():
     premises = [[7, 8, 9, 10, 11], [12], []]
     hypotheses = [[20, 21], [22, 23, 24, 25, 26, 27], [28]]
     encoded = snli.assemble_pairs(snli.ragged(premises), snli.ragged(hypotheses), [1, 0, 2], cls_id=101,
-                                  sep_id=102, max_len=8)
+                                  sep_id=102, pad_id=0, max_len=8)
     rows = [list(encoded.token_ids[a:b]) for a, b in zip(encoded.offsets[:-1], encoded.offsets[1:])]
     assert rows == [[101, 7, 8, 9, 102, 20, 21, 102], [101, 12, 102, 22, 23, 24, 25, 102], [101, 102, 28, 102]]
     assert list(encoded.segment_a_lens) == [5, 3, 2] and list(encoded.labels) == [1, 0, 2]
@@ -199,8 +199,8 @@ def test_missing_source_is_a_clear_error(tmp_path, vocab, monkeypatch):
         snli.load_encoded(str(tmp_path / "absent.tsv"), vocab, 16)
 
 
-def padded_tokens(encoded, order, pad_id=0, max_len=128):
-    return sum(data.make_batch(encoded, indices, pad_id, max_len)[0].size for indices in order)
+def padded_tokens(encoded, order):
+    return sum(data.make_batch(encoded, indices)[0].size for indices in order)
 
 
 def test_length_buckets_cover_every_pair_once_with_little_padding(dev_pairs, vocab):
@@ -230,7 +230,7 @@ def test_length_buckets_cover_every_pair_once_with_little_padding(dev_pairs, voc
 def test_batches_pad_to_a_multiple_of_8_and_split_over_devices(dev_pairs, vocab):
     encoded = snli.encode_pairs(*dev_pairs, vocab, 128).head(300)
     seen = []
-    for tokens, segments, valid_lens, labels in data.batches(encoded, 64, vocab["<pad>"], 128, shuffle=True):
+    for tokens, segments, valid_lens, labels in data.batches(encoded, 64, shuffle=True):
         assert tokens.shape[1] % 8 == 0 and valid_lens.max() <= tokens.shape[1] < valid_lens.max() + 8
         assert tokens.dtype == segments.dtype == onp.int32
         shards = data.split_batch((tokens, segments, valid_lens, labels), [mx.cpu(0), mx.cpu(1)])
@@ -250,10 +250,10 @@ def test_trimmed_padding_gives_the_same_logits(dev_pairs, vocab):
     encoded = snli.encode_pairs(*dev_pairs, vocab, 128)
     indices = onp.argsort(-encoded.valid_lens)[::400][:24]  # lengths from the longest down to short
     longest = int(encoded.valid_lens[indices].max())
-    assert data.make_batch(encoded, indices, vocab["<pad>"], 128)[0].shape[1] == -(-longest // 8) * 8 < 128
+    assert data.make_batch(encoded, indices)[0].shape[1] == -(-longest // 8) * 8 < 128
 
     def logits(length):
-        tokens, segments, valid_lens = encoded.padded(indices, length, vocab["<pad>"])
+        tokens, segments, valid_lens = encoded.padded(indices, length)
         return net(np.array(tokens), np.array(segments), np.array(valid_lens, dtype="float32")).asnumpy()
 
     full = logits(128)

@@ -1,4 +1,5 @@
 """The training engine: exact resume after SIGKILL and Ctrl-C, accumulation, NaN stop, frozen and cached encoders."""
+import dataclasses
 import json
 import os
 import signal
@@ -12,8 +13,9 @@ import pytest
 from mxnet import gluon, npx
 
 from conftest import DEV_PAIRS, ROOT, run_cli
-from nli import cli, model, snli, train
+from nli import cli, model, rundir, snli, train
 from nli.errors import UserError
+from nli.recipe import BOOK, TUNED, Recipe
 
 npx.set_np()
 CPU = [mx.cpu()]
@@ -125,7 +127,20 @@ def test_resume_refuses_a_dir_without_checkpoint_or_new_settings(tmp_path):
     assert cli.main(["finetune", "--resume", str(tmp_path)]) == 2
     assert cli.main(["finetune", "--resume", str(tmp_path), "--epochs", "9"]) == 2
     with pytest.raises(UserError, match="no checkpoint"):
-        train.read_checkpoint(str(tmp_path))
+        rundir.read_checkpoint(str(tmp_path))
+
+
+def test_finetune_options_are_the_recipes_fields():
+    parse = cli.build_parser().parse_args
+    args = parse(["finetune", "--recipe", "tuned", "--lr", "5e-5", "--extract-features", "--limit-train", "8"])
+    assert cli.finetune_recipe(args) == dataclasses.replace(TUNED, lr=5e-5, mode="features", limit_train=8)
+    every = [token for field in dataclasses.fields(Recipe)[1:] if getattr(TUNED, field.name) is not None
+             for token in (f"--{field.name.replace('_', '-')}", str(getattr(TUNED, field.name)))]
+    assert cli.finetune_recipe(parse(["finetune", *every])) == dataclasses.replace(TUNED, name="book")
+    with pytest.raises(SystemExit):
+        parse(["finetune", "--optimizer", "sgd"])  # the choices are the Recipe's
+    with pytest.raises(UserError, match="optimizer 'sgd'"):
+        dataclasses.replace(BOOK, optimizer="sgd")
 
 
 def test_float16_fails_clearly_without_a_gpu(capsys):
@@ -145,8 +160,9 @@ def small_run(model_dir, pairs, n_train=64, dropout=0.0, **options):
     net, vocab, _ = model.from_pretrained(model_dir, CPU, dropout=dropout)
     train_set = snli.encode_pairs(*(c[:n_train] for c in pairs), vocab, 64)
     test_set = snli.encode_pairs(*(c[-32:] for c in pairs), vocab, 64)
-    options = {"num_epochs": 2, "batch_size": 16, "lr": 1e-3, "progress": False, **options}
-    return net, train.finetune(net, train_set, test_set, CPU, vocab["<pad>"], 64, **options)
+    live = {k: options.pop(k) for k in ("run_dir", "loss") if k in options}  # the rest is the recipe
+    recipe = dataclasses.replace(BOOK, **{"epochs": 2, "batch_size": 16, "lr": 1e-3, **options})
+    return net, train.finetune(net, train_set, test_set, CPU, recipe, progress=False, **live)
 
 
 def weights(net):
@@ -155,7 +171,7 @@ def weights(net):
 
 def test_accumulating_n_batches_updates_as_one_batch_n_times_larger(training_bert_dir, pairs, tmp_path):
     # 16 pairs: one batch of 16, or two of 8 accumulated; AdamW, warmup, decay and clipping all apply.
-    recipe = dict(n_train=16, num_epochs=3, optimizer="adamw", weight_decay=0.01, warmup_ratio=0.3,
+    recipe = dict(n_train=16, epochs=3, optimizer="adamw", weight_decay=0.01, warmup_ratio=0.3,
                   schedule="linear", max_grad_norm=0.5, log_every=1)
     large, _ = small_run(training_bert_dir, pairs, batch_size=16, run_dir=str(tmp_path / "large"), **recipe)
     accumulated, _ = small_run(training_bert_dir, pairs, batch_size=8, accumulate=2,
@@ -167,7 +183,7 @@ def test_accumulating_n_batches_updates_as_one_batch_n_times_larger(training_ber
         return [m["grad_norm"] for m in map(json.loads, open(run_dir / "metrics.jsonl")) if m["kind"] == "step"]
     norms = grad_norms(tmp_path / "large")
     assert len(norms) == 3 and onp.allclose(norms, grad_norms(tmp_path / "accumulated"), rtol=1e-5)
-    start, _ = small_run(training_bert_dir, pairs, num_epochs=0)
+    start, _ = small_run(training_bert_dir, pairs, epochs=0)
     assert max(float(onp.abs(a[k] - weights(start)[k]).max()) for k in a) > 1e-3  # the updates moved it
 
 
@@ -189,7 +205,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(training_b
     with pytest.raises(train.TrainingDiverged, match=r"loss is nan at step 3 \(epoch 1, batch 3\).*"
                                                      r"last good checkpoint is .*checkpoint"):
         small_run(training_bert_dir, pairs, run_dir=str(run_dir), save_every=2, loss=LossTurningNaN(3))
-    folder, state = train.read_checkpoint(str(run_dir))
+    folder, state = rundir.read_checkpoint(str(run_dir))
     assert state["step"] == 2 and state["batch"] == 2
     net, _, _ = model.from_pretrained(training_bert_dir, CPU)
     net.load_parameters(os.path.join(folder, "model.params"), ctx=CPU)
@@ -199,7 +215,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(training_b
 def test_cached_features_train_the_head_as_a_frozen_encoder_does(training_bert_dir, pairs, tmp_path):
     frozen, _ = small_run(training_bert_dir, pairs, mode="freeze-encoder")
     cached, _ = small_run(training_bert_dir, pairs, mode="features", run_dir=str(tmp_path / "run"))
-    start, _ = small_run(training_bert_dir, pairs, num_epochs=0)
+    start, _ = small_run(training_bert_dir, pairs, epochs=0)
     a, b, initial = weights(frozen), weights(cached), weights(start)
     assert max(float(onp.abs(a[k] - b[k]).max()) for k in a) < 1e-5
     assert all(onp.array_equal(a[k], initial[k]) for k in a if k.startswith("encoder."))
@@ -208,9 +224,9 @@ def test_cached_features_train_the_head_as_a_frozen_encoder_does(training_bert_d
 
 
 def test_freeze_epochs_train_the_head_first_then_everything(training_bert_dir, pairs):
-    start = weights(small_run(training_bert_dir, pairs, num_epochs=0)[0])
-    first = weights(small_run(training_bert_dir, pairs, num_epochs=1, freeze_epochs=1)[0])
-    both = weights(small_run(training_bert_dir, pairs, num_epochs=2, freeze_epochs=1)[0])
+    start = weights(small_run(training_bert_dir, pairs, epochs=0)[0])
+    first = weights(small_run(training_bert_dir, pairs, epochs=1, freeze_epochs=1)[0])
+    both = weights(small_run(training_bert_dir, pairs, epochs=2, freeze_epochs=1)[0])
     encoder = [k for k in start if k.startswith("encoder.")]
     assert all(onp.array_equal(first[k], start[k]) for k in encoder)
     assert max(float(onp.abs(both[k] - first[k]).max()) for k in encoder) > 1e-4
@@ -259,13 +275,13 @@ def test_a_checkpoint_swap_cut_short_leaves_a_complete_checkpoint(tmp_path):
         put(folder, "model.params", "half")
         raise OSError("disk full")
     checkpoint = str(tmp_path / "checkpoint")
-    train.replace_dir(checkpoint, checkpoint_of(1))
+    rundir.replace_dir(checkpoint, checkpoint_of(1))
     with pytest.raises(OSError):
-        train.replace_dir(checkpoint, dies_while_writing)
-    assert train.read_checkpoint(str(tmp_path))[1] == {"step": 1}  # untouched
-    train.replace_dir(checkpoint + ".new", checkpoint_of(2))
+        rundir.replace_dir(checkpoint, dies_while_writing)
+    assert rundir.read_checkpoint(str(tmp_path))[1] == {"step": 1}  # untouched
+    rundir.replace_dir(checkpoint + ".new", checkpoint_of(2))
     os.replace(checkpoint, checkpoint + ".old")  # as if it died between replace_dir's two renames
-    folder, state = train.read_checkpoint(str(tmp_path))
+    folder, state = rundir.read_checkpoint(str(tmp_path))
     assert folder == checkpoint and state == {"step": 2}  # the newer one, back in its place
     assert open(os.path.join(checkpoint, "model.params")).read() == "weights 2"
 

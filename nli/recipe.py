@@ -1,0 +1,116 @@
+"""What a fine-tuning run is configured with, in one object: `Recipe`. The recipes `book` and `tuned` are
+instances of it, an exercise changes one with `dataclasses.replace`, and `python -m nli finetune` makes
+its options from its fields. A run prints it when it starts and saves it whole in config.json and in
+each checkpoint, which `--resume` reads it back from.
+"""
+import dataclasses
+
+from .errors import UserError
+from .snli import TRUNCATION_RULES
+
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("constant", "linear", "cosine")
+MODES = ("full", "freeze-encoder", "features")  # everything trains; the head; the head on cached features
+KVSTORES = ("device", "local", "dist_sync", "dist_device_sync")
+DTYPES = ("float32", "float16")
+
+
+def option(default, help, kind=None, choices=None):
+    """A field of `Recipe`, with what its command-line option says and takes."""
+    return dataclasses.field(default=default, metadata={"help": help, "kind": kind or type(default),
+                                                        "choices": choices})
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Everything a fine-tuning run is configured with; the defaults are the book's recipe.
+
+    Separate from the live objects (network, data, devices), as Hugging Face's `TrainingArguments` is.
+    """
+    name: str = option("book", "the recipe these settings started from")
+    # How the optimizer sees the data
+    epochs: int = option(5, "passes over the training pairs")
+    batch_size: int = option(512, "pairs per batch (and per worker)")
+    max_len: int = option(128, "tokens per pair, at most: longer pairs are truncated")
+    optimizer: str = option("adam", "adam: the book's; adamw: decoupled weight decay, none on biases and LayerNorm",
+                            choices=OPTIMIZERS)
+    lr: float = option(1e-4, "the learning rate (its peak, with a schedule)")
+    weight_decay: float = option(0.0, "weight decay")
+    warmup_ratio: float = option(0.0, "share of the updates warming the rate up from 0")
+    schedule: str = option("constant", "the learning rate after the warmup: constant, or decayed to 0",
+                           choices=SCHEDULES)
+    max_grad_norm: float = option(0.0, "clip gradients to this global norm (0: off)")
+    accumulate: int = option(1, "update every N batches, as one batch N times larger would")
+    # What trains, and on what input
+    mode: str = option("full", "full: everything trains; freeze-encoder: only the head (hidden + output); "
+                               "features: the head on the encoder's <cls> features, computed once (cached in "
+                               "the run dir): the fastest way, a baseline", choices=MODES)
+    freeze_epochs: int = option(0, "train only the head for the first N epochs, then everything")
+    truncation: str = option("longest_first", "pairs over max-len: cut the longer side first (the book's), or "
+                                              "both sides in proportion to their lengths", choices=TRUNCATION_RULES)
+    dropout: float = option(None, "default: the model's own (0.1)", float)
+    # The run
+    seed: int = option(0, "seeds every random draw: a run can be repeated")
+    devices: str = option("auto", "auto, cpu, cpu:N, gpu or gpu:0,1")
+    kvstore: str = option("device", "how gradients are summed: over this machine's devices, or over the "
+                                    "workers that `python -m nli.launch` starts", choices=KVSTORES)
+    dtype: str = option("float32", "float16: mixed precision, on GPUs only", choices=DTYPES)
+    save_every: int = option(None, "checkpoint every N updates too (there is one at each epoch's end)", int)
+    log_every: int = option(10, "a step entry in metrics.jsonl every N updates")
+    # The model and the data it is fine-tuned on, and where the run is written
+    model: str = option(None, "bert.small, bert.base, a model directory, or hf:DIR (a Hugging Face BERT "
+                              "checkpoint: config.json, vocab.txt, model.safetensors)", str)
+    data: str = option(None, "SNLI: download the dataset and use its splits", str)
+    train: str = option(None, "a .tsv/.jsonl/.txt file of training pairs", str)
+    test: str = option(None, "a .tsv/.jsonl/.txt file of test pairs", str)
+    dev: str = option(None, "a file of pairs to pick the best epoch on; it is kept in OUT/best/", str)
+    dev_fraction: float = option(None, "hold out this share of the training pairs as --dev", float)
+    limit_train: int = option(None, "use the first N train pairs", int)
+    limit_test: int = option(None, "use the first N test pairs", int)
+    out: str = option(None, "run directory to write", str)
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            choices, value = field.metadata["choices"], getattr(self, field.name)
+            if choices and value not in choices:
+                raise UserError(f"{field.name} {value!r}: expected one of {', '.join(choices)}.")
+        if min(self.accumulate, self.log_every, self.save_every or 1) < 1:
+            raise UserError("--accumulate, --save-every and --log-every must be positive.")
+        if self.max_grad_norm < 0:
+            raise UserError(f"--max-grad-norm {self.max_grad_norm}: expected a positive norm (or 0: no clipping).")
+        if not 0 <= self.warmup_ratio < 1:
+            raise UserError(f"--warmup-ratio {self.warmup_ratio}: expected a fraction of the updates in [0, 1).")
+        if self.freeze_epochs and self.mode != "full":
+            raise UserError(f"--freeze-epochs unfreezes the encoder later: it needs full fine-tuning, not {self.mode}.")
+        if self.dev and self.dev_fraction:
+            raise UserError("--dev FILE or --dev-fraction F: choose one.")
+        if self.dev_fraction is not None and not 0 < self.dev_fraction < 1:
+            raise UserError(f"--dev-fraction {self.dev_fraction}: expected a fraction in (0, 1).")
+
+    @classmethod
+    def from_checkpoint(cls, state):
+        """The Recipe a checkpoint's `state` was written with.
+
+        Checkpoints written before the Recipe existed keep the command's options as `settings`: the same
+        names, but with the recipe's name as `recipe` and the mode as two flags."""
+        if "recipe" in state:
+            return cls(**state["recipe"])
+        options = dict(state.get("settings") or {})
+        if "recipe" not in options:
+            raise UserError("this checkpoint was not written by `python -m nli finetune`: continue it with the "
+                            "script that started it.")
+        mode = "features" if options.pop("extract_features") else "full"
+        mode = "freeze-encoder" if options.pop("freeze_encoder") else mode
+        return cls(name=options.pop("recipe"), mode=mode, **options)
+
+    def run_config(self):
+        """config.json's entries about training: what encoding the input needs, and the whole recipe."""
+        return {"max_len": self.max_len, "truncation": self.truncation, "recipe": dataclasses.asdict(self)}
+
+
+BOOK = Recipe()  # the chapter's: plain Adam at a constant 1e-4, batch 512, max_len 128, 5 epochs
+# How BERT is usually fine-tuned (Devlin et al., 2019): decoupled weight decay, a linear warmup over the
+# first 10% of updates then a linear decay to 0, gradients clipped.
+TUNED = dataclasses.replace(BOOK, name="tuned", optimizer="adamw", lr=2e-4, weight_decay=0.01, warmup_ratio=0.1,
+                            schedule="linear", max_grad_norm=1.0)
+RECIPES = {recipe.name: recipe for recipe in (BOOK, TUNED)}

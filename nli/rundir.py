@@ -1,0 +1,203 @@
+"""The run directory: everything a fine-tuning run writes there, each file replaced whole.
+
+    config.json, vocab, model.params   what rebuilds the classifier (`model.save_run`); best/: the best epoch's
+    checkpoint/                        weights, optimizer state and where the run is, to resume bit for bit
+    metrics.jsonl                      one JSON object per logged update and per epoch
+    curves.png                         the loss and the accuracies per epoch
+    results.json                       a finished run's accuracy, time and speed, for results tables
+
+A crash at any moment leaves every file whole: each is written to a temporary name, then renamed.
+"""
+import contextlib
+import json
+import os
+import shutil
+import sys
+
+from .errors import UserError
+
+CHECKPOINT = "checkpoint"
+
+
+def write_atomically(path, write):
+    """Call `write(tmp)` then rename tmp over `path`, so a crash never leaves a half-written file and a
+    failed write leaves no temporary one."""
+    tmp = f"{path}.{os.getpid()}.tmp"  # one per process: workers may write the same file at once
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def write_json(path, obj, indent=1):
+    """Write `obj` as JSON to `path`, atomically."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=indent)
+    write_atomically(path, write)
+
+
+def replace_dir(path, write):
+    """Fill `path`.new with `write(dir)` and swap it in for `path`: a crash at any moment leaves a
+    complete `path`, `path`.new or `path`.old (see `find_checkpoint`)."""
+    new, old = path + ".new", path + ".old"
+    shutil.rmtree(new, ignore_errors=True)
+    os.makedirs(new)
+    write(new)
+    for name in os.listdir(new):  # on disk before the rename makes them the current files
+        with open(os.path.join(new, name), "rb") as f:
+            os.fsync(f.fileno())
+    if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(run_dir, net, trainer, state):
+    """Write weights, optimizer state and `state` (JSON: where the run is, RNG states, recipe) to RUN_DIR/checkpoint."""
+    def write(folder):
+        net.save_parameters(os.path.join(folder, "model.params"))
+        trainer.save_states(os.path.join(folder, "trainer.states"))
+        with open(os.path.join(folder, "state.json"), "w", encoding="utf-8") as f:  # last: marks it complete
+            json.dump(state, f)
+    replace_dir(os.path.join(run_dir, CHECKPOINT), write)
+
+
+def find_checkpoint(run_dir):
+    """The complete checkpoint directory of a run, or None: the current one, else a swap's survivor."""
+    for suffix in ("", ".new", ".old"):
+        folder = os.path.join(run_dir, CHECKPOINT + suffix)
+        if os.path.exists(os.path.join(folder, "state.json")):
+            return folder
+    return None
+
+
+def read_checkpoint(run_dir):
+    """(directory, state) of the run's checkpoint; a clear error when there is none."""
+    folder = find_checkpoint(run_dir)
+    if folder is None:
+        raise UserError(f"{run_dir} has no checkpoint to resume from ({CHECKPOINT}/state.json is missing).")
+    canonical = os.path.join(run_dir, CHECKPOINT)
+    if folder != canonical:  # a swap cut short: its survivor becomes the checkpoint
+        shutil.rmtree(canonical, ignore_errors=True)
+        os.replace(folder, canonical)
+        folder = canonical
+    with open(os.path.join(folder, "state.json"), encoding="utf-8") as f:
+        return folder, json.load(f)
+
+
+def write_metrics(run_dir, metrics):
+    """Rewrite RUN_DIR/metrics.jsonl (atomically) with `metrics`, one JSON object per line."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(m) + "\n" for m in metrics)
+    write_atomically(os.path.join(run_dir, "metrics.jsonl"), write)
+
+
+def append_metrics(run_dir, entry):
+    """Add one entry to RUN_DIR/metrics.jsonl."""
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def plot_curves(metrics, path):
+    """Save the loss (per logged step and per epoch) and the accuracies per epoch as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")  # scripts and servers have no display; curves are saved as PNG
+    from matplotlib import pyplot as plt  # here, not at the top: `download` never plots
+    epochs = [m for m in metrics if m.get("kind", "epoch") == "epoch"]
+    steps = [m for m in metrics if m.get("kind") == "step"]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(8, 3))
+    if steps:
+        ax_loss.plot([m["epochs"] for m in steps], [m["loss"] for m in steps], "-", lw=0.8, alpha=0.6,
+                     label="train loss (steps)")
+    ax_loss.plot([m["epoch"] for m in epochs], [m["loss"] for m in epochs], "o-", label="train loss")
+    ax_acc.plot([m["epoch"] for m in epochs], [m["train_acc"] for m in epochs], "o-", label="train acc")
+    ax_acc.plot([m["epoch"] for m in epochs], [m["test_acc"] for m in epochs], "s--", label="test acc")
+    if any("dev_acc" in m for m in epochs):
+        ax_acc.plot([m["epoch"] for m in epochs], [m.get("dev_acc") for m in epochs], "^:", label="dev acc")
+    for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(True)
+        ax.legend()
+    ax_acc.set_ylim(0, 1)
+    fig.tight_layout()
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def training_speed(epochs):
+    """Seconds spent in training steps over `epochs` (finetune's epoch metrics), and examples/sec over them all."""
+    seconds = sum(m["examples"] / m["examples_per_sec"] for m in epochs)
+    return seconds, sum(m["examples"] for m in epochs) / seconds
+
+
+def save_results(path, epochs, wall_seconds, **about):
+    """A finished run's accuracy, time and speed as JSON with the command that made it: what results tables read."""
+    seconds, speed = training_speed(epochs)
+    results = {"command": " ".join([sys.executable] + sys.argv), **about, "test_accuracy": epochs[-1]["test_acc"],
+               "accuracy_per_epoch": [m["test_acc"] for m in epochs], "wall_seconds": wall_seconds,
+               "train_seconds": seconds, "examples_per_sec": speed}
+    write_json(path, results)
+
+
+class RunDir:
+    """The run directory as one worker of a run sees it: the first worker (rank 0) writes it, the others
+    and a run without a directory write nothing, so the training loop need not ask."""
+
+    def __init__(self, path, rank=0):
+        self.run_dir, self.rank = path, rank
+        self.path = path if rank == 0 else None  # where this worker writes
+
+    def start(self, metrics, checkpoint=None):
+        """Create the directory, keep only the `metrics` logged up to the checkpoint, and call `checkpoint`."""
+        if self.path:
+            os.makedirs(self.path, exist_ok=True)
+            write_metrics(self.path, metrics)  # a resumed run drops what was logged after its checkpoint
+            if checkpoint:
+                checkpoint()
+
+    def save_checkpoint(self, net, trainer, state):
+        """`save_checkpoint` into this run's directory."""
+        if self.path:
+            save_checkpoint(self.path, net, trainer, state)
+
+    def log(self, entry, metrics=None):
+        """Append an entry to metrics.jsonl; with all the `metrics` so far (an epoch's end), redraw curves.png."""
+        if self.path:
+            append_metrics(self.path, entry)
+            if metrics:
+                plot_curves(metrics, os.path.join(self.path, "curves.png"))
+
+    def save_model(self, save_model, folder=""):
+        """`save_model(dir)` into the run directory, or its `folder` (replaced whole); whether it was written."""
+        if not (self.path and save_model):
+            return False
+        if folder:
+            replace_dir(os.path.join(self.path, folder), save_model)
+        else:
+            save_model(self.path)
+        return True
+
+    def save_final(self, net, save_model, distributed):
+        """The run's final model, by `save_model(dir)`. In a distributed run, the workers that write nothing
+        else (rank > 0) write their copy of the weights beside it, to check that all of them agree."""
+        if self.save_model(save_model):
+            print(f"saved the run in {self.path}", flush=True)
+        elif self.run_dir and distributed:
+            net.save_parameters(os.path.join(self.run_dir, f"worker-{self.rank}.params"))
+
+    def where_stopped(self):
+        """The sentence saying how to continue a run stopped here."""
+        if not self.path:
+            return "nothing saved (no run dir)"
+        return f"checkpoint saved in {self.path}: continue with `python -m nli finetune --resume {self.path}`"
+
+    def last_checkpoint(self):
+        """The sentence naming the last complete checkpoint, for an error that stops the run."""
+        kept = find_checkpoint(self.path) if self.path else None
+        return f"the last good checkpoint is {kept}" if kept else "no checkpoint was written"
