@@ -20,8 +20,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from mxnet import init  # noqa: E402
 
-from nli import bert, hub, model, snli, train  # noqa: E402
-from nli.evaluate import predict_snli  # noqa: E402
+from nli import attention, bert, hub, model, snli, train  # noqa: E402
+from nli.evaluate import Predictor, predict_snli  # noqa: E402
 
 parser = argparse.ArgumentParser(description="The chapter, end to end.")
 parser.add_argument("--quick", action="store_true", help="a small run on the CPU: few pairs, one epoch")
@@ -75,6 +75,18 @@ net = model.BERTClassifier(pretrained)
 net.output.initialize(init.Xavier(), ctx=devices)
 net.hybridize(static_alloc=True)
 os.makedirs(args.out, exist_ok=True)
+
+# %% [markdown]
+# Before training, let us look at what the model attends to in one pair, as the attention chapters
+# do with heat-maps. Each row is a token attending, each column a token attended to; a black line
+# separates `<cls>` premise `<sep>` from hypothesis `<sep>`. The weights come from the same forward pass
+# as the (still untrained) prediction in the title.
+
+# %%
+predictor = Predictor(net, vocab, {"max_len": max_len}, devices)
+premise, hypothesis = "a person on a horse jumps over a broken down airplane .", "a person is outdoors , on a horse ."
+before = predictor.attention(premise, hypothesis, tokenized=True)
+attention.save_png(before, os.path.join(args.out, "attention_before.png"), heads="mean")
 epochs = train.finetune(net, train_set, test_set, devices, vocab["<pad>"], max_len, run_dir=args.out,
                         **train.recipe_options(recipe))
 model.save_run(args.out, net, vocab, pretrained.config,
@@ -88,5 +100,15 @@ train.save_results(os.path.join(args.out, "results.json"), epochs, time.perf_cou
 # predicts the relation of any two sentences (tokenized like SNLI: punctuation split off):
 
 # %%
-print(predict_snli(net, vocab, "a person on a horse jumps over a broken down airplane .",
-                   "a person is outdoors , on a horse .", devices, max_len))
+print(predict_snli(net, vocab, premise, hypothesis, devices, max_len))
+
+# %% [markdown]
+# The same pair's attention after fine-tuning, beside `attention_before.png`. What to look for: the rows
+# of the hypothesis words left of the line, where a word finds its partner in the premise ("horse" and
+# "horse", "person" and "person"), and the `<cls>` row of the last layer, the only encoding the classifier
+# reads; fine-tuning moves the last layers most, the first layer least.
+
+# %%
+after = predictor.attention(premise, hypothesis, tokenized=True)
+attention.save_png(after, os.path.join(args.out, "attention_after.png"), heads="mean")
+print(f"before: {attention.describe_prediction(before)}; after: {attention.describe_prediction(after)}")

@@ -25,6 +25,7 @@ from matplotlib import pyplot as plt  # noqa: E402  (after choosing the backend)
 INPUTS = (("tokens", "int32"), ("segments", "int32"), ("valid_lens", "float32"))  # the classifier's
 VIEWS = (".png", ".html")
 HEADS = ("all", "mean")  # a figure of every head, or of the heads' mean in each layer
+MEAN_COLUMNS = 3  # layers a row in the figure of the heads' means
 _GRAPHS = weakref.WeakKeyDictionary()  # classifier -> its attention graph, built on the first request
 
 
@@ -91,24 +92,31 @@ def describe_prediction(pair):
 
 
 def attention_figure(pair, heads="all"):
-    """A grid of heat-maps, layers down and heads across (or one per layer, the heads' mean), tokens on the axes."""
+    """A grid of heat-maps, layers down and heads across (or each layer's mean of the heads), tokens on the axes."""
     if heads not in HEADS:
         raise UserError(f"--heads {heads!r}: expected one of {', '.join(HEADS)}.")
     layers, num_heads, length, _ = pair.weights.shape
-    maps = pair.weights.mean(axis=1, keepdims=True) if heads == "mean" else pair.weights
-    rows, cols = (1, layers) if heads == "mean" else (layers, num_heads)
-    cell = max(1.6, 0.16 * length) if heads == "mean" else max(1.2, 0.07 * length)  # room for the labels
-    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols + 1.5, cell * rows + 1.6), squeeze=False)
-    font = 7 if heads == "mean" else 5
+    if heads == "mean":
+        maps = pair.weights.mean(axis=1)
+        titles = [f"layer {layer + 1}, heads' mean" for layer in range(layers)]
+        cols, cell, font = min(layers, MEAN_COLUMNS), max(2.0, 0.15 * length), 7  # inches a map, label points
+    else:
+        maps = pair.weights.reshape(-1, length, length)
+        titles = [f"layer {layer + 1}, head {head + 1}" for layer in range(layers) for head in range(num_heads)]
+        cols, cell, font = num_heads, max(1.4, 0.085 * length), 5
+    rows = -(-len(maps) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols + 1.2, cell * rows + 1.4), squeeze=False,
+                             layout="constrained")
     colors = ["tab:blue" if s == 0 else "tab:red" for s in pair.segments]  # premise blue, hypothesis red
     for index, ax in enumerate(axes.flat):
-        layer, head = divmod(index, cols) if heads == "all" else (index, 0)
-        image = ax.imshow(maps[layer, head], cmap="Reds", vmin=0, vmax=1)  # the book's show_heatmaps colours
+        if index >= len(maps):
+            ax.axis("off")
+            continue
+        image = ax.imshow(maps[index], cmap="Reds", vmin=0, vmax=1)  # the colours of the book's show_heatmaps
         for line in (ax.axhline, ax.axvline):
             line(pair.boundary - 0.5, color="black", linewidth=0.8)
-        ax.set_title(f"layer {layer + 1}" + (", heads' mean" if heads == "mean" else f", head {head + 1}"),
-                     fontsize=font + 1)
-        labelled_y, labelled_x = index % cols == 0, index // cols == rows - 1
+        ax.set_title(titles[index], fontsize=font + 1)
+        labelled_y, labelled_x = index % cols == 0, index + cols >= len(maps)  # first column, lowest in its column
         ax.set_yticks(range(length), pair.tokens if labelled_y else [], fontsize=font)
         ax.set_xticks(range(length), pair.tokens if labelled_x else [], fontsize=font, rotation=90)
         for labels in (ax.get_yticklabels(), ax.get_xticklabels()):
@@ -126,7 +134,7 @@ def attention_figure(pair, heads="all"):
 def save_png(pair, path, heads="all"):
     """The `attention_figure` as a PNG."""
     fig = attention_figure(pair, heads)
-    fig.savefig(path, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(path, format="png", dpi=100)
     plt.close(fig)
 
 
@@ -178,11 +186,12 @@ h1 { font-size: 18px; margin: 0 0 8px; }
   cursor: default; }
 #tokens span.p { border-color: #1f77b4; } #tokens span.h { border-color: #d62728; }
 #tokens span.query { outline: 2px solid #000; }
-#tokens .sep { display: inline-block; width: 12px; border-left: 2px solid #000; height: 18px; vertical-align: middle; }
+#tokens span.sep { border: none; border-left: 2px solid #000; border-radius: 0; padding: 0; margin: 0 4px 0 8px;
+  height: 20px; vertical-align: middle; }
 #overview { border-collapse: collapse; } #overview td, #overview th { padding: 1px; font-size: 11px; }
 #overview canvas { border: 2px solid transparent; cursor: pointer; display: block; }
 #overview canvas.picked { border-color: #000; }
-#readout { min-height: 1.4em; font-family: monospace; }
+#readout { min-height: 1.4em; font-family: monospace; } #scale { color: #666; font-size: 12px; margin-bottom: 6px; }
 </style></head>
 <body>
 <h1>What the model sees</h1>
@@ -196,6 +205,7 @@ h1 { font-size: 18px; margin: 0 0 8px; }
 </div>
 <div id="tokens"></div>
 <div id="readout"></div>
+<div id="scale"></div>
 <div class="main">
   <canvas id="map"></canvas>
   <div><div>every layer (rows) and head (columns); click one to pick it</div><table id="overview"></table></div>
@@ -230,9 +240,11 @@ function color(w) {  // white to dark red, as matplotlib's "Reds"
   const t = Math.max(0, Math.min(1, w));
   return `rgb(${Math.round(255 - 152 * t)},${Math.round(245 - 245 * t)},${Math.round(240 - 227 * t)})`;
 }
-function drawCells(ctx, m, x0, y0, cell) {
+function largest(m) { return Math.max(...m.map((row) => Math.max(...row))); }
+function drawCells(ctx, m, x0, y0, cell) {  // colours scaled to the map's largest weight, as imshow does
+  const top = largest(m);
   for (let i = 0; i < T; i++) for (let j = 0; j < T; j++) {
-    ctx.fillStyle = color(m[i][j]); ctx.fillRect(x0 + j * cell, y0 + i * cell, cell, cell);
+    ctx.fillStyle = color(m[i][j] / top); ctx.fillRect(x0 + j * cell, y0 + i * cell, cell, cell);
   }
   ctx.strokeStyle = "#000"; ctx.lineWidth = 1; ctx.beginPath();
   ctx.moveTo(x0 + data.boundary * cell, y0); ctx.lineTo(x0 + data.boundary * cell, y0 + T * cell);
@@ -258,6 +270,8 @@ function draw() {
     ctx.strokeStyle = "#000"; ctx.lineWidth = 2;
     ctx.strokeRect(margin, margin + query * cell, T * cell, cell);
   }
+  document.getElementById("scale").textContent =
+    `the darkest cell is a weight of ${largest(m).toFixed(3)}; each map is coloured from 0 to its own largest weight`;
   map.dataset.view = `layer ${+layerSelect.value + 1}, head ${headSelect.value === "mean" ? "mean" : +headSelect.value + 1}`;
   for (const c of document.querySelectorAll("#overview canvas"))
     c.classList.toggle("picked", c.dataset.layer === layerSelect.value && c.dataset.head === headSelect.value);
@@ -265,15 +279,16 @@ function draw() {
 }
 function showQuery(m) {
   const spans = document.querySelectorAll("#tokens span[data-i]");
+  const top = query === null ? 1 : Math.max(...m[query]);
   spans.forEach((s, j) => {
     s.classList.toggle("query", j === query);
-    s.style.background = query === null ? "" : color(m[query][j]);
-    s.style.color = query !== null && m[query][j] > 0.5 ? "#fff" : "";
+    s.style.background = query === null ? "" : color(m[query][j] / top);
+    s.style.color = query !== null && m[query][j] / top > 0.6 ? "#fff" : "";
   });
   if (query === null) { readout.textContent = ""; return; }
-  const top = m[query].map((w, j) => [w, j]).sort((a, b) => b[0] - a[0]).slice(0, 3);
+  const strongest = m[query].map((w, j) => [w, j]).sort((a, b) => b[0] - a[0]).slice(0, 3);
   readout.textContent = `${data.tokens[query]} attends to: ` +
-    top.map(([w, j]) => `${data.tokens[j]} ${w.toFixed(3)}`).join(", ");
+    strongest.map(([w, j]) => `${data.tokens[j]} ${w.toFixed(3)}`).join(", ");
 }
 function setQuery(i) { query = i; draw(); }
 
@@ -292,7 +307,7 @@ map.addEventListener("mousemove", (e) => {
 });
 map.addEventListener("mouseleave", () => setQuery(null));
 
-const overview = document.getElementById("overview"), small = Math.max(2, Math.floor(64 / T));
+const overview = document.getElementById("overview"), small = Math.max(2, Math.floor(48 / T));
 const header = overview.insertRow();
 header.appendChild(document.createElement("th"));
 for (let h = 0; h <= heads; h++) {
