@@ -16,6 +16,7 @@ import numpy as onp
 from mxnet import gluon, np
 
 from .errors import UserError
+from .model import _write_atomically
 from .snli import LABELS
 
 matplotlib.use("Agg")  # scripts and servers have no display; figures are saved as files
@@ -140,7 +141,8 @@ def save_png(pair, path, heads="all"):
 
 def save_html(pair, path):
     """One self-contained page (no network): pick a layer and head, hover a token to see where it attends."""
-    data = {"premise": pair.premise, "hypothesis": pair.hypothesis, "tokens": pair.tokens, "segments": [int(s) for s in pair.segments], "label": pair.label,
+    data = {"premise": pair.premise, "hypothesis": pair.hypothesis, "tokens": pair.tokens,
+            "segments": [int(s) for s in pair.segments], "label": pair.label,
             "probabilities": pair.probabilities, "boundary": pair.boundary,
             "weights": onp.round(pair.weights.astype(onp.float64), 4).tolist()}  # float64: short decimals
     values = {"TITLE": html.escape(f"{pair.premise} / {pair.hypothesis}"),
@@ -159,14 +161,11 @@ def view_format(path):
 
 
 def save_view(pair, path, heads="all"):
-    """Write the view `path` names: a .png figure or a .html page."""
-    ext = view_format(path)
-    tmp = path + ".tmp" + ext  # a crash never leaves a half-written view
-    if ext == ".png":
-        save_png(pair, tmp, heads)
+    """Write the view `path` names, a .png figure or a .html page, never leaving half a file."""
+    if view_format(path) == ".png":
+        _write_atomically(path, lambda tmp: save_png(pair, tmp, heads))
     else:
-        save_html(pair, tmp)
-    os.replace(tmp, path)
+        _write_atomically(path, lambda tmp: save_html(pair, tmp))
 
 
 # The page: its data inlined as JSON, drawn on canvases by a few lines of plain JavaScript.
@@ -224,7 +223,8 @@ document.querySelector(".hypothesis").textContent = "hypothesis: " + data.hypoth
 for (const [label, p] of Object.entries(data.probabilities)) {
   const div = document.createElement("div");
   div.className = "prob" + (label === data.label ? " top" : "");
-  div.innerHTML = `<div>${label} ${p.toFixed(3)}</div><div class="bar"><div style="width:${(100 * p).toFixed(1)}%"></div></div>`;
+  div.innerHTML = `<div>${label} ${p.toFixed(3)}</div>` +
+    `<div class="bar"><div style="width:${(100 * p).toFixed(1)}%"></div></div>`;
   document.getElementById("probs").appendChild(div);
 }
 for (let l = 0; l < layers; l++) layerSelect.add(new Option(`${l + 1}`, l));
@@ -272,7 +272,8 @@ function draw() {
   }
   document.getElementById("scale").textContent =
     `the darkest cell is a weight of ${largest(m).toFixed(3)}; each map is coloured from 0 to its own largest weight`;
-  map.dataset.view = `layer ${+layerSelect.value + 1}, head ${headSelect.value === "mean" ? "mean" : +headSelect.value + 1}`;
+  const head = headSelect.value === "mean" ? "mean" : +headSelect.value + 1;
+  map.dataset.view = `layer ${+layerSelect.value + 1}, head ${head}`;
   for (const c of document.querySelectorAll("#overview canvas"))
     c.classList.toggle("picked", c.dataset.layer === layerSelect.value && c.dataset.head === headSelect.value);
   showQuery(m);
@@ -294,7 +295,9 @@ function setQuery(i) { query = i; draw(); }
 
 const tokenRow = document.getElementById("tokens");
 data.tokens.forEach((token, i) => {
-  if (i === data.boundary) { const sep = document.createElement("span"); sep.className = "sep"; tokenRow.appendChild(sep); }
+  if (i === data.boundary) {
+    const sep = document.createElement("span"); sep.className = "sep"; tokenRow.appendChild(sep);
+  }
   const span = document.createElement("span");
   span.textContent = token; span.dataset.i = i; span.className = data.segments[i] === 0 ? "p" : "h";
   span.addEventListener("mouseenter", () => setQuery(i));
@@ -311,7 +314,8 @@ const overview = document.getElementById("overview"), small = Math.max(2, Math.f
 const header = overview.insertRow();
 header.appendChild(document.createElement("th"));
 for (let h = 0; h <= heads; h++) {
-  const th = document.createElement("th"); th.textContent = h < heads ? `head ${h + 1}` : "mean"; header.appendChild(th);
+  const th = document.createElement("th");
+  th.textContent = h < heads ? `head ${h + 1}` : "mean"; header.appendChild(th);
 }
 for (let l = 0; l < layers; l++) {
   const row = overview.insertRow(), th = document.createElement("th");

@@ -62,7 +62,8 @@ def test_shape_tokens_and_segments_match_the_model_and_the_pair(pair):
     length = len(pair.tokens)
     assert pair.weights.shape == (SIZES["num_blks"], SIZES["num_heads"], length, length)
     assert pair.tokens[:3] == ["<cls>", "a", "man"] and pair.tokens[-1] == "<sep>"
-    assert pair.tokens[pair.boundary - 1] == "<sep>" and pair.tokens[pair.boundary:] == "a person is awake . <sep>".split()
+    assert pair.tokens[pair.boundary - 1] == "<sep>"
+    assert pair.tokens[pair.boundary:] == "a person is awake . <sep>".split()
     assert pair.segments.tolist() == [0] * pair.boundary + [1] * (length - pair.boundary)
 
 
@@ -117,7 +118,8 @@ def test_figure_has_a_panel_per_layer_and_head_tokens_boundary_and_prediction(pa
         assert len(maps) == panels
         assert [t.get_text() for t in maps[0].get_yticklabels()] == pair.tokens
         assert [t.get_text() for t in maps[-1].get_xticklabels()] == pair.tokens
-        assert maps[-1].get_title() == (f"layer {layers}, head {heads}" if mode == "all" else f"layer {layers}, heads' mean")
+        last = f"layer {layers}, head {heads}" if mode == "all" else f"layer {layers}, heads' mean"
+        assert maps[-1].get_title() == last
         assert any(list(line.get_xdata()) == [pair.boundary - 0.5] * 2 for line in maps[0].lines)
         expected = pair.weights.mean(axis=1)[-1] if mode == "mean" else pair.weights[-1, -1]
         onp.testing.assert_allclose(maps[-1].images[0].get_array(), expected)
@@ -159,11 +161,11 @@ def test_html_page_renders_in_a_real_browser(pair, tmp_path):
         assert driver.execute_script("return document.getElementById('map').toDataURL()") != picture
 
         query = pair.tokens.index("person")
-        ActionChains(driver).move_to_element(driver.find_elements(By.CSS_SELECTOR, "#tokens span[data-i]")[query]).perform()
+        tokens = driver.find_elements(By.CSS_SELECTOR, "#tokens span[data-i]")
+        ActionChains(driver).move_to_element(tokens[query]).perform()
         top = pair.tokens[int(pair.weights[0, 2, query].argmax())]
         assert driver.find_element(By.ID, "readout").text.startswith(f"person attends to: {top} ")
-        shaded = [s.value_of_css_property("background-color")
-                  for s in driver.find_elements(By.CSS_SELECTOR, "#tokens span[data-i]")]
+        shaded = [token.value_of_css_property("background-color") for token in tokens]
         assert len(set(shaded)) > 2  # each token shaded by the weight "person" gives it
 
         Select(driver.find_element(By.ID, "layer")).select_by_value("1")
@@ -197,4 +199,4 @@ def test_cli_writes_the_views_and_refuses_what_it_cannot_draw(run_dir, tmp_path)
     assert "Traceback" not in result.stderr
     result = run_cli("predict", "--run", run_dir, "--file", DEV_PAIRS, "--attention", png)
     assert result.returncode == 2 and "--attention draws one pair" in result.stderr
-    assert not os.path.exists(str(png) + ".tmp.png")
+    assert not os.path.exists(str(png) + ".tmp")
