@@ -50,6 +50,13 @@ ROWS = [
     ("Batch prediction, bert.small shape, pairs/sec", "bench/results/bench_predict.json",
      ("pairs_per_sec.book_one_pair_at_a_time", "pairs_per_sec.nli_batched", "ratio_batched_vs_book"), "{:.1f}",
      "d2l predict_snli, one pair at a time"),
+    ("Prediction collecting every layer's and head's attention weights, all-MiniLM-L6-v2 (72 maps a pair), "
+     "pairs/sec", "bench/results/bench_attention.json",
+     ("pairs_per_sec.ordinary_after_asked", "pairs_per_sec.collecting", "ratios.collecting_over_ordinary"), "{:.1f}",
+     "nli, not collecting"),
+    ("  ordinary prediction once attention has been asked for, pairs/sec", "bench/results/bench_attention.json",
+     ("pairs_per_sec.never_asked", "pairs_per_sec.ordinary_after_asked", "ratios.after_asked_over_never_asked"),
+     "{:.1f}", "nli, attention never asked"),
     ("all-MiniLM-L6-v2 fine-tuned on 80% of the real SNLI dev pairs: test accuracy on the other 20%, "
      "mean over the run's seeds",
      "bench/results/bench_accuracy.json", ("peer.accuracy", "nli.accuracy", None), "{:.4f}",

@@ -54,6 +54,9 @@ class MultiHeadAttention(nn.HybridBlock):
         self.W_k = nn.Dense(num_hiddens, **dense)
         self.W_v = nn.Dense(num_hiddens, **dense)
         self.W_o = nn.Dense(num_hiddens, **dense)
+        # A list while `nli.attention` traces a graph that also returns the weights; None otherwise, so the
+        # graph that predicts and trains is built without them and costs nothing more.
+        self.weights_sink = None
 
     def _split_heads(self, F, X):
         # (batch, steps, hiddens) -> (batch * heads, steps, hiddens / heads)
@@ -75,6 +78,8 @@ class MultiHeadAttention(nn.HybridBlock):
         query_positions = F.npx.arange_like(scores, axis=1).reshape(1, -1)
         lens = F.np.repeat(valid_lens, self.num_heads, axis=0).reshape(-1, 1) + F.np.zeros_like(query_positions)
         weights = F.npx.softmax(scores, length=lens.astype("int32"), axis=-1, use_length=True)
+        if self.weights_sink is not None:
+            self.weights_sink.append(weights)
         weights = self.attention_dropout(weights)
         return self.W_o(self._merge_heads(F, F.npx.batch_dot(weights, values)))
 

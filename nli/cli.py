@@ -55,6 +55,11 @@ def build_parser():
     predict.add_argument("--tokenized", action="store_true",
                          help="the text is already tokenized as SNLI's is: split on spaces only")
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
+    predict.add_argument("--attention", metavar="FILE",
+                         help="also draw the pair's attention weights: FILE.png, a figure of every layer and "
+                              "head, or FILE.html, a page to explore them (one pair only)")
+    predict.add_argument("--heads", choices=["all", "mean"], default="all",
+                         help="the .png shows every head, or each layer's mean of the heads")
     commands.add_parser("doctor", help="versions, MXNet's build, devices, OpenMP, the download cache, and the fix "
                                        "for each known problem found")
     return parser
@@ -161,16 +166,25 @@ def run_evaluate(args):
 
 
 def run_predict(args):
-    from . import data, evaluate
+    from . import attention, data, evaluate
     one_pair = args.premise is not None
     if one_pair + (args.file is not None) + args.stdin != 1 or one_pair != (args.hypothesis is not None):
         raise UserError("Give one pair (PREMISE HYPOTHESIS), or --file FILE, or --stdin.")
+    if args.attention and not one_pair:
+        raise UserError("--attention draws one pair: give PREMISE HYPOTHESIS, not --file or --stdin.")
+    if args.attention:
+        attention.view_format(args.attention)
     predictor = evaluate.Predictor.from_run(args.run, data.parse_devices(args.devices), args.batch_size)
     if one_pair:
         result = predictor.predict(args.premise, args.hypothesis, args.tokenized)
         print(json.dumps(result, ensure_ascii=False))
         if warning := evaluate.unknown_warning(result["unknown_share"]):
             print(warning, file=sys.stderr)
+        if args.attention:
+            view = predictor.attention(args.premise, args.hypothesis, args.tokenized)
+            attention.save_view(view, args.attention, args.heads)
+            print(f"wrote {args.attention}: attention of {view.weights.shape[0]} layers x {view.weights.shape[1]} "
+                  f"heads over {len(view.tokens)} tokens", file=sys.stderr)
     else:
         summary = evaluate.predict_file(predictor, args.file, args.output, args.tokenized, progress=not args.quiet)
         print(evaluate.describe_summary(summary), file=sys.stderr)

@@ -11,7 +11,7 @@ import matplotlib
 import numpy as onp
 from tqdm import tqdm
 
-from . import data, model, rundir, snli
+from . import attention, data, model, rundir, snli
 from .errors import UserError
 from .snli import LABEL_IDS, LABELS, NO_GOLD_LABEL
 
@@ -181,19 +181,24 @@ class Predictor:
         unknown = onp.add.reduceat((encoded.token_ids == self.vocab.unk).astype(onp.int64), encoded.offsets[:-1])
         return unknown / onp.maximum(encoded.valid_lens - 3, 1)
 
-    def predict_pairs(self, pairs, tokenized=False, progress=False):
-        """Label, label -> probability and unknown-token share of each (premise, hypothesis), in order.
+    def encode_text(self, pairs, tokenized=False):
+        """Encoded (premise, hypothesis) pairs of text, unlabelled.
 
         Raw text is tokenized as SNLI's text was; `tokenized=True` takes text already split that way."""
-        pairs = list(pairs)
-        if not pairs:
-            return []
         for i, (premise, hypothesis) in enumerate(pairs):
             if not premise.strip() or not hypothesis.strip():
                 raise UserError(f"Pair {i}: empty {'premise' if not premise.strip() else 'hypothesis'}.")
         prepare = str.strip if tokenized else snli.tokenize_raw
         premises, hypotheses = ([prepare(s) for s in side] for side in zip(*pairs))
-        encoded = self.encode(premises, hypotheses, onp.zeros(len(pairs), dtype=onp.int32))
+        return self.encode(premises, hypotheses, onp.zeros(len(pairs), dtype=onp.int32))
+
+    def predict_pairs(self, pairs, tokenized=False, progress=False):
+        """Label, label -> probability and unknown-token share of each (premise, hypothesis), in order (see
+        `encode_text`)."""
+        pairs = list(pairs)
+        if not pairs:
+            return []
+        encoded = self.encode_text(pairs, tokenized)
         probs = softmax(self.logits(encoded, progress))
         return [{"label": LABELS[int(p.argmax())], "probabilities": dict(zip(LABELS, map(float, p))),
                  "unknown_share": round(float(u), 4), "tokens": int(n)}
@@ -202,6 +207,12 @@ class Predictor:
     def predict(self, premise, hypothesis, tokenized=False):
         """Label and label -> probability of one pair of sentences."""
         return self.predict_pairs([(premise, hypothesis)], tokenized)[0]
+
+    def attention(self, premise, hypothesis, tokenized=False):
+        """One pair's tokens, their segments, label, probabilities and attention weights (layers, heads, T, T),
+        all from one forward pass: an `attention.PairAttention`."""
+        encoded = self.encode_text([(premise, hypothesis)], tokenized)
+        return attention.pair_attention(self.net, self.vocab, encoded, self.devices[0], premise, hypothesis)
 
 
 def predict_snli(net, vocab, premise, hypothesis, devices, max_len):

@@ -11,7 +11,7 @@ from conftest import ROOT, closed_port
 CHAPTER_OUTPUTS = {  # script -> files it must leave under --out
     "natural_language_inference_and_dataset.py": ["lengths.png"],
     "natural_language_inference_bert.py": ["config.json", "model.params", "metrics.jsonl", "curves.png",
-                                           "results.json"],
+                                           "results.json", "attention_before.png", "attention_after.png"],
     "exercise_bert_base.py": ["config.json", "model.params", "metrics.jsonl", "curves.png", "results.json"],
     "exercise_truncation.py": ["tokens_cut.png", "truncation.json", "ratio/metrics.jsonl"],
 }

@@ -272,6 +272,20 @@ def test_hf_run_evaluates_and_predicts_through_the_cli(hf_run):
     assert sum(prediction["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_hf_run_shows_its_attention_over_word_pieces(hf_run):
+    from nli import evaluate
+    root, env = hf_run
+    pair = evaluate.Predictor.from_run(str(root / "run"), [mx.cpu()]).attention("A man sleeps.", "A person sleeps.")
+    assert pair.tokens == ["[CLS]", "a", "man", "sleep", "##s", ".", "[SEP]", "a", "person", "sleep", "##s", ".",
+                           "[SEP]"]
+    assert pair.boundary == 7 and pair.weights.shape == (TINY["num_hidden_layers"], TINY["num_attention_heads"], 13, 13)
+    onp.testing.assert_allclose(pair.weights.sum(axis=-1), 1.0, atol=1e-5)
+    result = run_cli("predict", "--run", root / "run", "--devices", "cpu", "A man sleeps.", "A person sleeps.",
+                     "--attention", root / "attention.html", env=env)
+    assert result.returncode == 0, result.stderr
+    assert '"tokens": ["[CLS]", "a", "man", "sleep", "##s"' in (root / "attention.html").read_text()
+
+
 def test_wordpiece_pairs_share_the_books_layout_and_truncation(tiny):
     tokenizer = hf.WordPieceTokenizer.from_checkpoint(tiny[0])
     encoded = snli.encode_pairs(["A man sleeps."], ["A man."], [0], tokenizer, max_len=8)
