@@ -70,7 +70,7 @@ def main():
     graph = attention.attention_graph(asked.net)
     ways = {"never_asked": never_asked.logits, "ordinary_after_asked": asked.logits,
             "collecting": lambda encoded: evaluate.predict_logits(
-                collecting(graph), encoded, [device], args.batch_size, asked.vocab["<pad>"], MAX_LEN)}
+                collecting(graph), encoded, [device], args.batch_size)}
     for way in ways.values():  # warm-up: one graph per batch shape
         way(encoded)
 

@@ -42,7 +42,7 @@ from nli import bert, data, model, snli, train  # noqa: E402
 from nli.recipe import BOOK  # noqa: E402
 
 DATA = os.path.join(ROOT, "tests", "data", "snli_1.0_dev_pairs.tsv")
-BOOK = os.path.join(ROOT, "tests", "book_reference.py")
+BOOK_SCRIPT = os.path.join(ROOT, "tests", "book_reference.py")
 SMALL = dict(num_hiddens=256, ffn_num_hiddens=512, num_heads=4, num_blks=2, dropout=0.1, max_len=512)  # bert.small
 BATCH_SIZE, MAX_LEN, LR = 512, 128, 1e-4  # the book's
 
@@ -76,7 +76,7 @@ def run_book(steps, env, label):
     """The book's code (tests/book_reference.py) for `steps` steps of one epoch of train_ch13: its figures."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "book.json")
-        command = [sys.executable, BOOK, "--train", DATA, "--eval", DATA, "--eval-limit", "512",
+        command = [sys.executable, BOOK_SCRIPT, "--train", DATA, "--eval", DATA, "--eval-limit", "512",
                    "--max-steps", str(steps), "--epochs", "1", "--out", out]
         print(f"[{label}] {' '.join(command)}  (OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', 'unset')})",
               flush=True)

@@ -77,7 +77,7 @@ def attention_graph(net):
 def pair_attention(net, vocab, encoded, device, premise, hypothesis):
     """The `PairAttention` of the one pair in `encoded` (unpadded), its weights and label from one forward pass."""
     length = int(encoded.valid_lens[0])
-    token_ids, segments, valid_lens = encoded.padded([0], length, vocab["<pad>"])
+    token_ids, segments, valid_lens = encoded.padded([0], length)
     probabilities, weights = attention_graph(net)(np.array(token_ids, dtype="int32", ctx=device),
                                                   np.array(segments, dtype="int32", ctx=device),
                                                   np.array(valid_lens, dtype="float32", ctx=device))

@@ -52,7 +52,7 @@ def batched_weights(predictor, pairs):
     """(encoded pairs, their probabilities and weights run as one batch padded past the longest pair)."""
     from mxnet import np
     encoded = predictor.encode_text(pairs, tokenized=True)
-    tokens, segments, valid_lens, _ = data.make_batch(encoded, onp.arange(len(pairs)), predictor.vocab["<pad>"], 48)
+    tokens, segments, valid_lens, _ = data.make_batch(encoded, onp.arange(len(pairs)))
     probabilities, weights = attention.attention_graph(predictor.net)(np.array(tokens), np.array(segments),
                                                                       np.array(valid_lens))
     return encoded, probabilities.asnumpy(), weights.asnumpy()
