@@ -24,18 +24,24 @@ LENGTH_BUCKETS = (16, 24, 32, 48, 64)  # upper bounds in tokens; SNLI pairs aver
 HIGH_UNKNOWN_SHARE = 0.05  # above this share of unknown tokens, predictions deserve a warning
 
 
-def predict_logits(net, encoded, devices, batch_size, pad_id, max_len, progress=False):
-    """Logits of every pair in `encoded`, in input order: length-sorted batches split over `devices`."""
+def batched_logits(run_batch, encoded, batch_size, pad_id, max_len, progress=False):
+    """Logits of every pair in `encoded`, in input order: `run_batch(tokens, segments, valid_lens)` on each
+    batch of pairs sorted by length, so padding each to its longest costs little."""
     logits = onp.zeros((len(encoded), len(LABELS)), dtype=onp.float32)
     with tqdm(total=len(encoded), unit="pair", desc="predict", disable=not progress, leave=False) as bar:
-        # Batches of pairs sorted by length, so padding each to its longest costs little.
         for indices in data.LengthBucketSampler(encoded.valid_lens, batch_size, shuffle=False, bucket_width=1):
             tokens, segments, valid_lens, _ = data.make_batch(encoded, indices, pad_id, max_len)
-            shards = data.split_batch((tokens, segments, valid_lens), devices[:len(indices)])
-            outputs = [net(*shard) for shard in shards]  # every device starts before any result is read
-            logits[indices] = onp.concatenate([out.asnumpy() for out in outputs])
+            logits[indices] = run_batch(tokens, segments, valid_lens)
             bar.update(len(indices))
     return logits
+
+
+def predict_logits(net, encoded, devices, batch_size, pad_id, max_len, progress=False):
+    """Logits of every pair in `encoded`, in input order: length-sorted batches split over `devices`."""
+    def run_batch(*arrays):
+        outputs = [net(*shard) for shard in data.split_batch(arrays, devices[:len(arrays[0])])]
+        return onp.concatenate([out.asnumpy() for out in outputs])  # every device started before any is read
+    return batched_logits(run_batch, encoded, batch_size, pad_id, max_len, progress)
 
 
 def accuracy(net, encoded, devices, batch_size, pad_id, max_len):
@@ -163,8 +169,11 @@ class Predictor:
 
     @classmethod
     def from_run(cls, run_dir, devices=None, batch_size=256):
-        """Load the run dir written by `finetune` onto `devices` (default: every GPU, else the CPU)."""
-        from . import model, train  # train imports this module, so import it only when called
+        """Load the run dir written by `finetune` onto `devices` (default: every GPU, else the CPU), or
+        the one written by `export`, which ONNX Runtime runs on the CPU."""
+        from . import export, model, train  # they import this module, so import them only when called
+        if export.is_exported(run_dir):
+            return export.OnnxPredictor.from_export(run_dir, batch_size)
         devices = devices or train.parse_devices("auto")
         net, vocab, config = model.load_run(run_dir, devices)
         return cls(net, vocab, config, devices, batch_size)
