@@ -13,12 +13,16 @@ import os
 import shutil
 
 import numpy as onp
-import onnx
-from onnx import TensorProto, helper, numpy_helper
 
 from . import __version__, evaluate
 from . import model as model_lib
 from .errors import UserError
+
+try:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+except ImportError:  # predicting needs only onnxruntime; see `require_onnx`
+    onnx = None
 
 MODEL_FILE = "model.onnx"
 OPSET = 17  # the first opset with LayerNormalization
@@ -137,6 +141,14 @@ def classifier_graph(params, bert, opset=OPSET):
     return onnx_model
 
 
+def require_onnx():
+    """Fail in one sentence when the `onnx` package, which building the graph needs, is not installed."""
+    if onnx is None:
+        raise UserError("Exporting needs the onnx package (pip install onnx==1.23.2). On Python 3.13 it needs "
+                        "numpy>=2.1, which MXNet 1.9.1 cannot import: export on Python 3.11 or 3.12; "
+                        "the exported run predicts anywhere onnxruntime installs.")
+
+
 def check_opset(opset):
     """Fail unless `opset` has every operator the graph uses and the installed onnx knows it."""
     newest = onnx.defs.onnx_opset_version()
@@ -155,6 +167,7 @@ def quantize_int8(fp32_path, int8_path):
 def export_run(run_dir, out_dir, int8=False, opset=OPSET):
     """Write `out_dir`: a run dir whose model is `model.onnx` built from `run_dir`'s parameters; its config."""
     import mxnet as mx
+    require_onnx()
     check_opset(opset)
     if is_exported(run_dir):
         raise UserError(f"{run_dir} is already an ONNX export; export the run it came from "
