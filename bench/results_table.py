@@ -15,6 +15,8 @@ BOOK_FIGURES = "bench/book_figures.json"
 NOT_RUN = "not run here: bert.small/bert.base and SNLI need downloads this machine cannot make"
 SPLIT = "real SNLI dev pairs: 7,873 to train, 1,969 to test"
 
+ONNX, MXNET_FP32 = "bench/results/bench_onnx.json", "nli, MXNet fp32"
+
 # what, results file, (peer figure path, nli figure path, ratio path), format, peer's name
 ROWS = [
     ("Encoding 550,152 SNLI-train-sized pairs (the real dev pairs repeated) to the book's arrays, seconds",
@@ -50,6 +52,26 @@ ROWS = [
     ("Batch prediction, bert.small shape, pairs/sec", "bench/results/bench_predict.json",
      ("pairs_per_sec.book_one_pair_at_a_time", "pairs_per_sec.nli_batched", "ratio_batched_vs_book"), "{:.1f}",
      "d2l predict_snli, one pair at a time"),
+    ("Prediction with ONNX Runtime int8 (`nli export --int8`), all-MiniLM-L6-v2 fine-tuned on real SNLI pairs, "
+     "batch 128, pairs/sec", ONNX, ("models.minilm.pairs_per_sec.mxnet_fp32", "models.minilm.pairs_per_sec.onnx_int8",
+                                   "models.minilm.ratio_vs_mxnet_fp32.onnx_int8"), "{:.1f}", MXNET_FP32),
+    ("  same, ONNX Runtime fp32", ONNX, ("models.minilm.pairs_per_sec.mxnet_fp32",
+                                        "models.minilm.pairs_per_sec.onnx_fp32",
+                                        "models.minilm.ratio_vs_mxnet_fp32.onnx_fp32"), "{:.1f}", MXNET_FP32),
+    ("  same, int8: test accuracy on the 1,969 held-out pairs", ONNX,
+     ("models.minilm.accuracy.mxnet_fp32", "models.minilm.accuracy.onnx_int8", None), "{:.4f}", MXNET_FP32),
+    ("  same, int8: share of labels equal to MXNet fp32's", ONNX,
+     (None, "models.minilm.label_agreement_with_mxnet_fp32.onnx_int8", None), "{:.4f}", MXNET_FP32),
+    ("  same, fp32: share of labels equal to MXNet fp32's", ONNX,
+     (None, "models.minilm.label_agreement_with_mxnet_fp32.onnx_fp32", None), "{:.4f}", MXNET_FP32),
+    ("Prediction with ONNX Runtime int8, bert.small shape (random init), batch 128, pairs/sec", ONNX,
+     ("models.bert_small.pairs_per_sec.mxnet_fp32", "models.bert_small.pairs_per_sec.onnx_int8",
+      "models.bert_small.ratio_vs_mxnet_fp32.onnx_int8"), "{:.1f}", MXNET_FP32),
+    ("  same, ONNX Runtime fp32", ONNX, ("models.bert_small.pairs_per_sec.mxnet_fp32",
+                                        "models.bert_small.pairs_per_sec.onnx_fp32",
+                                        "models.bert_small.ratio_vs_mxnet_fp32.onnx_fp32"), "{:.1f}", MXNET_FP32),
+    ("  same, int8: share of labels equal to MXNet fp32's", ONNX,
+     (None, "models.bert_small.label_agreement_with_mxnet_fp32.onnx_int8", None), "{:.4f}", MXNET_FP32),
     ("all-MiniLM-L6-v2 fine-tuned on 80% of the real SNLI dev pairs: test accuracy on the other 20%, "
      "mean over the run's seeds",
      "bench/results/bench_accuracy.json", ("peer.accuracy", "nli.accuracy", None), "{:.4f}",
