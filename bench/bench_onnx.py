@@ -100,6 +100,7 @@ def compare(name, sides, encoded, rounds):
             "label_agreement_with_mxnet_fp32": {side: float((labels[side] == labels["mxnet_fp32"]).mean())
                                                 for side in SIDES[1:]},
             "accuracy": {side: float((labels[side] == encoded.labels).mean()) for side in SIDES},
+            "mxnet_fp32_label_counts": dict(zip(snli.LABELS, onp.bincount(labels["mxnet_fp32"], minlength=3).tolist())),
             "max_abs_logit_difference_vs_mxnet_fp32": {
                 side: float(onp.abs(logits[side] - logits["mxnet_fp32"]).max()) for side in SIDES[1:]}}
 
