@@ -225,9 +225,10 @@ def inference_session(path, threads=None):
     options = ort.SessionOptions()
     # The thread count chosen for MXNet (nli sets OMP_NUM_THREADS to the core count unless the user did).
     options.intra_op_num_threads = threads or int(os.environ.get("OMP_NUM_THREADS", 0) or 0)
-    # Threads that sleep while they wait, as nli's OMP_WAIT_POLICY=PASSIVE makes MXNet's: on a busy 2-core
-    # machine, spinning ones made ONNX Runtime 10-25% slower (bench/bench_onnx.py's bert.small shape).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Threads wait as OMP_WAIT_POLICY says MXNet's do (nli's default: PASSIVE, sleeping): on the busy 2-core
+    # machine here, spinning made ONNX Runtime 10-25% slower; on a quiet one, it was faster.
+    spin = os.environ.get("OMP_WAIT_POLICY", "PASSIVE").upper() == "ACTIVE"
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     try:
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     except (Fail, InvalidGraph, InvalidProtobuf, NoSuchFile) as e:
