@@ -70,7 +70,8 @@ ROWS = [
     ("  same, ONNX Runtime fp32", ONNX, ("models.bert_small.pairs_per_sec.mxnet_fp32",
                                         "models.bert_small.pairs_per_sec.onnx_fp32",
                                         "models.bert_small.ratio_vs_mxnet_fp32.onnx_fp32"), "{:.1f}", MXNET_FP32),
-    ("  same, int8: share of labels equal to MXNet fp32's", ONNX,
+    ("  same, int8: share of labels equal to MXNet fp32's (the random model gives most pairs one label: see "
+     "mxnet_fp32_label_counts)", ONNX,
      (None, "models.bert_small.label_agreement_with_mxnet_fp32.onnx_int8", None), "{:.4f}", MXNET_FP32),
     ("all-MiniLM-L6-v2 fine-tuned on 80% of the real SNLI dev pairs: test accuracy on the other 20%, "
      "mean over the run's seeds",
