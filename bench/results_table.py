@@ -15,6 +15,8 @@ BOOK_FIGURES = "bench/book_figures.json"
 NOT_RUN = "not run here: bert.small/bert.base and SNLI need downloads this machine cannot make"
 SPLIT = "real SNLI dev pairs: 7,873 to train, 1,969 to test"
 
+ONNX, MXNET_FP32 = "bench/results/bench_onnx.json", "nli, MXNet fp32"
+
 # what, results file, (peer figure path, nli figure path, ratio path), format, peer's name
 ROWS = [
     ("Encoding 550,152 SNLI-train-sized pairs (the real dev pairs repeated) to the book's arrays, seconds",
@@ -57,6 +59,27 @@ ROWS = [
     ("  ordinary prediction once attention has been asked for, pairs/sec", "bench/results/bench_attention.json",
      ("pairs_per_sec.never_asked", "pairs_per_sec.ordinary_after_asked", "ratios.after_asked_over_never_asked"),
      "{:.1f}", "nli, attention never asked"),
+    ("Prediction with ONNX Runtime int8 (`nli export --int8`), all-MiniLM-L6-v2 fine-tuned on real SNLI pairs, "
+     "batch 128, pairs/sec", ONNX, ("models.minilm.pairs_per_sec.mxnet_fp32", "models.minilm.pairs_per_sec.onnx_int8",
+                                   "models.minilm.ratio_vs_mxnet_fp32.onnx_int8"), "{:.1f}", MXNET_FP32),
+    ("  same, ONNX Runtime fp32", ONNX, ("models.minilm.pairs_per_sec.mxnet_fp32",
+                                        "models.minilm.pairs_per_sec.onnx_fp32",
+                                        "models.minilm.ratio_vs_mxnet_fp32.onnx_fp32"), "{:.1f}", MXNET_FP32),
+    ("  same, int8: test accuracy on the 1,969 held-out pairs", ONNX,
+     ("models.minilm.accuracy.mxnet_fp32", "models.minilm.accuracy.onnx_int8", None), "{:.4f}", MXNET_FP32),
+    ("  same, int8: share of labels equal to MXNet fp32's", ONNX,
+     (None, "models.minilm.label_agreement_with_mxnet_fp32.onnx_int8", None), "{:.4f}", MXNET_FP32),
+    ("  same, fp32: share of labels equal to MXNet fp32's", ONNX,
+     (None, "models.minilm.label_agreement_with_mxnet_fp32.onnx_fp32", None), "{:.4f}", MXNET_FP32),
+    ("Prediction with ONNX Runtime int8, bert.small shape (random init), batch 128, pairs/sec", ONNX,
+     ("models.bert_small.pairs_per_sec.mxnet_fp32", "models.bert_small.pairs_per_sec.onnx_int8",
+      "models.bert_small.ratio_vs_mxnet_fp32.onnx_int8"), "{:.1f}", MXNET_FP32),
+    ("  same, ONNX Runtime fp32", ONNX, ("models.bert_small.pairs_per_sec.mxnet_fp32",
+                                        "models.bert_small.pairs_per_sec.onnx_fp32",
+                                        "models.bert_small.ratio_vs_mxnet_fp32.onnx_fp32"), "{:.1f}", MXNET_FP32),
+    ("  same, int8: share of labels equal to MXNet fp32's (the random model gives most pairs one label: see "
+     "mxnet_fp32_label_counts)", ONNX,
+     (None, "models.bert_small.label_agreement_with_mxnet_fp32.onnx_int8", None), "{:.4f}", MXNET_FP32),
     ("all-MiniLM-L6-v2 fine-tuned on 80% of the real SNLI dev pairs: test accuracy on the other 20%, "
      "mean over the run's seeds",
      "bench/results/bench_accuracy.json", ("peer.accuracy", "nli.accuracy", None), "{:.4f}",

@@ -1,4 +1,4 @@
-"""Argument parsing over the package's functions: download, finetune, evaluate, predict."""
+"""Argument parsing over the package's functions: download, finetune, evaluate, predict, export."""
 import argparse
 import dataclasses
 import json
@@ -41,6 +41,13 @@ def build_parser():
     evaluate.add_argument("--out", default=None, help="folder for eval.json, confusion.png, errors.tsv "
                                                       "(default: the run dir)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    export = commands.add_parser("export", help="write a run as ONNX (model.onnx), to predict without MXNet")
+    export.add_argument("--run", required=True, help="the run dir `finetune` wrote")
+    export.add_argument("--out", required=True, help="the run dir to write: config.json, vocabulary, model.onnx")
+    export.add_argument("--int8", action="store_true",
+                        help="quantize the matrix products' weights to int8 (dynamic, per channel)")
+    export.add_argument("--opset", type=int, help="ONNX opset (default 17, the first with LayerNormalization)")
 
     predict = commands.add_parser("predict", help="labels of raw premise/hypothesis pairs: one, a file or stdin")
     predict.add_argument("--run", required=True)
@@ -190,6 +197,13 @@ def run_predict(args):
         print(evaluate.describe_summary(summary), file=sys.stderr)
 
 
+def run_export(args):
+    from . import export
+    config = export.export_run(args.run, args.out, args.int8, args.opset or export.OPSET)
+    print(f"wrote {args.out}/{config['onnx']['file']} (opset {config['onnx']['opset']}, "
+          f"{'int8' if args.int8 else 'fp32'}); evaluate and predict take --run {args.out}")
+
+
 def run_download(args):
     from . import hub
     from tqdm import tqdm
@@ -214,7 +228,7 @@ def main(argv=None):
     """Run one command; user mistakes print one sentence and exit 2, without a traceback."""
     args = build_parser().parse_args(argv)
     commands = {"download": run_download, "finetune": run_finetune, "evaluate": run_evaluate,
-                "predict": run_predict, "doctor": run_doctor}
+                "predict": run_predict, "doctor": run_doctor, "export": run_export}
     try:
         status = commands[args.command](args)
     except UserError as e:

@@ -25,13 +25,16 @@ HIGH_UNKNOWN_SHARE = 0.05  # above this share of unknown tokens, predictions des
 
 def predict_batches(forward, batches, devices, shape, progress=False, desc="predict"):
     """`forward`'s outputs, rows in example order, from `(positions, arrays)` batches: each batch is split
-    over `devices`, every device starts before any result is read, and the results are put together."""
+    over `devices`, every device starts before any result is read, and the results are put together.
+    Without `devices` (ONNX Runtime) `forward` takes and gives whole NumPy batches."""
     outputs = onp.zeros(shape, dtype=onp.float32)
     with tqdm(total=shape[0], unit="example", desc=desc, disable=not progress, leave=False) as bar:
         for positions, arrays in batches:
-            shards = data.split_batch(arrays, devices[:len(positions)])
-            results = [forward(*shard) for shard in shards]
-            outputs[positions] = onp.concatenate([result.asnumpy() for result in results])
+            if not devices:
+                outputs[positions] = forward(*arrays)
+            else:
+                results = [forward(*shard) for shard in data.split_batch(arrays, devices[:len(positions)])]
+                outputs[positions] = onp.concatenate([result.asnumpy() for result in results])
             bar.update(len(positions))
     return outputs
 
@@ -167,7 +170,11 @@ class Predictor:
 
     @classmethod
     def from_run(cls, run_dir, devices=None, batch_size=256):
-        """Load the run dir written by `finetune` onto `devices` (default: every GPU, else the CPU)."""
+        """Load the run dir written by `finetune` onto `devices` (default: every GPU, else the CPU), or
+        the one written by `export`, which ONNX Runtime runs on the CPU."""
+        from . import export  # it imports this module, so import it only when called
+        if export.is_exported(run_dir):
+            return export.OnnxPredictor.from_export(run_dir, batch_size)
         devices = devices or data.parse_devices("auto")
         net, vocab, config = model.load_run(run_dir, devices)
         return cls(net, vocab, config, devices, batch_size)

@@ -73,16 +73,7 @@ def load_run(run_dir, devices):
             raise UserError(f"{run_dir} is not a finished run: {name} is missing.")
     with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
-    tokenizer = config.get("tokenizer", BOOK_TOKENIZER)
-    vocab_path = os.path.join(run_dir, tokenizer["vocab"])
-    if not os.path.exists(vocab_path):
-        raise UserError(f"{run_dir} is not a finished run: {tokenizer['vocab']} is missing.")
-    if tokenizer["kind"] == "wordpiece":
-        vocab = hf.WordPieceTokenizer(vocab_path, tokenizer["lowercase"])
-    elif tokenizer["kind"] == BOOK_TOKENIZER["kind"]:
-        vocab = bert_lib.load_vocab(vocab_path)
-    else:
-        raise UserError(f"{run_dir}/config.json: tokenizer kind {tokenizer['kind']!r} is not known.")
+    vocab = load_tokenizer(run_dir, config)
     bert = bert_lib.BERTModel(**{**config["bert"], "dropout": 0.0})
     net = BERTClassifier(bert)
     params = os.path.join(run_dir, "model.params")
@@ -90,4 +81,17 @@ def load_run(run_dir, devices):
     net.load_parameters(params, ctx=devices)
     net.hybridize(static_alloc=True)
     return net, vocab, config
+
+
+def load_tokenizer(run_dir, config):
+    """The tokenizer's vocabulary of a run dir, as its config.json describes it."""
+    tokenizer = config.get("tokenizer", BOOK_TOKENIZER)
+    vocab_path = os.path.join(run_dir, tokenizer["vocab"])
+    if not os.path.exists(vocab_path):
+        raise UserError(f"{run_dir} is not a finished run: {tokenizer['vocab']} is missing.")
+    if tokenizer["kind"] == "wordpiece":
+        return hf.WordPieceTokenizer(vocab_path, tokenizer["lowercase"])
+    if tokenizer["kind"] == BOOK_TOKENIZER["kind"]:
+        return bert_lib.load_vocab(vocab_path)
+    raise UserError(f"{run_dir}/config.json: tokenizer kind {tokenizer['kind']!r} is not known.")
 
