@@ -63,7 +63,7 @@ def test_fp32_onnx_logits_equal_mxnet_on_batches_of_mixed_lengths(runs):
     # One batch whose pairs range from the shortest to cut ones: padding is masked, not merely short.
     order = onp.argsort(encoded.valid_lens)
     indices = order[onp.linspace(0, len(order) - 1, 12).astype(int)]
-    tokens, segments, valid_lens, _ = data.make_batch(encoded, indices, mxnet_side.vocab["<pad>"], MAX_LEN)
+    tokens, segments, valid_lens, _ = data.make_batch(encoded, indices)
     assert valid_lens.min() < tokens.shape[1] // 2
     onnx_logits = onnx_side.run_batch(tokens, segments, valid_lens)
     assert onp.abs(onnx_logits - expected[indices]).max() < 1e-4
