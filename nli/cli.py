@@ -29,6 +29,8 @@ def build_parser():
     finetune = commands.add_parser("finetune", help="fine-tune a pretrained BERT on SNLI pairs")
     add_recipe_arguments(finetune)
     finetune.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its checkpoint, as it was set")
+    finetune.add_argument("--overwrite", action="store_true",
+                          help="replace the run that --out holds (its model, checkpoint and evaluation files)")
     finetune.add_argument("--quiet", action="store_true", help="no progress bars")
 
     evaluate = commands.add_parser("evaluate", help="accuracy, per-class F1, confusion matrix, errors of a run")
@@ -126,6 +128,7 @@ def run_finetune(args):
     recipe = finetune_recipe(args)
     if recipe.model is None or recipe.out is None:
         raise UserError("finetune needs --model and --out (or --resume RUN_DIR to continue a run).")
+    earlier_run = [] if args.resume else rundir.check_new_run_dir(recipe.out, args.overwrite)
     devices = data.parse_devices(recipe.devices)
     train.check_dtype(recipe.dtype, devices)
     train_file, test_file = data_files(recipe, train=True)
@@ -140,6 +143,7 @@ def run_finetune(args):
         train_set, dev_set = train.hold_out(train_set, recipe.dev_fraction)
     elif recipe.dev:
         dev_set = snli.load_encoded(recipe.dev, vocab, recipe.max_len, recipe.truncation, not args.quiet)
+    rundir.remove_run_files(recipe.out, earlier_run)
     print(f"{len(train_set)} training pairs, {len(test_set)} test pairs"
           + (f", {len(dev_set)} dev pairs" if dev_set else "") + f", devices {devices}", flush=True)
     train.finetune(net, train_set, test_set, devices, recipe, run_dir=recipe.out, dev_set=dev_set,

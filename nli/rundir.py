@@ -9,6 +9,7 @@
 A crash at any moment leaves every file whole: each is written to a temporary name, then renamed.
 """
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -17,6 +18,11 @@ import sys
 from .errors import UserError
 
 CHECKPOINT = "checkpoint"
+# What `finetune`, `evaluate` and `predict --attention` write into a run directory (glob patterns):
+# `--overwrite` removes these, and only these.
+RUN_FILES = ("config.json", "vocab.json", "vocab.txt", "model.params", "worker-*.params", "metrics.jsonl",
+             "curves.png", "results.json", "best", CHECKPOINT + "*", "features", "eval.json", "confusion.png",
+             "errors.tsv", "attention*")
 
 
 def write_atomically(path, write):
@@ -87,6 +93,36 @@ def read_checkpoint(run_dir):
         folder = canonical
     with open(os.path.join(folder, "state.json"), encoding="utf-8") as f:
         return folder, json.load(f)
+
+
+def check_new_run_dir(path, overwrite=False):
+    """The files of an earlier run in `path` that `--overwrite` will replace (none for a new or empty directory);
+    without `overwrite`, a clear refusal of a directory that holds a run, finished or interrupted."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--out {path} is a file, not a directory: name a new directory for the run.")
+    finished = any(os.path.exists(os.path.join(path, name)) for name in ("config.json", "model.params"))
+    interrupted = find_checkpoint(path) is not None
+    if not (finished or interrupted):
+        return []
+    if not overwrite:
+        if interrupted and not finished:
+            raise UserError(f"{path} holds an interrupted run: continue it with `finetune --resume {path}`, or "
+                            f"replace it with --overwrite.")
+        raise UserError(f"{path} holds a finished run: choose another --out, or replace it with --overwrite.")
+    return sorted({os.path.basename(found) for pattern in RUN_FILES for found in glob.glob(os.path.join(path, pattern))})
+
+
+def remove_run_files(path, names):
+    """Remove an earlier run's files (`check_new_run_dir`) from `path`, saying which."""
+    if not names:
+        return
+    for name in names:
+        target = os.path.join(path, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        elif os.path.lexists(target):
+            os.remove(target)
+    print(f"--overwrite: removed the earlier run's {', '.join(names)} from {path}", flush=True)
 
 
 def write_metrics(run_dir, metrics):

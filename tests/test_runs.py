@@ -1,0 +1,102 @@
+"""Runs are never lost by accident, and every mistake with a run's options or data is one sentence:
+exit status 2, `error: ...`, no traceback, and none of the user's files removed or changed."""
+import hashlib
+import json
+import os
+import shutil
+
+import pytest
+
+from conftest import DEV_PAIRS, ROOT, run_cli
+
+
+def small_run_args(model_dir, out, *extra):
+    """A run of seconds: 16 real pairs, one epoch, the tiny BERT."""
+    return ["finetune", "--model", model_dir, "--train", DEV_PAIRS, "--test", DEV_PAIRS, "--limit-train", 16,
+            "--limit-test", 8, "--epochs", 1, "--batch-size", 8, "--max-len", 32, "--devices", "cpu", "--quiet",
+            "--out", out, *extra]
+
+
+def cli_env(tmp_path):
+    return {**os.environ, "NLI_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": ROOT}
+
+
+def snapshot(folder):
+    """Every file under `folder` and the SHA-1 of its bytes: what a refused command must leave as it was."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, folder)] = hashlib.sha1(f.read()).hexdigest()
+    return files
+
+
+def assert_refused(result, *phrases):
+    """Exit status 2, the phrases in one `error:` line, and no traceback."""
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")
+              or "error: argument" in line]
+    assert len(errors) == 1, result.stderr
+    for phrase in phrases:
+        assert phrase in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def finished_run(training_bert_dir, tmp_path_factory):
+    """A finished small run, evaluated, so that it holds eval.json, confusion.png and errors.tsv too."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    env = cli_env(out.parent)
+    result = run_cli(*small_run_args(training_bert_dir, out), env=env)
+    assert result.returncode == 0, result.stderr
+    evaluated = run_cli("evaluate", "--run", out, "--test", DEV_PAIRS, "--devices", "cpu", "--errors", 3,
+                        "--quiet", env=env)
+    assert evaluated.returncode == 0, evaluated.stderr
+    return out
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    """A copy of the finished run that a test may change."""
+    return shutil.copytree(finished_run, tmp_path / "run")
+
+
+def test_finetune_refuses_an_out_that_holds_a_finished_run(run_copy, training_bert_dir, tmp_path):
+    before = snapshot(run_copy)
+    result = run_cli(*small_run_args(training_bert_dir, run_copy), env=cli_env(tmp_path))
+    assert_refused(result, str(run_copy), "finished run", "--overwrite")
+    assert snapshot(run_copy) == before
+
+
+def test_finetune_refuses_an_interrupted_run_and_points_to_resume(run_copy, training_bert_dir, tmp_path):
+    for name in ("config.json", "model.params", "vocab.json"):  # what a run has before it finishes
+        os.remove(run_copy / name)
+    os.makedirs(run_copy / "checkpoint", exist_ok=True)
+    (run_copy / "checkpoint" / "state.json").write_text(json.dumps({"step": 1}))
+    before = snapshot(run_copy)
+    result = run_cli(*small_run_args(training_bert_dir, run_copy), env=cli_env(tmp_path))
+    assert_refused(result, "interrupted run", f"--resume {run_copy}")
+    assert snapshot(run_copy) == before
+
+
+def test_overwrite_replaces_a_run_and_names_what_it_removed(run_copy, training_bert_dir, tmp_path):
+    (run_copy / "notes.txt").write_text("the user's own file")
+    old_model = snapshot(run_copy)["model.params"]
+    result = run_cli(*small_run_args(training_bert_dir, run_copy, "--overwrite", "--seed", 7), env=cli_env(tmp_path))
+    assert result.returncode == 0, result.stderr
+    removed = next(line for line in result.stdout.splitlines() if line.startswith("--overwrite: removed"))
+    for name in ("model.params", "config.json", "eval.json", "confusion.png", "errors.tsv", "metrics.jsonl"):
+        assert name in removed
+    for name in ("eval.json", "confusion.png", "errors.tsv"):  # they described the old model
+        assert not os.path.exists(run_copy / name)
+    assert snapshot(run_copy)["model.params"] != old_model
+    assert (run_copy / "notes.txt").read_text() == "the user's own file"  # not the run's: kept
+
+
+def test_out_naming_a_file_is_refused_and_nothing_created(training_bert_dir, tmp_path):
+    (tmp_path / "taken").write_text("a file")
+    result = run_cli(*small_run_args(training_bert_dir, tmp_path / "taken"), env=cli_env(tmp_path))
+    assert_refused(result, "is a file")
+    assert (tmp_path / "taken").read_text() == "a file"
+    assert sorted(os.listdir(tmp_path)) == ["taken"]
