@@ -7,7 +7,7 @@ import sys
 
 from . import rundir
 from .errors import UserError
-from .recipe import RECIPES, Recipe
+from .recipe import RECIPES, Recipe, at_least, checked
 
 
 def build_parser():
@@ -37,7 +37,7 @@ def build_parser():
     evaluate.add_argument("--run", required=True)
     add_data_arguments(evaluate)
     evaluate.add_argument("--devices", default="auto")
-    evaluate.add_argument("--batch-size", type=int, default=512)
+    evaluate.add_argument("--batch-size", type=checked(int, at_least(1)), default=512, help="pairs per batch")
     evaluate.add_argument("--errors", type=int, default=0, metavar="N",
                           help="write the N most confident mistakes to errors.tsv")
     evaluate.add_argument("--out", default=None, help="folder for eval.json, confusion.png, errors.tsv "
@@ -47,7 +47,7 @@ def build_parser():
     predict = commands.add_parser("predict", help="labels of raw premise/hypothesis pairs: one, a file or stdin")
     predict.add_argument("--run", required=True)
     predict.add_argument("--devices", default="auto")
-    predict.add_argument("--batch-size", type=int, default=256)
+    predict.add_argument("--batch-size", type=checked(int, at_least(1)), default=256, help="pairs per batch")
     predict.add_argument("premise", nargs="?")
     predict.add_argument("hypothesis", nargs="?")
     predict.add_argument("--file", help="a .tsv (premise<TAB>hypothesis[<TAB>label], header optional), "
@@ -78,7 +78,7 @@ def add_recipe_arguments(parser):
 def add_field_argument(parser, field, default):
     """The option of a `Recipe` field: its help (with the book's value), type and choices."""
     book = "" if field.default is None else f" (book: {field.default})"
-    parser.add_argument("--" + field.name.replace("_", "-"), type=field.metadata["kind"],
+    parser.add_argument("--" + field.name.replace("_", "-"), type=checked(field.metadata["kind"], field.metadata["check"]),
                         choices=field.metadata["choices"], default=default, help=field.metadata["help"] + book)
 
 
@@ -134,8 +134,6 @@ def run_finetune(args):
     train_file, test_file = data_files(recipe, train=True)
     train.seed_everything(recipe.seed)
     net, vocab, bert_config = model.from_pretrained(recipe.model, devices, recipe.dropout, recipe.max_len)
-    if recipe.max_len > bert_config.max_len:
-        raise UserError(f"--max-len {recipe.max_len} exceeds the model's {bert_config.max_len} positions.")
     train_set, test_set = (snli.load_encoded(path, vocab, recipe.max_len, recipe.truncation, not args.quiet).head(n)
                            for path, n in ((train_file, recipe.limit_train), (test_file, recipe.limit_test)))
     dev_set = None

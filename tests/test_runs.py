@@ -100,3 +100,39 @@ def test_out_naming_a_file_is_refused_and_nothing_created(training_bert_dir, tmp
     assert_refused(result, "is a file")
     assert (tmp_path / "taken").read_text() == "a file"
     assert sorted(os.listdir(tmp_path)) == ["taken"]
+
+
+@pytest.mark.parametrize("args, phrase", [
+    (["finetune", "--batch-size", "0"], "argument --batch-size: 0: expected at least 1"),
+    (["evaluate", "--run", "x", "--batch-size", "0"], "argument --batch-size: 0: expected at least 1"),
+    (["predict", "--run", "x", "--batch-size", "-3"], "argument --batch-size: -3: expected at least 1"),
+    (["finetune", "--epochs", "0"], "argument --epochs: 0: expected at least 1"),
+    (["finetune", "--lr", "-1"], "argument --lr: -1: expected a number above 0"),
+    (["finetune", "--lr", "0"], "argument --lr: 0: expected a number above 0"),
+    (["finetune", "--dropout", "1.5"], "argument --dropout: 1.5: expected a fraction in [0, 1)"),
+    (["finetune", "--dropout", "1"], "argument --dropout: 1: expected a fraction in [0, 1)"),
+    (["finetune", "--limit-train", "-5"], "argument --limit-train: -5: expected at least 1"),
+    (["finetune", "--limit-train", "0"], "argument --limit-train: 0: expected at least 1"),
+    (["finetune", "--limit-test", "0"], "argument --limit-test: 0: expected at least 1"),
+    (["finetune", "--max-len", "3"], "argument --max-len: 3: expected at least 4: <cls>, two <sep> and one token"),
+])
+def test_numbers_are_checked_when_parsed_naming_the_option(args, phrase, tmp_path):
+    result = run_cli(*args, env=cli_env(tmp_path))
+    assert_refused(result, phrase)
+    assert os.listdir(tmp_path) == []
+
+
+def test_recipes_check_their_numbers_too():
+    import dataclasses
+    from nli.errors import UserError
+    from nli.recipe import BOOK
+    for field, value in (("epochs", 0), ("batch_size", 0), ("lr", -1.0), ("dropout", 1.5), ("limit_train", -5),
+                         ("max_len", 3)):
+        with pytest.raises(UserError, match=f"--{field.replace('_', '-')} {value}: expected"):
+            dataclasses.replace(BOOK, **{field: value})
+
+
+def test_max_len_past_a_book_models_positions_is_refused(training_bert_dir, tmp_path):
+    result = run_cli(*small_run_args(training_bert_dir, tmp_path / "run", "--max-len", 100000), env=cli_env(tmp_path))
+    assert_refused(result, "--max-len 100000", "has 64 positions", "expected 4 to 64")
+    assert not os.path.exists(tmp_path / "run")
