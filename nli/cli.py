@@ -36,6 +36,8 @@ def build_parser():
     evaluate = commands.add_parser("evaluate", help="accuracy, per-class F1, confusion matrix, errors of a run")
     evaluate.add_argument("--run", required=True)
     add_data_arguments(evaluate)
+    evaluate.add_argument("--limit-test", type=checked(int, at_least(1)), metavar="N",
+                          help="evaluate on the first N pairs")
     evaluate.add_argument("--devices", default="auto")
     evaluate.add_argument("--batch-size", type=checked(int, at_least(1)), default=512, help="pairs per batch")
     evaluate.add_argument("--errors", type=int, default=0, metavar="N",
@@ -110,6 +112,12 @@ def read_data(args, train):
     return (snli.read_pairs(train_file) if train else None), snli.read_pairs(test_file)
 
 
+def require_pairs(count, path, use):
+    """Refuse a data set without a labelled pair, which would train nothing or score NaN."""
+    if not count:
+        raise UserError(f"{path} has no labelled pair to {use} (pairs labelled '-' are skipped, as the book does).")
+
+
 def finetune_recipe(args):
     """The Recipe of `finetune ARGS`: the named recipe changed by the options given, or the recipe of the
     run that `--resume` continues."""
@@ -141,6 +149,10 @@ def run_finetune(args):
         train_set, dev_set = train.hold_out(train_set, recipe.dev_fraction)
     elif recipe.dev:
         dev_set = snli.load_encoded(recipe.dev, vocab, recipe.max_len, recipe.truncation, not args.quiet)
+    require_pairs(len(train_set), train_file, "train on")
+    require_pairs(len(test_set), test_file, "test on")
+    if recipe.dev:
+        require_pairs(len(dev_set), recipe.dev, "choose the best epoch on")
     rundir.remove_run_files(recipe.out, earlier_run)
     print(f"{len(train_set)} training pairs, {len(test_set)} test pairs"
           + (f", {len(dev_set)} dev pairs" if dev_set else "") + f", devices {devices}", flush=True)
@@ -153,6 +165,8 @@ def run_evaluate(args):
     from . import data, evaluate
     predictor = evaluate.Predictor.from_run(args.run, data.parse_devices(args.devices), args.batch_size)
     _, test_pairs = read_data(args, train=False)
+    test_pairs = [column[:args.limit_test] for column in test_pairs]
+    require_pairs(len(test_pairs[2]), args.test or "SNLI's test split", "evaluate on")
     out_dir = args.out or args.run
     result = evaluate.evaluate_run(predictor, *test_pairs, out_dir, args.errors, args.test or "SNLI test split",
                                    progress=not args.quiet)

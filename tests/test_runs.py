@@ -136,3 +136,32 @@ def test_max_len_past_a_book_models_positions_is_refused(training_bert_dir, tmp_
     result = run_cli(*small_run_args(training_bert_dir, tmp_path / "run", "--max-len", 100000), env=cli_env(tmp_path))
     assert_refused(result, "--max-len 100000", "has 64 positions", "expected 4 to 64")
     assert not os.path.exists(tmp_path / "run")
+
+
+def write_pairs(path, lines):
+    path.write_text("premise\thypothesis\tlabel\n" + "".join(line + "\n" for line in lines))
+    return path
+
+
+@pytest.mark.parametrize("empty", ["train", "test"])
+def test_no_labelled_pair_is_an_error_before_any_run_dir(empty, training_bert_dir, tmp_path):
+    no_gold = write_pairs(tmp_path / "no_gold.tsv", ["A man sleeps .\tA man rests .\t-"])  # '-' is no label
+    args = small_run_args(training_bert_dir, tmp_path / "run")
+    args[args.index("--" + empty) + 1] = no_gold
+    before = snapshot(tmp_path)
+    result = run_cli(*args, env=cli_env(tmp_path))
+    assert_refused(result, f"{no_gold} has no labelled pair to {empty} on")
+    assert not os.path.exists(tmp_path / "run")  # no partial run directory
+    assert {k: v for k, v in snapshot(tmp_path).items() if not k.startswith("data")} == before
+
+
+def test_evaluate_refuses_an_empty_test_set_and_limits_its_pairs(finished_run, tmp_path):
+    empty = write_pairs(tmp_path / "empty.tsv", [])
+    result = run_cli("evaluate", "--run", finished_run, "--test", empty, "--devices", "cpu", "--out",
+                     tmp_path / "eval", env=cli_env(tmp_path))
+    assert_refused(result, f"{empty} has no labelled pair to evaluate on")
+    assert not os.path.exists(tmp_path / "eval")
+    limited = run_cli("evaluate", "--run", finished_run, "--test", DEV_PAIRS, "--limit-test", 10, "--devices",
+                      "cpu", "--out", tmp_path / "eval", "--quiet", env=cli_env(tmp_path))
+    assert limited.returncode == 0, limited.stderr
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["n"] == 10
