@@ -29,6 +29,10 @@ def build_parser():
     finetune = commands.add_parser("finetune", help="fine-tune a pretrained BERT on SNLI pairs")
     add_recipe_arguments(finetune)
     finetune.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its checkpoint, as it was set")
+    finetune.add_argument("--keep-checkpoint", action="store_true",
+                          help="keep checkpoint/ when the run ends (model.params and best/ stay in any case)")
+    finetune.add_argument("--force", action="store_true",
+                          help="with --resume: go on even though the data files changed since the run started")
     finetune.add_argument("--overwrite", action="store_true",
                           help="replace the run that --out holds (its model, checkpoint and evaluation files)")
     finetune.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -131,8 +135,28 @@ def finetune_recipe(args):
     return dataclasses.replace(Recipe.from_checkpoint(state), out=args.resume)
 
 
+def check_resume_data(run_dir, recorded, current, force):
+    """Continue a run only on the data it started on, unless forced; runs older than data fingerprints are not
+    checked."""
+    if recorded is None:
+        print(f"note: {run_dir} was written before runs recorded their data, so it is resumed without checking "
+              f"that the data is the same.", flush=True)
+        return
+    if changes := rundir.data_changes(recorded, current):
+        if not force:
+            raise UserError(f"{run_dir} started on other data: {'; '.join(changes)}. Resume it on the data it "
+                            f"started on, or go on with this data with --force.")
+        print(f"warning: --force: resuming on changed data: {'; '.join(changes)}.", file=sys.stderr, flush=True)
+
+
 def run_finetune(args):
     from . import data, model, snli, train
+    if args.resume and rundir.finished_run(args.resume):  # status 0: what --resume is for is done
+        print(f"{args.resume} is a finished run: nothing to resume. Evaluate it with `python -m nli evaluate --run "
+              f"{args.resume}`, or start another run with --out.")
+        return 0
+    if args.force and not args.resume:
+        raise UserError("--force goes with --resume: it resumes a run on changed data.")
     recipe = finetune_recipe(args)
     if recipe.model is None or recipe.out is None:
         raise UserError("finetune needs --model and --out (or --resume RUN_DIR to continue a run).")
@@ -140,6 +164,12 @@ def run_finetune(args):
     devices = data.parse_devices(recipe.devices)
     train.check_dtype(recipe.dtype, devices)
     train_file, test_file = data_files(recipe, train=True)
+    recorded = rundir.read_checkpoint(args.resume)[1].get("data") if args.resume else None
+    fingerprint = rundir.data_fingerprint({"train": train_file, "test": test_file, "dev": recipe.dev},
+                                          {"limit_train": recipe.limit_train, "limit_test": recipe.limit_test,
+                                           "dev_fraction": recipe.dev_fraction}, recorded)
+    if args.resume:
+        check_resume_data(args.resume, recorded, fingerprint, args.force)
     train.seed_everything(recipe.seed)
     net, vocab, bert_config = model.from_pretrained(recipe.model, devices, recipe.dropout, recipe.max_len)
     train_set, test_set = (snli.load_encoded(path, vocab, recipe.max_len, recipe.truncation, not args.quiet).head(n)
@@ -157,8 +187,10 @@ def run_finetune(args):
     print(f"{len(train_set)} training pairs, {len(test_set)} test pairs"
           + (f", {len(dev_set)} dev pairs" if dev_set else "") + f", devices {devices}", flush=True)
     train.finetune(net, train_set, test_set, devices, recipe, run_dir=recipe.out, dev_set=dev_set,
-                   resume=bool(args.resume), progress=not args.quiet,
-                   save_model=lambda folder: model.save_run(folder, net, vocab, bert_config, recipe.run_config()))
+                   resume=bool(args.resume), progress=not args.quiet, data_fingerprint=fingerprint,
+                   keep_checkpoint=args.keep_checkpoint,
+                   save_model=lambda folder: model.save_run(folder, net, vocab, bert_config,
+                                                            {**recipe.run_config(), "data": fingerprint}))
 
 
 def run_evaluate(args):

@@ -125,6 +125,51 @@ def remove_run_files(path, names):
     print(f"--overwrite: removed the earlier run's {', '.join(names)} from {path}", flush=True)
 
 
+def data_fingerprint(files, limits, recorded=None):
+    """What a run was trained on: size, mtime and SHA-1 of each of its data `files` (role -> path), and the
+    `limits` (option -> value). A file whose size and mtime are as `recorded` keeps its recorded SHA-1
+    unread, as git's index does."""
+    from . import hub
+    fingerprint = {"files": {}, "limits": dict(limits)}
+    for role, path in files.items():
+        if path is None:
+            continue
+        if not os.path.exists(path):
+            raise UserError(f"Missing data file {path}.")
+        st, known = os.stat(path), ((recorded or {}).get("files") or {}).get(role, {})
+        same = known.get("size") == st.st_size and known.get("mtime_ns") == st.st_mtime_ns
+        fingerprint["files"][role] = {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                      "sha1": known["sha1"] if same else hub.sha1_of(path)}
+    return fingerprint
+
+
+def data_changes(recorded, current):
+    """How the data of `current` differs from the `recorded` fingerprint's: one phrase per change."""
+    changes = []
+    for role in sorted(set(recorded["files"]) | set(current["files"])):
+        old, new = recorded["files"].get(role), current["files"].get(role)
+        if old is None or new is None:
+            changes.append(f"the {role} file was {old and old['path']}, now {new and new['path']}")
+        elif (old["size"], old["sha1"]) != (new["size"], new["sha1"]):
+            changes.append(f"the {role} file {new['path']} was {old['size']} bytes with SHA-1 {old['sha1']}, "
+                           f"now {new['size']} bytes with SHA-1 {new['sha1']}")
+    changes += [f"{option} was {value}, now {current['limits'].get(option)}"
+                for option, value in recorded["limits"].items() if current["limits"].get(option) != value]
+    return changes
+
+
+def finished_run(run_dir):
+    """Whether `run_dir` holds a finished run: its final model saved, and no checkpoint short of the end."""
+    if not os.path.exists(os.path.join(run_dir, "model.params")):
+        return False
+    folder = find_checkpoint(run_dir)
+    if folder is None:
+        return True
+    with open(os.path.join(folder, "state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    return state["epoch"] > (state.get("recipe") or state.get("settings") or {}).get("epochs", float("inf"))
+
+
 def write_metrics(run_dir, metrics):
     """Rewrite RUN_DIR/metrics.jsonl (atomically) with `metrics`, one JSON object per line."""
     def write(tmp):
@@ -226,6 +271,12 @@ class RunDir:
             print(f"saved the run in {self.path}", flush=True)
         elif self.run_dir and distributed:
             net.save_parameters(os.path.join(self.run_dir, f"worker-{self.rank}.params"))
+
+    def drop_checkpoint(self):
+        """Remove the checkpoint of a run whose final model is saved: it is only for resuming."""
+        if self.path:
+            for suffix in (".new", ".old", ""):  # the current one last: until then it is complete
+                shutil.rmtree(os.path.join(self.path, CHECKPOINT + suffix), ignore_errors=True)
 
     def where_stopped(self):
         """The sentence saying how to continue a run stopped here."""

@@ -165,3 +165,70 @@ def test_evaluate_refuses_an_empty_test_set_and_limits_its_pairs(finished_run, t
                       "cpu", "--out", tmp_path / "eval", "--quiet", env=cli_env(tmp_path))
     assert limited.returncode == 0, limited.stderr
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["n"] == 10
+
+
+def interrupted_run(training_bert_dir, tmp_path, train_file):
+    """An interrupted run on `train_file`: the small run made a 2-epoch one stopped after its first epoch (its
+    checkpoint kept and told of 2 epochs, its final files removed)."""
+    out = tmp_path / "interrupted"
+    args = small_run_args(training_bert_dir, out, "--keep-checkpoint")
+    args[args.index("--train") + 1] = train_file
+    result = run_cli(*args, env=cli_env(tmp_path))
+    assert result.returncode == 0, result.stderr
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert (state["epoch"], state["batch"]) == (2, 0)
+    state["recipe"]["epochs"] = 2
+    (out / "checkpoint" / "state.json").write_text(json.dumps(state))
+    for name in ("config.json", "model.params", "vocab.json"):
+        os.remove(out / name)
+    return out
+
+
+def test_resume_refuses_changed_data_unless_forced(training_bert_dir, tmp_path):
+    train_file = tmp_path / "train.tsv"
+    shutil.copy(DEV_PAIRS, train_file)
+    out = interrupted_run(training_bert_dir, tmp_path, train_file)
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["data"]["files"]["train"]["sha1"]
+    with open(train_file, "a") as f:
+        f.write("A man sleeps .\tA man rests .\tentailment\n")
+    before = snapshot(out)
+    refused = run_cli("finetune", "--resume", out, env=cli_env(tmp_path))
+    assert_refused(refused, f"{out} started on other data", f"the train file {train_file} was", "--force")
+    assert snapshot(out) == before
+    forced = run_cli("finetune", "--resume", out, "--force", env=cli_env(tmp_path))
+    assert forced.returncode == 0, forced.stderr
+    assert "warning: --force: resuming on changed data" in forced.stderr
+    assert os.path.exists(out / "model.params")
+
+
+def test_resume_goes_on_when_only_the_mtime_changed(training_bert_dir, tmp_path):
+    train_file = tmp_path / "train.tsv"
+    shutil.copy(DEV_PAIRS, train_file)
+    out = interrupted_run(training_bert_dir, tmp_path, train_file)
+    os.utime(train_file, (1, 1))  # touched, or copied again: the same bytes
+    resumed = run_cli("finetune", "--resume", out, env=cli_env(tmp_path))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout and os.path.exists(out / "model.params")
+
+
+def test_resuming_a_finished_run_says_it_is_finished(run_copy, tmp_path):
+    before = snapshot(run_copy)
+    result = run_cli("finetune", "--resume", run_copy, env=cli_env(tmp_path))
+    assert result.returncode == 0, result.stderr  # what --resume is for is done (see the README)
+    assert f"{run_copy} is a finished run: nothing to resume" in result.stdout
+    assert " at step " not in result.stdout and "Traceback" not in result.stderr  # no "resuming ... at step"
+    assert snapshot(run_copy) == before
+
+
+def test_a_finished_run_drops_its_checkpoint_unless_kept(training_bert_dir, tmp_path):
+    dropped = run_cli(*small_run_args(training_bert_dir, tmp_path / "dropped", "--dev-fraction", 0.25),
+                      env=cli_env(tmp_path))
+    assert dropped.returncode == 0, dropped.stderr
+    assert not any(name.startswith("checkpoint") for name in os.listdir(tmp_path / "dropped"))
+    for kept in ("model.params", "best/model.params", "config.json"):
+        assert os.path.exists(tmp_path / "dropped" / kept), kept
+    kept = run_cli(*small_run_args(training_bert_dir, tmp_path / "kept", "--keep-checkpoint"), env=cli_env(tmp_path))
+    assert kept.returncode == 0, kept.stderr
+    assert os.path.exists(tmp_path / "kept" / "checkpoint" / "state.json")
+    resumed = run_cli("finetune", "--resume", tmp_path / "kept", env=cli_env(tmp_path))  # its checkpoint is at the end
+    assert resumed.returncode == 0 and "is a finished run: nothing to resume" in resumed.stdout, resumed.stderr
