@@ -9,6 +9,7 @@
 A crash at any moment leaves every file whole: each is written to a temporary name, then renamed.
 """
 import contextlib
+import functools
 import glob
 import json
 import os
@@ -51,10 +52,14 @@ def replace_dir(path, write):
     new, old = path + ".new", path + ".old"
     shutil.rmtree(new, ignore_errors=True)
     os.makedirs(new)
-    write(new)
-    for name in os.listdir(new):  # on disk before the rename makes them the current files
-        with open(os.path.join(new, name), "rb") as f:
-            os.fsync(f.fileno())
+    try:
+        write(new)
+        for name in os.listdir(new):  # on disk before the rename makes them the current files
+            with open(os.path.join(new, name), "rb") as f:
+                os.fsync(f.fileno())
+    except BaseException:  # a full disk, say: no partial copy left taking its space; `path` is still whole
+        shutil.rmtree(new, ignore_errors=True)
+        raise
     if os.path.exists(path):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
@@ -226,6 +231,34 @@ def save_results(path, epochs, wall_seconds, **about):
     write_json(path, results)
 
 
+def write_failure(error):
+    """Why a write failed, if `error` says one did (an OSError, or MXNet's file stream failing), else None."""
+    mxnet = sys.modules.get("mxnet")  # loaded by whatever wrote with it; not imported here, for the CLI's speed
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    if mxnet is not None and isinstance(error, mxnet.base.MXNetError):
+        return str(error).strip().splitlines()[0]
+    return None
+
+
+def reports_write_failures(method):
+    """Make a `RunDir` method's failed write (disk full, no permission) one sentence, a `UserError` naming the
+    last good checkpoint, instead of a traceback."""
+    @functools.wraps(method)
+    def write(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as error:
+            reason = write_failure(error)
+            if reason is None:
+                raise
+            then = (f"continue with `python -m nli finetune --resume {self.path}`"
+                    if self.path and find_checkpoint(self.path) else "run it again")
+            raise UserError(f"Could not write the run in {self.run_dir} ({reason}); {self.last_checkpoint()}. "
+                            f"Free some space or fix the permissions, then {then}.") from None
+    return write
+
+
 class RunDir:
     """The run directory as one worker of a run sees it: the first worker (rank 0) writes it, the others
     and a run without a directory write nothing, so the training loop need not ask."""
@@ -234,6 +267,7 @@ class RunDir:
         self.run_dir, self.rank = path, rank
         self.path = path if rank == 0 else None  # where this worker writes
 
+    @reports_write_failures
     def start(self, metrics, checkpoint=None):
         """Create the directory, keep only the `metrics` logged up to the checkpoint, and call `checkpoint`."""
         if self.path:
@@ -242,11 +276,13 @@ class RunDir:
             if checkpoint:
                 checkpoint()
 
+    @reports_write_failures
     def save_checkpoint(self, net, trainer, state):
         """`save_checkpoint` into this run's directory."""
         if self.path:
             save_checkpoint(self.path, net, trainer, state)
 
+    @reports_write_failures
     def log(self, entry, metrics=None):
         """Append an entry to metrics.jsonl; with all the `metrics` so far (an epoch's end), redraw curves.png."""
         if self.path:
@@ -254,6 +290,7 @@ class RunDir:
             if metrics:
                 plot_curves(metrics, os.path.join(self.path, "curves.png"))
 
+    @reports_write_failures
     def save_model(self, save_model, folder=""):
         """`save_model(dir)` into the run directory, or its `folder` (replaced whole); whether it was written."""
         if not (self.path and save_model):
@@ -264,6 +301,7 @@ class RunDir:
             save_model(self.path)
         return True
 
+    @reports_write_failures
     def save_final(self, net, save_model, distributed):
         """The run's final model, by `save_model(dir)`. In a distributed run, the workers that write nothing
         else (rank > 0) write their copy of the weights beside it, to check that all of them agree."""
@@ -272,6 +310,7 @@ class RunDir:
         elif self.run_dir and distributed:
             net.save_parameters(os.path.join(self.run_dir, f"worker-{self.rank}.params"))
 
+    @reports_write_failures
     def drop_checkpoint(self):
         """Remove the checkpoint of a run whose final model is saved: it is only for resuming."""
         if self.path:

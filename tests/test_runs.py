@@ -232,3 +232,43 @@ def test_a_finished_run_drops_its_checkpoint_unless_kept(training_bert_dir, tmp_
     assert os.path.exists(tmp_path / "kept" / "checkpoint" / "state.json")
     resumed = run_cli("finetune", "--resume", tmp_path / "kept", env=cli_env(tmp_path))  # its checkpoint is at the end
     assert resumed.returncode == 0 and "is a finished run: nothing to resume" in resumed.stdout, resumed.stderr
+
+
+def test_a_full_disk_stops_the_run_in_one_sentence_keeping_the_last_checkpoint(training_bert_dir, tmp_path,
+                                                                                monkeypatch, capsys):
+    import errno
+    from mxnet import gluon
+    from nli import cli
+    monkeypatch.setenv("NLI_DATA_DIR", str(tmp_path / "data"))
+    save_states, calls = gluon.Trainer.save_states, []
+
+    def disk_fills_up(trainer, path):  # the second checkpoint meets a full disk half-way through its files
+        calls.append(path)
+        if len(calls) == 1:
+            return save_states(trainer, path)
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    monkeypatch.setattr(gluon.Trainer, "save_states", disk_fills_up)
+    out = tmp_path / "run"
+    status = cli.main(list(map(str, small_run_args(training_bert_dir, out))))
+    err = capsys.readouterr().err
+    assert status == 2 and len(calls) == 2
+    assert "error: Could not write the run in" in err and "No space left on device" in err
+    assert f"the last good checkpoint is {out / 'checkpoint'}" in err and f"--resume {out}" in err
+    assert sorted(os.listdir(out)) == ["checkpoint", "curves.png", "metrics.jsonl"]  # no checkpoint.new, no .tmp
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 0  # the one from the start
+    assert sorted(os.listdir(out / "checkpoint")) == ["model.params", "state.json", "trainer.states"]
+
+
+def test_a_refused_permission_is_one_sentence(training_bert_dir, tmp_path, monkeypatch, capsys):
+    import errno
+    from nli import cli, rundir
+
+    def denied(run_dir, metrics):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(run_dir))
+    monkeypatch.setenv("NLI_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(rundir, "write_metrics", denied)
+    status = cli.main(list(map(str, small_run_args(training_bert_dir, tmp_path / "run"))))
+    err = capsys.readouterr().err
+    assert status == 2 and "Permission denied" in err and "no checkpoint was written" in err and "run it again" in err
