@@ -5,15 +5,29 @@ import json
 import os
 import sys
 
-from . import rundir
+from . import __version__, rundir
 from .errors import UserError
 from .recipe import RECIPES, Recipe, at_least, checked
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """`--help` that gives each option's default, when it has one, and marks the required options."""
+
+    def _get_help_string(self, action):  # the hook argparse.ArgumentDefaultsHelpFormatter overrides too
+        help = action.help or ""
+        if action.required:
+            help += " (required)"
+        if all(action.default is not no_default for no_default in (None, False, argparse.SUPPRESS)) \
+                and action.option_strings:
+            help += " (default: %(default)s)"
+        return help
 
 
 def build_parser():
     """The `python -m nli` argument parser, one sub-command per step of the flow."""
     prog = "nli" if os.path.basename(sys.argv[0]) == "nli" else "python -m nli"  # the console script, or -m
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     download = commands.add_parser("download", help="download and extract a registry entry")
@@ -38,11 +52,11 @@ def build_parser():
     finetune.add_argument("--quiet", action="store_true", help="no progress bars")
 
     evaluate = commands.add_parser("evaluate", help="accuracy, per-class F1, confusion matrix, errors of a run")
-    evaluate.add_argument("--run", required=True)
+    evaluate.add_argument("--run", required=True, help="the run directory (or its best/) to evaluate")
     add_data_arguments(evaluate)
     evaluate.add_argument("--limit-test", type=checked(int, at_least(1)), metavar="N",
                           help="evaluate on the first N pairs")
-    evaluate.add_argument("--devices", default="auto")
+    evaluate.add_argument("--devices", default="auto", help="auto, cpu, cpu:N, gpu or gpu:0,1")
     evaluate.add_argument("--batch-size", type=checked(int, at_least(1)), default=512, help="pairs per batch")
     evaluate.add_argument("--errors", type=int, default=0, metavar="N",
                           help="write the N most confident mistakes to errors.tsv")
@@ -51,11 +65,11 @@ def build_parser():
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
 
     predict = commands.add_parser("predict", help="labels of raw premise/hypothesis pairs: one, a file or stdin")
-    predict.add_argument("--run", required=True)
-    predict.add_argument("--devices", default="auto")
+    predict.add_argument("--run", required=True, help="the run directory (or its best/) to predict with")
+    predict.add_argument("--devices", default="auto", help="auto, cpu, cpu:N, gpu or gpu:0,1")
     predict.add_argument("--batch-size", type=checked(int, at_least(1)), default=256, help="pairs per batch")
-    predict.add_argument("premise", nargs="?")
-    predict.add_argument("hypothesis", nargs="?")
+    predict.add_argument("premise", nargs="?", help="one pair's premise")
+    predict.add_argument("hypothesis", nargs="?", help="and its hypothesis")
     predict.add_argument("--file", help="a .tsv (premise<TAB>hypothesis[<TAB>label], header optional), "
                                         "SNLI .txt or .jsonl file: one output line per input line")
     predict.add_argument("--stdin", action="store_true", help="read premise<TAB>hypothesis lines from stdin")
@@ -65,6 +79,8 @@ def build_parser():
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
     commands.add_parser("doctor", help="versions, MXNet's build, devices, OpenMP, the download cache, and the fix "
                                        "for each known problem found")
+    for command in commands.choices.values():
+        command.formatter_class = HelpFormatter
     return parser
 
 

@@ -95,7 +95,8 @@ class Recipe:
     log_every: int = option(10, "a step entry in metrics.jsonl every N updates", check=at_least(1))
     # The model and the data it is fine-tuned on, and where the run is written
     model: str = option(None, "bert.small, bert.base, a model directory, or hf:DIR (a Hugging Face BERT "
-                              "checkpoint: config.json, vocab.txt, model.safetensors)", str)
+                              "checkpoint: config.json, vocab.txt, model.safetensors); required but with --resume",
+                        str)
     data: str = option(None, "SNLI: download the dataset and use its splits", str)
     train: str = option(None, "a .tsv/.jsonl/.txt file of training pairs", str)
     test: str = option(None, "a .tsv/.jsonl/.txt file of test pairs", str)
@@ -103,7 +104,7 @@ class Recipe:
     dev_fraction: float = option(None, "hold out this share of the training pairs as --dev", float)
     limit_train: int = option(None, "use the first N train pairs", int, check=at_least(1))
     limit_test: int = option(None, "use the first N test pairs", int, check=at_least(1))
-    out: str = option(None, "run directory to write", str)
+    out: str = option(None, "run directory to write; required but with --resume", str)
 
     def __post_init__(self):
         for field in dataclasses.fields(self):

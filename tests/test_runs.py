@@ -272,3 +272,19 @@ def test_a_refused_permission_is_one_sentence(training_bert_dir, tmp_path, monke
     status = cli.main(list(map(str, small_run_args(training_bert_dir, tmp_path / "run"))))
     err = capsys.readouterr().err
     assert status == 2 and "Permission denied" in err and "no checkpoint was written" in err and "run it again" in err
+
+
+def test_help_gives_defaults_and_marks_required_options_and_version_is_the_packages():
+    import nli
+    from nli import cli
+    parser = cli.build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    evaluate = " ".join(commands["evaluate"].format_help().split())
+    assert "--run RUN the run directory (or its best/) to evaluate (required)" in evaluate
+    assert "--batch-size BATCH_SIZE pairs per batch (default: 512)" in evaluate
+    assert "--errors N write the N most confident mistakes to errors.tsv (default: 0)" in evaluate
+    finetune = " ".join(commands["finetune"].format_help().split())
+    assert "--epochs EPOCHS passes over the training pairs (book: 5)" in finetune
+    assert "required but with --resume" in finetune
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.split()[-1] == nli.__version__
