@@ -179,6 +179,7 @@ def run_finetune(args):
     earlier_run = [] if args.resume else rundir.check_new_run_dir(recipe.out, args.overwrite)
     devices = data.parse_devices(recipe.devices)
     train.check_dtype(recipe.dtype, devices)
+    train.check_kvstore(recipe.kvstore)
     train_file, test_file = data_files(recipe, train=True)
     recorded = rundir.read_checkpoint(args.resume)[1].get("data") if args.resume else None
     fingerprint = rundir.data_fingerprint({"train": train_file, "test": test_file, "dev": recipe.dev},

@@ -143,10 +143,20 @@ def make_trainer(block, recipe, kvstore, num_updates):
     return gluon.Trainer(block.collect_params(), optimizer, kvstore=kvstore, update_on_kvstore=False)
 
 
+def check_kvstore(name):
+    """Fail clearly when a distributed kvstore was not started by the launcher: MXNet would stop on the
+    DMLC_* variables that the launcher sets and that are missing."""
+    if name.startswith("dist") and "DMLC_NUM_WORKER" not in os.environ:
+        raise UserError(f"--kvstore {name} sums gradients over the workers that `python -m nli.launch` starts: run "
+                        f"`python -m nli.launch -n 2 -s 1 --launcher local python -m nli finetune ... --kvstore "
+                        f"{name}`, or train on this machine's devices with --kvstore device.")
+
+
 def kvstore_workers(name):
     """The kvstore that sums gradients (MXNet's own for a distributed one), this worker's rank, the workers."""
     if not name.startswith("dist"):
         return name, 0, 1
+    check_kvstore(name)
     kv = mx.kv.create(name)
     return kv, kv.rank, kv.num_workers
 

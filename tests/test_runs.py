@@ -288,3 +288,10 @@ def test_help_gives_defaults_and_marks_required_options_and_version_is_the_packa
     assert "required but with --resume" in finetune
     version = run_cli("--version")
     assert version.returncode == 0 and version.stdout.split()[-1] == nli.__version__
+
+
+def test_a_distributed_kvstore_without_the_launcher_is_one_sentence(training_bert_dir, tmp_path):
+    env = {k: v for k, v in cli_env(tmp_path).items() if not k.startswith("DMLC_")}
+    result = run_cli(*small_run_args(training_bert_dir, tmp_path / "run", "--kvstore", "dist_sync"), env=env)
+    assert_refused(result, "--kvstore dist_sync", "python -m nli.launch")
+    assert not os.path.exists(tmp_path / "run")
