@@ -165,14 +165,44 @@ def check_resume_data(run_dir, recorded, current, force):
         print(f"warning: --force: resuming on changed data: {'; '.join(changes)}.", file=sys.stderr, flush=True)
 
 
+def data_fingerprint(recipe, train_file, test_file, resume, force):
+    """The fingerprint of the run's data (`rundir.data_fingerprint`); a resumed run's is checked against its own."""
+    recorded = rundir.read_checkpoint(resume)[1].get("data") if resume else None
+    fingerprint = rundir.data_fingerprint({"train": train_file, "test": test_file, "dev": recipe.dev},
+                                          {"limit_train": recipe.limit_train, "limit_test": recipe.limit_test,
+                                           "dev_fraction": recipe.dev_fraction}, recorded)
+    if resume:
+        check_resume_data(resume, recorded, fingerprint, force)
+    return fingerprint
+
+
+def encoded_sets(recipe, vocab, train_file, test_file, progress):
+    """The encoded (train, test, dev or None) pairs of a run, each refused if it has no labelled pair."""
+    from . import snli, train
+    train_set, test_set = (snli.load_encoded(path, vocab, recipe.max_len, recipe.truncation, progress).head(n)
+                           for path, n in ((train_file, recipe.limit_train), (test_file, recipe.limit_test)))
+    dev_set = None
+    if recipe.dev_fraction:
+        train_set, dev_set = train.hold_out(train_set, recipe.dev_fraction)
+    elif recipe.dev:
+        dev_set = snli.load_encoded(recipe.dev, vocab, recipe.max_len, recipe.truncation, progress)
+    require_pairs(len(train_set), train_file, "train on")
+    require_pairs(len(test_set), test_file, "test on")
+    if recipe.dev:
+        require_pairs(len(dev_set), recipe.dev, "choose the best epoch on")
+    return train_set, test_set, dev_set
+
+
 def run_finetune(args):
-    from . import data, model, snli, train
+    from . import data, model, train
     if args.resume and rundir.finished_run(args.resume):  # status 0: what --resume is for is done
         print(f"{args.resume} is a finished run: nothing to resume. Evaluate it with `python -m nli evaluate --run "
               f"{args.resume}`, or start another run with --out.")
         return 0
     if args.force and not args.resume:
         raise UserError("--force goes with --resume: it resumes a run on changed data.")
+    if args.overwrite and args.resume:
+        raise UserError("--resume continues a run and --overwrite replaces it: choose one.")
     recipe = finetune_recipe(args)
     if recipe.model is None or recipe.out is None:
         raise UserError("finetune needs --model and --out (or --resume RUN_DIR to continue a run).")
@@ -181,25 +211,10 @@ def run_finetune(args):
     train.check_dtype(recipe.dtype, devices)
     train.check_kvstore(recipe.kvstore)
     train_file, test_file = data_files(recipe, train=True)
-    recorded = rundir.read_checkpoint(args.resume)[1].get("data") if args.resume else None
-    fingerprint = rundir.data_fingerprint({"train": train_file, "test": test_file, "dev": recipe.dev},
-                                          {"limit_train": recipe.limit_train, "limit_test": recipe.limit_test,
-                                           "dev_fraction": recipe.dev_fraction}, recorded)
-    if args.resume:
-        check_resume_data(args.resume, recorded, fingerprint, args.force)
+    fingerprint = data_fingerprint(recipe, train_file, test_file, args.resume, args.force)
     train.seed_everything(recipe.seed)
     net, vocab, bert_config = model.from_pretrained(recipe.model, devices, recipe.dropout, recipe.max_len)
-    train_set, test_set = (snli.load_encoded(path, vocab, recipe.max_len, recipe.truncation, not args.quiet).head(n)
-                           for path, n in ((train_file, recipe.limit_train), (test_file, recipe.limit_test)))
-    dev_set = None
-    if recipe.dev_fraction:
-        train_set, dev_set = train.hold_out(train_set, recipe.dev_fraction)
-    elif recipe.dev:
-        dev_set = snli.load_encoded(recipe.dev, vocab, recipe.max_len, recipe.truncation, not args.quiet)
-    require_pairs(len(train_set), train_file, "train on")
-    require_pairs(len(test_set), test_file, "test on")
-    if recipe.dev:
-        require_pairs(len(dev_set), recipe.dev, "choose the best epoch on")
+    train_set, test_set, dev_set = encoded_sets(recipe, vocab, train_file, test_file, progress=not args.quiet)
     rundir.remove_run_files(recipe.out, earlier_run)
     print(f"{len(train_set)} training pairs, {len(test_set)} test pairs"
           + (f", {len(dev_set)} dev pairs" if dev_set else "") + f", devices {devices}", flush=True)

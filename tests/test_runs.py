@@ -295,3 +295,12 @@ def test_a_distributed_kvstore_without_the_launcher_is_one_sentence(training_ber
     result = run_cli(*small_run_args(training_bert_dir, tmp_path / "run", "--kvstore", "dist_sync"), env=env)
     assert_refused(result, "--kvstore dist_sync", "python -m nli.launch")
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_resume_options_that_contradict_it_are_refused(run_copy, tmp_path):
+    os.remove(run_copy / "model.params")  # not finished: the options are looked at
+    before = snapshot(run_copy)
+    assert_refused(run_cli("finetune", "--resume", run_copy, "--overwrite", env=cli_env(tmp_path)), "choose one")
+    assert_refused(run_cli("finetune", "--model", "x", "--out", tmp_path / "new", "--force", env=cli_env(tmp_path)),
+                   "--force goes with --resume")
+    assert snapshot(run_copy) == before and not os.path.exists(tmp_path / "new")
