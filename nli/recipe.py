@@ -48,10 +48,12 @@ def checked(kind, check):
     return parse
 
 
-def option(default, help, kind=None, choices=None, check=None):
-    """A field of `Recipe`, with what its command-line option says and takes, and the check of its value."""
+def option(default, help, kind=None, choices=None, check=None, option_only=False):
+    """A field of `Recipe`, with what its command-line option says and takes, and the check of its value: of
+    both the option and the Recipe, or with `option_only` of the option alone."""
     return dataclasses.field(default=default, metadata={"help": help, "kind": kind or type(default),
-                                                        "choices": choices, "check": check})
+                                                        "choices": choices, "check": check,
+                                                        "option_only": option_only})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +64,8 @@ class Recipe:
     """
     name: str = option("book", "the recipe these settings started from")
     # How the optimizer sees the data
-    epochs: int = option(5, "passes over the training pairs", check=at_least(1))
+    # 0 epochs: nothing trains. In Python, the way to the starting weights; as an option, a mistake.
+    epochs: int = option(5, "passes over the training pairs", check=at_least(1), option_only=True)
     batch_size: int = option(512, "pairs per batch (and per worker)", check=at_least(1))
     max_len: int = option(128, "tokens per pair, at most: longer pairs are truncated; at most the model's positions",
                            check=at_least(MIN_MAX_LEN, ": <cls>, two <sep> and one token of the pair"))
@@ -111,7 +114,7 @@ class Recipe:
             choices, value = field.metadata["choices"], getattr(self, field.name)
             if choices and value not in choices:
                 raise UserError(f"{field.name} {value!r}: expected one of {', '.join(choices)}.")
-            check = field.metadata["check"]
+            check = not field.metadata["option_only"] and field.metadata["check"]
             if check and value is not None and (problem := check(value)):
                 raise UserError(f"--{field.name.replace('_', '-')} {value}: {problem}.")
         if self.freeze_epochs and self.mode != "full":

@@ -126,10 +126,11 @@ def test_recipes_check_their_numbers_too():
     import dataclasses
     from nli.errors import UserError
     from nli.recipe import BOOK
-    for field, value in (("epochs", 0), ("batch_size", 0), ("lr", -1.0), ("dropout", 1.5), ("limit_train", -5),
+    for field, value in (("batch_size", 0), ("lr", -1.0), ("dropout", 1.5), ("limit_train", -5),
                          ("max_len", 3)):
         with pytest.raises(UserError, match=f"--{field.replace('_', '-')} {value}: expected"):
             dataclasses.replace(BOOK, **{field: value})
+    assert dataclasses.replace(BOOK, epochs=0).epochs == 0  # no training: in Python, the starting weights
 
 
 def test_max_len_past_a_book_models_positions_is_refused(training_bert_dir, tmp_path):
