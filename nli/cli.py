@@ -98,10 +98,11 @@ def add_recipe_arguments(parser):
 
 
 def add_field_argument(parser, field, default):
-    """The option of a `Recipe` field: its help (with the book's value), type and choices."""
+    """The option of a `Recipe` field: its help (with the book's value), type (checked) and choices."""
     book = "" if field.default is None else f" (book: {field.default})"
-    parser.add_argument("--" + field.name.replace("_", "-"), type=checked(field.metadata["kind"], field.metadata["check"]),
-                        choices=field.metadata["choices"], default=default, help=field.metadata["help"] + book)
+    kind = checked(field.metadata["kind"], field.metadata["check"])
+    parser.add_argument("--" + field.name.replace("_", "-"), type=kind, choices=field.metadata["choices"],
+                        default=default, help=field.metadata["help"] + book)
 
 
 def add_data_arguments(parser):

@@ -114,7 +114,8 @@ def check_new_run_dir(path, overwrite=False):
             raise UserError(f"{path} holds an interrupted run: continue it with `finetune --resume {path}`, or "
                             f"replace it with --overwrite.")
         raise UserError(f"{path} holds a finished run: choose another --out, or replace it with --overwrite.")
-    return sorted({os.path.basename(found) for pattern in RUN_FILES for found in glob.glob(os.path.join(path, pattern))})
+    return sorted({os.path.basename(found) for pattern in RUN_FILES
+                   for found in glob.glob(os.path.join(path, pattern))})
 
 
 def remove_run_files(path, names):
@@ -134,7 +135,7 @@ def data_fingerprint(files, limits, recorded=None):
     """What a run was trained on: size, mtime and SHA-1 of each of its data `files` (role -> path), and the
     `limits` (option -> value). A file whose size and mtime are as `recorded` keeps its recorded SHA-1
     unread, as git's index does."""
-    from . import hub
+    from . import hub  # here, as the CLI imports it: only commands that read data need it
     fingerprint = {"files": {}, "limits": dict(limits)}
     for role, path in files.items():
         if path is None:
