@@ -5,15 +5,29 @@ import json
 import os
 import sys
 
-from . import rundir
+from . import __version__, rundir
 from .errors import UserError
-from .recipe import RECIPES, Recipe
+from .recipe import RECIPES, Recipe, at_least, checked
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """`--help` that gives each option's default, when it has one, and marks the required options."""
+
+    def _get_help_string(self, action):  # the hook argparse.ArgumentDefaultsHelpFormatter overrides too
+        help = action.help or ""
+        if action.required:
+            help += " (required)"
+        if all(action.default is not no_default for no_default in (None, False, argparse.SUPPRESS)) \
+                and action.option_strings:
+            help += " (default: %(default)s)"
+        return help
 
 
 def build_parser():
     """The `python -m nli` argument parser, one sub-command per step of the flow."""
     prog = "nli" if os.path.basename(sys.argv[0]) == "nli" else "python -m nli"  # the console script, or -m
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     download = commands.add_parser("download", help="download and extract a registry entry")
@@ -29,13 +43,21 @@ def build_parser():
     finetune = commands.add_parser("finetune", help="fine-tune a pretrained BERT on SNLI pairs")
     add_recipe_arguments(finetune)
     finetune.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its checkpoint, as it was set")
+    finetune.add_argument("--keep-checkpoint", action="store_true",
+                          help="keep checkpoint/ when the run ends (model.params and best/ stay in any case)")
+    finetune.add_argument("--force", action="store_true",
+                          help="with --resume: go on even though the data files changed since the run started")
+    finetune.add_argument("--overwrite", action="store_true",
+                          help="replace the run that --out holds (its model, checkpoint and evaluation files)")
     finetune.add_argument("--quiet", action="store_true", help="no progress bars")
 
     evaluate = commands.add_parser("evaluate", help="accuracy, per-class F1, confusion matrix, errors of a run")
-    evaluate.add_argument("--run", required=True)
+    evaluate.add_argument("--run", required=True, help="the run directory (or its best/) to evaluate")
     add_data_arguments(evaluate)
-    evaluate.add_argument("--devices", default="auto")
-    evaluate.add_argument("--batch-size", type=int, default=512)
+    evaluate.add_argument("--limit-test", type=checked(int, at_least(1)), metavar="N",
+                          help="evaluate on the first N pairs")
+    evaluate.add_argument("--devices", default="auto", help="auto, cpu, cpu:N, gpu or gpu:0,1")
+    evaluate.add_argument("--batch-size", type=checked(int, at_least(1)), default=512, help="pairs per batch")
     evaluate.add_argument("--errors", type=int, default=0, metavar="N",
                           help="write the N most confident mistakes to errors.tsv")
     evaluate.add_argument("--out", default=None, help="folder for eval.json, confusion.png, errors.tsv "
@@ -50,11 +72,11 @@ def build_parser():
     export.add_argument("--opset", type=int, help="ONNX opset (default 17, the first with LayerNormalization)")
 
     predict = commands.add_parser("predict", help="labels of raw premise/hypothesis pairs: one, a file or stdin")
-    predict.add_argument("--run", required=True)
-    predict.add_argument("--devices", default="auto")
-    predict.add_argument("--batch-size", type=int, default=256)
-    predict.add_argument("premise", nargs="?")
-    predict.add_argument("hypothesis", nargs="?")
+    predict.add_argument("--run", required=True, help="the run directory (or its best/) to predict with")
+    predict.add_argument("--devices", default="auto", help="auto, cpu, cpu:N, gpu or gpu:0,1")
+    predict.add_argument("--batch-size", type=checked(int, at_least(1)), default=256, help="pairs per batch")
+    predict.add_argument("premise", nargs="?", help="one pair's premise")
+    predict.add_argument("hypothesis", nargs="?", help="and its hypothesis")
     predict.add_argument("--file", help="a .tsv (premise<TAB>hypothesis[<TAB>label], header optional), "
                                         "SNLI .txt or .jsonl file: one output line per input line")
     predict.add_argument("--stdin", action="store_true", help="read premise<TAB>hypothesis lines from stdin")
@@ -69,6 +91,8 @@ def build_parser():
                          help="the .png shows every head, or each layer's mean of the heads")
     commands.add_parser("doctor", help="versions, MXNet's build, devices, OpenMP, the download cache, and the fix "
                                        "for each known problem found")
+    for command in commands.choices.values():
+        command.formatter_class = HelpFormatter
     return parser
 
 
@@ -86,10 +110,11 @@ def add_recipe_arguments(parser):
 
 
 def add_field_argument(parser, field, default):
-    """The option of a `Recipe` field: its help (with the book's value), type and choices."""
+    """The option of a `Recipe` field: its help (with the book's value), type (checked) and choices."""
     book = "" if field.default is None else f" (book: {field.default})"
-    parser.add_argument("--" + field.name.replace("_", "-"), type=field.metadata["kind"],
-                        choices=field.metadata["choices"], default=default, help=field.metadata["help"] + book)
+    kind = checked(field.metadata["kind"], field.metadata["check"])
+    parser.add_argument("--" + field.name.replace("_", "-"), type=kind, choices=field.metadata["choices"],
+                        default=default, help=field.metadata["help"] + book)
 
 
 def add_data_arguments(parser):
@@ -120,6 +145,12 @@ def read_data(args, train):
     return (snli.read_pairs(train_file) if train else None), snli.read_pairs(test_file)
 
 
+def require_pairs(count, path, use):
+    """Refuse a data set without a labelled pair, which would train nothing or score NaN."""
+    if not count:
+        raise UserError(f"{path} has no labelled pair to {use} (pairs labelled '-' are skipped, as the book does).")
+
+
 def finetune_recipe(args):
     """The Recipe of `finetune ARGS`: the named recipe changed by the options given, or the recipe of the
     run that `--resume` continues."""
@@ -133,36 +164,86 @@ def finetune_recipe(args):
     return dataclasses.replace(Recipe.from_checkpoint(state), out=args.resume)
 
 
-def run_finetune(args):
-    from . import data, model, snli, train
-    recipe = finetune_recipe(args)
-    if recipe.model is None or recipe.out is None:
-        raise UserError("finetune needs --model and --out (or --resume RUN_DIR to continue a run).")
-    devices = data.parse_devices(recipe.devices)
-    train.check_dtype(recipe.dtype, devices)
-    train_file, test_file = data_files(recipe, train=True)
-    train.seed_everything(recipe.seed)
-    net, vocab, bert_config = model.from_pretrained(recipe.model, devices, recipe.dropout, recipe.max_len)
-    if recipe.max_len > bert_config.max_len:
-        raise UserError(f"--max-len {recipe.max_len} exceeds the model's {bert_config.max_len} positions.")
-    train_set, test_set = (snli.load_encoded(path, vocab, recipe.max_len, recipe.truncation, not args.quiet).head(n)
+def check_resume_data(run_dir, recorded, current, force):
+    """Continue a run only on the data it started on, unless forced; runs older than data fingerprints are not
+    checked."""
+    if recorded is None:
+        print(f"note: {run_dir} was written before runs recorded their data, so it is resumed without checking "
+              f"that the data is the same.", flush=True)
+        return
+    if changes := rundir.data_changes(recorded, current):
+        if not force:
+            raise UserError(f"{run_dir} started on other data: {'; '.join(changes)}. Resume it on the data it "
+                            f"started on, or go on with this data with --force.")
+        print(f"warning: --force: resuming on changed data: {'; '.join(changes)}.", file=sys.stderr, flush=True)
+
+
+def data_fingerprint(recipe, train_file, test_file, resume, force):
+    """The fingerprint of the run's data (`rundir.data_fingerprint`); a resumed run's is checked against its own."""
+    recorded = rundir.read_checkpoint(resume)[1].get("data") if resume else None
+    fingerprint = rundir.data_fingerprint({"train": train_file, "test": test_file, "dev": recipe.dev},
+                                          {"limit_train": recipe.limit_train, "limit_test": recipe.limit_test,
+                                           "dev_fraction": recipe.dev_fraction}, recorded)
+    if resume:
+        check_resume_data(resume, recorded, fingerprint, force)
+    return fingerprint
+
+
+def encoded_sets(recipe, vocab, train_file, test_file, progress):
+    """The encoded (train, test, dev or None) pairs of a run, each refused if it has no labelled pair."""
+    from . import snli, train
+    train_set, test_set = (snli.load_encoded(path, vocab, recipe.max_len, recipe.truncation, progress).head(n)
                            for path, n in ((train_file, recipe.limit_train), (test_file, recipe.limit_test)))
     dev_set = None
     if recipe.dev_fraction:
         train_set, dev_set = train.hold_out(train_set, recipe.dev_fraction)
     elif recipe.dev:
-        dev_set = snli.load_encoded(recipe.dev, vocab, recipe.max_len, recipe.truncation, not args.quiet)
+        dev_set = snli.load_encoded(recipe.dev, vocab, recipe.max_len, recipe.truncation, progress)
+    require_pairs(len(train_set), train_file, "train on")
+    require_pairs(len(test_set), test_file, "test on")
+    if recipe.dev:
+        require_pairs(len(dev_set), recipe.dev, "choose the best epoch on")
+    return train_set, test_set, dev_set
+
+
+def run_finetune(args):
+    from . import data, model, train
+    if args.resume and rundir.finished_run(args.resume):  # status 0: what --resume is for is done
+        print(f"{args.resume} is a finished run: nothing to resume. Evaluate it with `python -m nli evaluate --run "
+              f"{args.resume}`, or start another run with --out.")
+        return 0
+    if args.force and not args.resume:
+        raise UserError("--force goes with --resume: it resumes a run on changed data.")
+    if args.overwrite and args.resume:
+        raise UserError("--resume continues a run and --overwrite replaces it: choose one.")
+    recipe = finetune_recipe(args)
+    if recipe.model is None or recipe.out is None:
+        raise UserError("finetune needs --model and --out (or --resume RUN_DIR to continue a run).")
+    earlier_run = [] if args.resume else rundir.check_new_run_dir(recipe.out, args.overwrite)
+    devices = data.parse_devices(recipe.devices)
+    train.check_dtype(recipe.dtype, devices)
+    train.check_kvstore(recipe.kvstore)
+    train_file, test_file = data_files(recipe, train=True)
+    fingerprint = data_fingerprint(recipe, train_file, test_file, args.resume, args.force)
+    train.seed_everything(recipe.seed)
+    net, vocab, bert_config = model.from_pretrained(recipe.model, devices, recipe.dropout, recipe.max_len)
+    train_set, test_set, dev_set = encoded_sets(recipe, vocab, train_file, test_file, progress=not args.quiet)
+    rundir.remove_run_files(recipe.out, earlier_run)
     print(f"{len(train_set)} training pairs, {len(test_set)} test pairs"
           + (f", {len(dev_set)} dev pairs" if dev_set else "") + f", devices {devices}", flush=True)
     train.finetune(net, train_set, test_set, devices, recipe, run_dir=recipe.out, dev_set=dev_set,
-                   resume=bool(args.resume), progress=not args.quiet,
-                   save_model=lambda folder: model.save_run(folder, net, vocab, bert_config, recipe.run_config()))
+                   resume=bool(args.resume), progress=not args.quiet, data_fingerprint=fingerprint,
+                   keep_checkpoint=args.keep_checkpoint,
+                   save_model=lambda folder: model.save_run(folder, net, vocab, bert_config,
+                                                            {**recipe.run_config(), "data": fingerprint}))
 
 
 def run_evaluate(args):
     from . import data, evaluate
     predictor = evaluate.Predictor.from_run(args.run, data.parse_devices(args.devices), args.batch_size)
     _, test_pairs = read_data(args, train=False)
+    test_pairs = [column[:args.limit_test] for column in test_pairs]
+    require_pairs(len(test_pairs[2]), args.test or "SNLI's test split", "evaluate on")
     out_dir = args.out or args.run
     result = evaluate.evaluate_run(predictor, *test_pairs, out_dir, args.errors, args.test or "SNLI test split",
                                    progress=not args.quiet)

@@ -3,6 +3,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 
 import mxnet as mx
 import numpy as onp
@@ -131,6 +132,10 @@ def load(directory, devices=(mx.cpu(),), dropout=None, max_len=None):
         with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
             std = json.load(f).get("initializer_range", INITIALIZER_RANGE)
         tensors[POSITIONS] = extend_positions(tensors[POSITIONS], config.max_len, std)
+        print(f"warning: --max-len {config.max_len} grows {directory}'s position table from {checkpoint_len} to "
+              f"{config.max_len} positions: the new {config.max_len - checkpoint_len} rows are untrained "
+              f"({(config.max_len - checkpoint_len) * config.num_hiddens * 4 / 2**20:.1f} MB more weights).",
+              file=sys.stderr, flush=True)
     for hf_name, gluon_name in names.items():
         param = params[gluon_name]
         param.initialize(init=mx.init.Zero(), ctx=list(devices))

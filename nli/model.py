@@ -9,6 +9,7 @@ from mxnet.gluon import nn
 from . import bert as bert_lib
 from . import hf, rundir
 from .errors import UserError
+from .recipe import MIN_MAX_LEN
 from .snli import LABELS
 
 # How a run's config.json says to rebuild its tokenizer; runs that do not say are the book's.
@@ -39,7 +40,7 @@ def from_pretrained(name_or_dir, devices, dropout=None, max_len=None):
     """A classifier on a pretrained BERT, its output layer freshly initialized: (net, vocab, bert config).
 
     `name_or_dir` is the book's model (bert.small, bert.base, a directory) or `hf:DIR`, a Hugging Face
-    checkpoint, whose position table `max_len` may grow (see `hf.load`).
+    checkpoint, whose position table `max_len` may grow (see `hf.load`); the book's position table cannot.
     """
     if name_or_dir.startswith(hf.PREFIX):  # as BertForSequenceClassification builds its head
         bert, vocab = hf.load(name_or_dir[len(hf.PREFIX):], devices, dropout, max_len)
@@ -47,6 +48,9 @@ def from_pretrained(name_or_dir, devices, dropout=None, max_len=None):
         net.output.initialize(init.Normal(hf.INITIALIZER_RANGE), ctx=devices)
     else:
         bert, vocab = bert_lib.load_pretrained(name_or_dir, devices, dropout)
+        if max_len is not None and max_len > bert.config.max_len:
+            raise UserError(f"--max-len {max_len}: {name_or_dir}'s position table has {bert.config.max_len} "
+                            f"positions; expected {MIN_MAX_LEN} to {bert.config.max_len}.")
         net = BERTClassifier(bert)
         net.output.initialize(init.Xavier(), ctx=devices)
     net.hybridize(static_alloc=True)

@@ -3,6 +3,7 @@ instances of it, an exercise changes one with `dataclasses.replace`, and `python
 its options from its fields. A run prints it when it starts and saves it whole in config.json and in
 each checkpoint, which `--resume` reads it back from.
 """
+import argparse
 import dataclasses
 
 from .errors import UserError
@@ -15,10 +16,44 @@ KVSTORES = ("device", "local", "dist_sync", "dist_device_sync")
 DTYPES = ("float32", "float16")
 
 
-def option(default, help, kind=None, choices=None):
-    """A field of `Recipe`, with what its command-line option says and takes."""
+MIN_MAX_LEN = 4  # <cls>, two <sep> and at least one token of the pair
+
+
+def at_least(low, why=""):
+    """A check of a number: `low` or more; it returns what is wrong, or None."""
+    return lambda value: None if value >= low else f"expected at least {low}{why}"
+
+
+def above(low):
+    """A check of a number: more than `low`."""
+    return lambda value: None if value > low else f"expected a number above {low}"
+
+
+def fraction(value):
+    """A check of a number: a share in [0, 1)."""
+    return None if 0 <= value < 1 else "expected a fraction in [0, 1)"
+
+
+def checked(kind, check):
+    """An argparse type: `kind(text)`, refused with what `check` finds wrong (argparse names the option)."""
+    if check is None:
+        return kind
+
+    def parse(text):
+        value = kind(text)
+        if problem := check(value):
+            raise argparse.ArgumentTypeError(f"{text}: {problem}")
+        return value
+    parse.__name__ = kind.__name__  # argparse says "invalid int value" of a text that is no number
+    return parse
+
+
+def option(default, help, kind=None, choices=None, check=None, option_only=False):
+    """A field of `Recipe`, with what its command-line option says and takes, and the check of its value: of
+    both the option and the Recipe, or with `option_only` of the option alone."""
     return dataclasses.field(default=default, metadata={"help": help, "kind": kind or type(default),
-                                                        "choices": choices})
+                                                        "choices": choices, "check": check,
+                                                        "option_only": option_only})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,57 +64,59 @@ class Recipe:
     """
     name: str = option("book", "the recipe these settings started from")
     # How the optimizer sees the data
-    epochs: int = option(5, "passes over the training pairs")
-    batch_size: int = option(512, "pairs per batch (and per worker)")
-    max_len: int = option(128, "tokens per pair, at most: longer pairs are truncated")
+    # 0 epochs: nothing trains. In Python, the way to the starting weights; as an option, a mistake.
+    epochs: int = option(5, "passes over the training pairs", check=at_least(1), option_only=True)
+    batch_size: int = option(512, "pairs per batch (and per worker)", check=at_least(1))
+    max_len: int = option(128, "tokens per pair, at most: longer pairs are truncated; at most the model's positions",
+                           check=at_least(MIN_MAX_LEN, ": <cls>, two <sep> and one token of the pair"))
     optimizer: str = option("adam", "adam: the book's; adamw: decoupled weight decay, none on biases and LayerNorm",
                             choices=OPTIMIZERS)
-    lr: float = option(1e-4, "the learning rate (its peak, with a schedule)")
-    weight_decay: float = option(0.0, "weight decay")
-    warmup_ratio: float = option(0.0, "share of the updates warming the rate up from 0")
+    lr: float = option(1e-4, "the learning rate (its peak, with a schedule)", check=above(0))
+    weight_decay: float = option(0.0, "weight decay", check=at_least(0))
+    warmup_ratio: float = option(0.0, "share of the updates warming the rate up from 0", check=fraction)
     schedule: str = option("constant", "the learning rate after the warmup: constant, or decayed to 0",
                            choices=SCHEDULES)
-    max_grad_norm: float = option(0.0, "clip gradients to this global norm (0: off)")
-    accumulate: int = option(1, "update every N batches, as one batch N times larger would")
+    max_grad_norm: float = option(0.0, "clip gradients to this global norm (0: off)", check=at_least(0))
+    accumulate: int = option(1, "update every N batches, as one batch N times larger would",
+                            check=at_least(1))
     # What trains, and on what input
     mode: str = option("full", "full: everything trains; freeze-encoder: only the head (hidden + output); "
                                "features: the head on the encoder's <cls> features, computed once (cached in "
                                "the run dir): the fastest way, a baseline", choices=MODES)
-    freeze_epochs: int = option(0, "train only the head for the first N epochs, then everything")
+    freeze_epochs: int = option(0, "train only the head for the first N epochs, then everything", check=at_least(0))
     truncation: str = option("longest_first", "pairs over max-len: cut the longer side first (the book's), or "
                                               "both sides in proportion to their lengths", choices=TRUNCATION_RULES)
-    dropout: float = option(None, "default: the model's own (0.1)", float)
+    dropout: float = option(None, "default: the model's own (0.1)", float, check=fraction)
     # The run
     seed: int = option(0, "seeds every random draw: a run can be repeated")
     devices: str = option("auto", "auto, cpu, cpu:N, gpu or gpu:0,1")
     kvstore: str = option("device", "how gradients are summed: over this machine's devices, or over the "
                                     "workers that `python -m nli.launch` starts", choices=KVSTORES)
     dtype: str = option("float32", "float16: mixed precision, on GPUs only", choices=DTYPES)
-    save_every: int = option(None, "checkpoint every N updates too (there is one at each epoch's end)", int)
-    log_every: int = option(10, "a step entry in metrics.jsonl every N updates")
+    save_every: int = option(None, "checkpoint every N updates too (there is one at each epoch's end)", int,
+                             check=at_least(1))
+    log_every: int = option(10, "a step entry in metrics.jsonl every N updates", check=at_least(1))
     # The model and the data it is fine-tuned on, and where the run is written
     model: str = option(None, "bert.small, bert.base, a model directory, or hf:DIR (a Hugging Face BERT "
-                              "checkpoint: config.json, vocab.txt, model.safetensors)", str)
+                              "checkpoint: config.json, vocab.txt, model.safetensors); required but with --resume",
+                        str)
     data: str = option(None, "SNLI: download the dataset and use its splits", str)
     train: str = option(None, "a .tsv/.jsonl/.txt file of training pairs", str)
     test: str = option(None, "a .tsv/.jsonl/.txt file of test pairs", str)
     dev: str = option(None, "a file of pairs to pick the best epoch on; it is kept in OUT/best/", str)
     dev_fraction: float = option(None, "hold out this share of the training pairs as --dev", float)
-    limit_train: int = option(None, "use the first N train pairs", int)
-    limit_test: int = option(None, "use the first N test pairs", int)
-    out: str = option(None, "run directory to write", str)
+    limit_train: int = option(None, "use the first N train pairs", int, check=at_least(1))
+    limit_test: int = option(None, "use the first N test pairs", int, check=at_least(1))
+    out: str = option(None, "run directory to write; required but with --resume", str)
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
             choices, value = field.metadata["choices"], getattr(self, field.name)
             if choices and value not in choices:
                 raise UserError(f"{field.name} {value!r}: expected one of {', '.join(choices)}.")
-        if min(self.accumulate, self.log_every, self.save_every or 1) < 1:
-            raise UserError("--accumulate, --save-every and --log-every must be positive.")
-        if self.max_grad_norm < 0:
-            raise UserError(f"--max-grad-norm {self.max_grad_norm}: expected a positive norm (or 0: no clipping).")
-        if not 0 <= self.warmup_ratio < 1:
-            raise UserError(f"--warmup-ratio {self.warmup_ratio}: expected a fraction of the updates in [0, 1).")
+            check = not field.metadata["option_only"] and field.metadata["check"]
+            if check and value is not None and (problem := check(value)):
+                raise UserError(f"--{field.name.replace('_', '-')} {value}: {problem}.")
         if self.freeze_epochs and self.mode != "full":
             raise UserError(f"--freeze-epochs unfreezes the encoder later: it needs full fine-tuning, not {self.mode}.")
         if self.dev and self.dev_fraction:

@@ -9,6 +9,8 @@
 A crash at any moment leaves every file whole: each is written to a temporary name, then renamed.
 """
 import contextlib
+import functools
+import glob
 import json
 import os
 import shutil
@@ -17,6 +19,11 @@ import sys
 from .errors import UserError
 
 CHECKPOINT = "checkpoint"
+# What `finetune`, `evaluate` and `predict --attention` write into a run directory (glob patterns):
+# `--overwrite` removes these, and only these.
+RUN_FILES = ("config.json", "vocab.json", "vocab.txt", "model.params", "worker-*.params", "metrics.jsonl",
+             "curves.png", "results.json", "best", CHECKPOINT + "*", "features", "eval.json", "confusion.png",
+             "errors.tsv", "attention*")
 
 
 def write_atomically(path, write):
@@ -45,10 +52,14 @@ def replace_dir(path, write):
     new, old = path + ".new", path + ".old"
     shutil.rmtree(new, ignore_errors=True)
     os.makedirs(new)
-    write(new)
-    for name in os.listdir(new):  # on disk before the rename makes them the current files
-        with open(os.path.join(new, name), "rb") as f:
-            os.fsync(f.fileno())
+    try:
+        write(new)
+        for name in os.listdir(new):  # on disk before the rename makes them the current files
+            with open(os.path.join(new, name), "rb") as f:
+                os.fsync(f.fileno())
+    except BaseException:  # a full disk, say: no partial copy left taking its space; `path` is still whole
+        shutil.rmtree(new, ignore_errors=True)
+        raise
     if os.path.exists(path):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
@@ -87,6 +98,82 @@ def read_checkpoint(run_dir):
         folder = canonical
     with open(os.path.join(folder, "state.json"), encoding="utf-8") as f:
         return folder, json.load(f)
+
+
+def check_new_run_dir(path, overwrite=False):
+    """The files of an earlier run in `path` that `--overwrite` will replace (none for a new or empty directory);
+    without `overwrite`, a clear refusal of a directory that holds a run, finished or interrupted."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--out {path} is a file, not a directory: name a new directory for the run.")
+    finished = any(os.path.exists(os.path.join(path, name)) for name in ("config.json", "model.params"))
+    interrupted = find_checkpoint(path) is not None
+    if not (finished or interrupted):
+        return []
+    if not overwrite:
+        if interrupted and not finished:
+            raise UserError(f"{path} holds an interrupted run: continue it with `finetune --resume {path}`, or "
+                            f"replace it with --overwrite.")
+        raise UserError(f"{path} holds a finished run: choose another --out, or replace it with --overwrite.")
+    return sorted({os.path.basename(found) for pattern in RUN_FILES
+                   for found in glob.glob(os.path.join(path, pattern))})
+
+
+def remove_run_files(path, names):
+    """Remove an earlier run's files (`check_new_run_dir`) from `path`, saying which."""
+    if not names:
+        return
+    for name in names:
+        target = os.path.join(path, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        elif os.path.lexists(target):
+            os.remove(target)
+    print(f"--overwrite: removed the earlier run's {', '.join(names)} from {path}", flush=True)
+
+
+def data_fingerprint(files, limits, recorded=None):
+    """What a run was trained on: size, mtime and SHA-1 of each of its data `files` (role -> path), and the
+    `limits` (option -> value). A file whose size and mtime are as `recorded` keeps its recorded SHA-1
+    unread, as git's index does."""
+    from . import hub  # here, as the CLI imports it: only commands that read data need it
+    fingerprint = {"files": {}, "limits": dict(limits)}
+    for role, path in files.items():
+        if path is None:
+            continue
+        if not os.path.exists(path):
+            raise UserError(f"Missing data file {path}.")
+        st, known = os.stat(path), ((recorded or {}).get("files") or {}).get(role, {})
+        same = known.get("size") == st.st_size and known.get("mtime_ns") == st.st_mtime_ns
+        fingerprint["files"][role] = {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                      "sha1": known["sha1"] if same else hub.sha1_of(path)}
+    return fingerprint
+
+
+def data_changes(recorded, current):
+    """How the data of `current` differs from the `recorded` fingerprint's: one phrase per change."""
+    changes = []
+    for role in sorted(set(recorded["files"]) | set(current["files"])):
+        old, new = recorded["files"].get(role), current["files"].get(role)
+        if old is None or new is None:
+            changes.append(f"the {role} file was {old and old['path']}, now {new and new['path']}")
+        elif (old["size"], old["sha1"]) != (new["size"], new["sha1"]):
+            changes.append(f"the {role} file {new['path']} was {old['size']} bytes with SHA-1 {old['sha1']}, "
+                           f"now {new['size']} bytes with SHA-1 {new['sha1']}")
+    changes += [f"{option} was {value}, now {current['limits'].get(option)}"
+                for option, value in recorded["limits"].items() if current["limits"].get(option) != value]
+    return changes
+
+
+def finished_run(run_dir):
+    """Whether `run_dir` holds a finished run: its final model saved, and no checkpoint short of the end."""
+    if not os.path.exists(os.path.join(run_dir, "model.params")):
+        return False
+    folder = find_checkpoint(run_dir)
+    if folder is None:
+        return True
+    with open(os.path.join(folder, "state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    return state["epoch"] > (state.get("recipe") or state.get("settings") or {}).get("epochs", float("inf"))
 
 
 def write_metrics(run_dir, metrics):
@@ -145,6 +232,34 @@ def save_results(path, epochs, wall_seconds, **about):
     write_json(path, results)
 
 
+def write_failure(error):
+    """Why a write failed, if `error` says one did (an OSError, or MXNet's file stream failing), else None."""
+    mxnet = sys.modules.get("mxnet")  # loaded by whatever wrote with it; not imported here, for the CLI's speed
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    if mxnet is not None and isinstance(error, mxnet.base.MXNetError):
+        return str(error).strip().splitlines()[0]
+    return None
+
+
+def reports_write_failures(method):
+    """Make a `RunDir` method's failed write (disk full, no permission) one sentence, a `UserError` naming the
+    last good checkpoint, instead of a traceback."""
+    @functools.wraps(method)
+    def write(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as error:
+            reason = write_failure(error)
+            if reason is None:
+                raise
+            then = (f"continue with `python -m nli finetune --resume {self.path}`"
+                    if self.path and find_checkpoint(self.path) else "run it again")
+            raise UserError(f"Could not write the run in {self.run_dir} ({reason}); {self.last_checkpoint()}. "
+                            f"Free some space or fix the permissions, then {then}.") from None
+    return write
+
+
 class RunDir:
     """The run directory as one worker of a run sees it: the first worker (rank 0) writes it, the others
     and a run without a directory write nothing, so the training loop need not ask."""
@@ -153,6 +268,7 @@ class RunDir:
         self.run_dir, self.rank = path, rank
         self.path = path if rank == 0 else None  # where this worker writes
 
+    @reports_write_failures
     def start(self, metrics, checkpoint=None):
         """Create the directory, keep only the `metrics` logged up to the checkpoint, and call `checkpoint`."""
         if self.path:
@@ -161,11 +277,13 @@ class RunDir:
             if checkpoint:
                 checkpoint()
 
+    @reports_write_failures
     def save_checkpoint(self, net, trainer, state):
         """`save_checkpoint` into this run's directory."""
         if self.path:
             save_checkpoint(self.path, net, trainer, state)
 
+    @reports_write_failures
     def log(self, entry, metrics=None):
         """Append an entry to metrics.jsonl; with all the `metrics` so far (an epoch's end), redraw curves.png."""
         if self.path:
@@ -173,6 +291,7 @@ class RunDir:
             if metrics:
                 plot_curves(metrics, os.path.join(self.path, "curves.png"))
 
+    @reports_write_failures
     def save_model(self, save_model, folder=""):
         """`save_model(dir)` into the run directory, or its `folder` (replaced whole); whether it was written."""
         if not (self.path and save_model):
@@ -183,6 +302,7 @@ class RunDir:
             save_model(self.path)
         return True
 
+    @reports_write_failures
     def save_final(self, net, save_model, distributed):
         """The run's final model, by `save_model(dir)`. In a distributed run, the workers that write nothing
         else (rank > 0) write their copy of the weights beside it, to check that all of them agree."""
@@ -190,6 +310,13 @@ class RunDir:
             print(f"saved the run in {self.path}", flush=True)
         elif self.run_dir and distributed:
             net.save_parameters(os.path.join(self.run_dir, f"worker-{self.rank}.params"))
+
+    @reports_write_failures
+    def drop_checkpoint(self):
+        """Remove the checkpoint of a run whose final model is saved: it is only for resuming."""
+        if self.path:
+            for suffix in (".new", ".old", ""):  # the current one last: until then it is complete
+                shutil.rmtree(os.path.join(self.path, CHECKPOINT + suffix), ignore_errors=True)
 
     def where_stopped(self):
         """The sentence saying how to continue a run stopped here."""

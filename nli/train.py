@@ -143,10 +143,20 @@ def make_trainer(block, recipe, kvstore, num_updates):
     return gluon.Trainer(block.collect_params(), optimizer, kvstore=kvstore, update_on_kvstore=False)
 
 
+def check_kvstore(name):
+    """Fail clearly when a distributed kvstore was not started by the launcher: MXNet would stop on the
+    DMLC_* variables that the launcher sets and that are missing."""
+    if name.startswith("dist") and "DMLC_NUM_WORKER" not in os.environ:
+        raise UserError(f"--kvstore {name} sums gradients over the workers that `python -m nli.launch` starts: run "
+                        f"`python -m nli.launch -n 2 -s 1 --launcher local python -m nli finetune ... --kvstore "
+                        f"{name}`, or train on this machine's devices with --kvstore device.")
+
+
 def kvstore_workers(name):
     """The kvstore that sums gradients (MXNet's own for a distributed one), this worker's rank, the workers."""
     if not name.startswith("dist"):
         return name, 0, 1
+    check_kvstore(name)
     kv = mx.kv.create(name)
     return kv, kv.rank, kv.num_workers
 
@@ -389,10 +399,11 @@ def score_epoch(entry, score, test_set, dev_set, devices):
           + f", {entry['examples_per_sec']:.1f} examples/sec on {devices}", flush=True)
 
 
-def save_checkpoint(run, net, trainer, state, recipe):
-    """Checkpoint the run: weights, optimizer state, where it is, the RNG states and the recipe."""
+def save_checkpoint(run, net, trainer, state, recipe, data_fingerprint):
+    """Checkpoint the run: weights, optimizer state, where it is, the RNG states, the recipe and what data it
+    trains on (`rundir.data_fingerprint`), for `--resume` to check."""
     run.save_checkpoint(net, trainer, {**dataclasses.asdict(state), "rng": rng_states(),
-                                       "recipe": dataclasses.asdict(recipe)})
+                                       "recipe": dataclasses.asdict(recipe), "data": data_fingerprint})
 
 
 def epoch_bar(num_batches, done, epoch, num_epochs, progress):
@@ -419,11 +430,14 @@ def keep_best(run, state, entry, save_model):
 
 
 def finetune(net, train_set, test_set, devices, recipe=BOOK, run_dir=None, dev_set=None, resume=False,
-             save_model=None, loss=None, progress=True):
+             save_model=None, loss=None, progress=True, data_fingerprint=None,
+             keep_checkpoint=True):
     """Fine-tune `net` as `recipe` says (by default the book's: Adam at lr 1e-4); returns the per-epoch metrics.
 
     Book: `train_ch13`. With `run_dir`, metrics, curves and checkpoints are written there (see `rundir`), `resume`
-    continues from its checkpoint, `save_model(dir)` saves the final model there, the best on `dev_set` in best/."""
+    continues from its checkpoint, `save_model(dir)` saves the final model there, the best on `dev_set` in best/;
+    each checkpoint keeps `data_fingerprint` (`rundir.data_fingerprint`) for `--resume` to check. A finished run
+    drops its checkpoint unless `keep_checkpoint`."""
     print(f"recipe {recipe.name}: {json.dumps(dataclasses.asdict(recipe))}", flush=True)
     # The workers, each with its shard of the pairs; only the first writes the run directory
     kv, rank, num_workers = kvstore_workers(recipe.kvstore)
@@ -436,7 +450,7 @@ def finetune(net, train_set, test_set, devices, recipe=BOOK, run_dir=None, dev_s
     trainer = make_trainer(block, recipe, kv, shards.num_updates())
     # Where the run starts: at the beginning (a checkpoint at once), or where its checkpoint left it
     state = restore(run_dir, net, trainer, devices) if resume else TrainingState()
-    checkpoint = functools.partial(save_checkpoint, run, net, trainer, state, recipe)
+    checkpoint = functools.partial(save_checkpoint, run, net, trainer, state, recipe, data_fingerprint)
     run.start(state.metrics, None if resume else checkpoint)
     with stop_requested() as stop:
         for epoch in range(state.epoch, recipe.epochs + 1):
@@ -475,4 +489,6 @@ def finetune(net, train_set, test_set, devices, recipe=BOOK, run_dir=None, dev_s
     # The final model (in a distributed run, the other workers' copies, to check that they agree)
     npx.waitall()
     run.save_final(net, save_model, distributed=recipe.kvstore.startswith("dist"))
+    if not keep_checkpoint:
+        run.drop_checkpoint()
     return [m for m in state.metrics if m["kind"] == "epoch"]

@@ -175,9 +175,11 @@ def test_pytorch_bin_only_says_how_to_convert(tiny, tmp_path):
     assert "pytorch_model.bin" in str(err.value) and "save_pretrained" in str(err.value)
 
 
-def test_longer_max_len_keeps_the_checkpoint_positions_and_runs(tiny):
+def test_longer_max_len_keeps_the_checkpoint_positions_and_runs(tiny, capsys):
     folder, tensors, vocab = tiny
     bert, _ = hf.load(folder, dropout=0.0, max_len=100)
+    warning = capsys.readouterr().err
+    assert "warning: --max-len 100 grows" in warning and "from 64 to 100 positions" in warning
     table = bert.encoder.pos_embedding.data().asnumpy()[0]
     assert table.shape == (100, TINY["hidden_size"])
     onp.testing.assert_array_equal(table[:64], tensors["embeddings.position_embeddings.weight"])

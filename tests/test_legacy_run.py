@@ -54,6 +54,7 @@ def test_a_legacy_checkpoint_resumes_to_the_uninterrupted_run(legacy_copy, tmp_p
     resumed = run_cli("finetune", "--resume", legacy_copy, env=cli_env(tmp_path))
     assert resumed.returncode == 0, resumed.stderr
     assert "at step 12 (epoch 2, batch 3)" in resumed.stdout  # where Ctrl-C stopped the old code
+    assert "was written before runs recorded their data" in resumed.stdout  # resumed without the check
     uninterrupted = run_cli(*make_legacy_run.FINETUNE, tmp_path / "uninterrupted", env=cli_env(tmp_path))
     assert uninterrupted.returncode == 0, uninterrupted.stderr
     reference, got = params_of(tmp_path / "uninterrupted" / "model.params"), params_of(legacy_copy / "model.params")
