@@ -21,9 +21,9 @@ from .errors import UserError
 CHECKPOINT = "checkpoint"
 # What `finetune`, `evaluate` and `predict --attention` write into a run directory (glob patterns):
 # `--overwrite` removes these, and only these.
-RUN_FILES = ("config.json", "vocab.json", "vocab.txt", "model.params", "model.onnx", "worker-*.params", "metrics.jsonl",
-             "curves.png", "results.json", "best", CHECKPOINT + "*", "features", "eval.json", "confusion.png",
-             "errors.tsv", "attention*")
+RUN_FILES = ("config.json", "vocab.json", "vocab.txt", "model.params", "model.onnx", "worker-*.params",
+             "metrics.jsonl", "curves.png", "results.json", "best", CHECKPOINT + "*", "features", "eval.json",
+             "confusion.png", "errors.tsv", "attention*")
 
 
 def write_atomically(path, write):
