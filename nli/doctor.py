@@ -133,12 +133,15 @@ def report(facts, found):
              f"numpy      {facts.numpy or 'does not import'}",
              f"mxnet      {facts.mxnet or 'does not import: ' + str(facts.mxnet_error)}"]
     if facts.features:
-        lines.append("build      " + ", ".join(f"{name} {'on' if on else 'off'}" for name, on in facts.features.items()))
+        lines.append("build      " + ", ".join(f"{name} {'on' if on else 'off'}"
+                                               for name, on in facts.features.items()))
     lines.append(f"devices    {', '.join(facts.devices) or 'none (mxnet does not import)'}")
-    lines.append(f"GPU        {'NVIDIA driver for CUDA ' + facts.driver_cuda if facts.driver_cuda else 'none found (no nvidia-smi)'}")
+    gpu = f"NVIDIA driver for CUDA {facts.driver_cuda}" if facts.driver_cuda else "none found (no nvidia-smi)"
+    lines.append(f"GPU        {gpu}")
     lines.append("OpenMP     " + ", ".join(f"{k}={v}" for k, v in facts.omp.items() if v is not None))
     lines.append(f"data dir   {facts.data_dir}")
-    lines += [f"           {name:<12} {state:<14} {'-' if size is None else f'{size / 2 ** 20:,.1f} MiB'}" for name, state, size in facts.cached]
+    for name, state, size in facts.cached:
+        lines.append(f"           {name:<12} {state:<14} {'-' if size is None else f'{size / 2 ** 20:,.1f} MiB'}")
     if not found:
         lines.append("No known problem found.")
     for problem, fix in found:
