@@ -30,7 +30,6 @@ import mxnet as mx  # noqa: E402
 import numpy as onp  # noqa: E402
 import onnxruntime  # noqa: E402
 from mxnet import init  # noqa: E402
-from d2l import mxnet as d2l  # noqa: E402
 
 from bench_accuracy import SPLIT_SEED, run, write_split  # noqa: E402
 from nli import bert, evaluate, export, model, snli  # noqa: E402
@@ -59,7 +58,7 @@ def bert_small_run(args, premises, hypotheses):
     """A run dir of a randomly initialized bert.small-shaped classifier, vocabulary from the data."""
     run_dir = os.path.join(args.work, "bert_small_run")
     mx.random.seed(args.seed)
-    vocab = d2l.Vocab([t for s in premises + hypotheses for t in snli.tokenize(s)],
+    vocab = bert.Vocab([t for s in premises + hypotheses for t in snli.tokenize(s)],
                       reserved_tokens=["<pad>", "<mask>", "<cls>", "<sep>"])
     encoder = bert.BERTModel(len(vocab), **SMALL)
     net = model.BERTClassifier(encoder)

@@ -19,10 +19,9 @@ def run_dir(tmp_path_factory):
     """A run dir holding a small, randomly initialized classifier (2 layers, 4 heads) over the real data's words."""
     import mxnet as mx
     from mxnet import init, np
-    from d2l import mxnet as d2l
     from nli import bert, model
     mx.random.seed(2)
-    vocab = d2l.Vocab(build_vocab_tokens(), reserved_tokens=RESERVED)
+    vocab = bert.Vocab(build_vocab_tokens(), reserved_tokens=RESERVED)
     encoder = bert.BERTModel(len(vocab), dropout=0.0, **SIZES)
     net = model.BERTClassifier(encoder)
     net.initialize(init.Normal(0.5))  # large weights: attention far from uniform
