@@ -132,6 +132,20 @@ def test_evaluate_cli_writes_figures_plot_and_sorted_errors(tiny_run, tmp_path):
         assert float(confidence) == max(map(float, probs)) == float(probs[snli.LABELS.index(predicted)])
 
 
+def test_a_write_the_system_refuses_is_one_sentence_and_leaves_no_partial_file(tiny_run, tmp_path):
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("A man sleeps .\tA person rests .\n")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for command in (["evaluate", "--run", tiny_run, "--test", DEV_PAIRS, "--out", blocker / "eval"],
+                    ["predict", "--run", tiny_run, "--file", pairs, "--output", blocker / "out.jsonl"]):
+        done = run_cli(*command, "--quiet")
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        [line] = done.stderr.strip().splitlines()
+        assert line.startswith(f"error: {blocker}{os.sep}") and line.endswith(": Not a directory"), line
+    assert sorted(os.listdir(tmp_path)) == ["a-file", "pairs.tsv"] and blocker.read_text() == "not a folder"
+
+
 def test_evaluate_reports_file_and_line_of_a_bad_label(tiny_run, tmp_path, capsys):
     bad = tmp_path / "bad.tsv"
     bad.write_text("premise\thypothesis\tlabel\nA man .\tA person .\tentailment\nA man .\tA cat .\tmaybe\n")
