@@ -233,9 +233,10 @@ def run_finetune(args):
           + (f", {len(dev_set)} dev pairs" if dev_set else "") + f", devices {devices}", flush=True)
     train.finetune(net, train_set, test_set, devices, recipe, run_dir=recipe.out, dev_set=dev_set,
                    resume=bool(args.resume), progress=not args.quiet, data_fingerprint=fingerprint,
-                   keep_checkpoint=args.keep_checkpoint,
                    save_model=lambda folder: model.save_run(folder, net, vocab, bert_config,
                                                             {**recipe.run_config(), "data": fingerprint}))
+    if not args.keep_checkpoint and rundir.finished_run(recipe.out):  # it is only for resuming
+        rundir.RunDir(recipe.out).drop_checkpoint()
 
 
 def run_evaluate(args):

@@ -430,14 +430,12 @@ def keep_best(run, state, entry, save_model):
 
 
 def finetune(net, train_set, test_set, devices, recipe=BOOK, run_dir=None, dev_set=None, resume=False,
-             save_model=None, loss=None, progress=True, data_fingerprint=None,
-             keep_checkpoint=True):
+             save_model=None, loss=None, progress=True, data_fingerprint=None):
     """Fine-tune `net` as `recipe` says (by default the book's: Adam at lr 1e-4); returns the per-epoch metrics.
 
     Book: `train_ch13`. With `run_dir`, metrics, curves and checkpoints are written there (see `rundir`), `resume`
     continues from its checkpoint, `save_model(dir)` saves the final model there, the best on `dev_set` in best/;
-    each checkpoint keeps `data_fingerprint` (`rundir.data_fingerprint`) for `--resume` to check. A finished run
-    drops its checkpoint unless `keep_checkpoint`."""
+    each checkpoint keeps `data_fingerprint` (`rundir.data_fingerprint`) for `--resume` to check."""
     print(f"recipe {recipe.name}: {json.dumps(dataclasses.asdict(recipe))}", flush=True)
     # The workers, each with its shard of the pairs; only the first writes the run directory
     kv, rank, num_workers = kvstore_workers(recipe.kvstore)
@@ -489,6 +487,4 @@ def finetune(net, train_set, test_set, devices, recipe=BOOK, run_dir=None, dev_s
     # The final model (in a distributed run, the other workers' copies, to check that they agree)
     npx.waitall()
     run.save_final(net, save_model, distributed=recipe.kvstore.startswith("dist"))
-    if not keep_checkpoint:
-        run.drop_checkpoint()
     return [m for m in state.metrics if m["kind"] == "epoch"]
