@@ -132,10 +132,10 @@ def section_features(setup, args):
     """`finetune --extract-features` against full fine-tuning: seconds of training per epoch.
 
     Full fine-tuning runs one epoch. The feature mode computes the encoder's `<cls>` features once
-    (`train.cls_features`, timed on its own here) and trains the head on them for the book's 5 epochs."""
+    (`train.pooled_features`, timed on its own here) and trains the head on them for the book's 5 epochs."""
     encoded, devices = setup["encoded"], [setup["device"]]
     start = time.perf_counter()
-    train.cls_features(small_classifier(setup), encoded, onp.arange(len(encoded)), devices, BATCH_SIZE)
+    train.pooled_features(small_classifier(setup), encoded, onp.arange(len(encoded)), devices, BATCH_SIZE)
     extraction = time.perf_counter() - start
     epoch_seconds = {}
     for mode, epochs in (("full", 1), ("features", 5)):

@@ -226,7 +226,7 @@ def run_finetune(args):
     train_file, test_file = data_files(recipe, train=True)
     fingerprint = data_fingerprint(recipe, train_file, test_file, args.resume, args.force)
     train.seed_everything(recipe.seed)
-    net, vocab, bert_config = model.from_pretrained(recipe.model, devices, recipe.dropout, recipe.max_len)
+    net, vocab, bert_config = model.from_pretrained(recipe.model, devices, recipe.dropout, recipe.max_len, recipe.pooling)
     train_set, test_set, dev_set = encoded_sets(recipe, vocab, train_file, test_file, progress=not args.quiet)
     rundir.remove_run_files(recipe.out, earlier_run)
     print(f"{len(train_set)} training pairs, {len(test_set)} test pairs"

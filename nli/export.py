@@ -103,8 +103,19 @@ def encoder_block(g, params, prefix, X, mask, bert):
                       g.op("Add", Y, dense(g, params, f"{prefix}.ffn.dense2", hidden)), bert["norm_eps"])
 
 
-def classifier_graph(params, bert, opset=OPSET):
-    """The ONNX model of `model.BERTClassifier` from its parameters (Gluon name -> array) and BERT config."""
+def pooled(g, X, valid, pooling):
+    """`BERTClassifier.pool`: (batch, hiddens) from X (batch, steps, hiddens), `<cls>`'s or the mean of the `valid` steps'."""
+    if pooling == "cls":
+        return g.op("Gather", X, g.constant("cls_position", onp.array(0, dtype=onp.int64)), axis=1)
+    steps_axis = g.constant("steps_axis", onp.array([1], dtype=onp.int64))
+    weights = g.op("Unsqueeze", g.op("Cast", valid, to=TensorProto.FLOAT),
+                   g.constant("axes2", onp.array([2], dtype=onp.int64)))  # (batch, steps, 1): 1 on valid steps
+    total = g.op("ReduceSum", g.op("Mul", X, weights), steps_axis, keepdims=0)
+    return g.op("Div", total, g.op("ReduceSum", weights, steps_axis, keepdims=0))
+
+
+def classifier_graph(params, bert, opset=OPSET, pooling="cls"):
+    """The ONNX model of `model.BERTClassifier` from its parameters (Gluon name -> array), BERT config and pooling."""
     g = GraphBuilder()
     tokens, segments, valid_lens = INPUTS
     steps = g.op("Gather", g.op("Shape", tokens), g.constant("axis1", onp.array(1, dtype=onp.int64)))
@@ -126,8 +137,8 @@ def classifier_graph(params, bert, opset=OPSET):
         X = layer_norm(g, params, "encoder.embedding_norm", X, bert["norm_eps"])
     for i in range(bert["num_blks"]):
         X = encoder_block(g, params, f"encoder.blks.{i}", X, mask, bert)
-    cls = g.op("Gather", X, g.constant("cls_position", onp.array(0, dtype=onp.int64)), axis=1)
-    logits = dense(g, params, "output", g.op("Tanh", dense(g, params, "hidden", cls)), output=OUTPUT)
+    logits = dense(g, params, "output", g.op("Tanh", dense(g, params, "hidden", pooled(g, X, valid, pooling))),
+                   output=OUTPUT)
 
     graph = helper.make_graph(
         g.nodes, "nli_bert_classifier",
@@ -177,7 +188,7 @@ def export_run(run_dir, out_dir, int8=False, opset=OPSET):
         raise UserError("--out must be a new directory, not the run itself.")
     net, _, config = model_lib.load_run(run_dir, [mx.cpu()])
     params = {name: p.data().asnumpy() for name, p in net._collect_params_with_prefix().items()}
-    onnx_model = classifier_graph(params, config["bert"], opset)
+    onnx_model = classifier_graph(params, config["bert"], opset, config.get("pooling", "cls"))
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, MODEL_FILE)
     fp32_path = path + ".fp32.tmp"

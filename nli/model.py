@@ -20,23 +20,31 @@ class BERTClassifier(nn.HybridBlock):
     """The book's classifier: an MLP (BERT's hidden layer + Dense(3)) on the encoding of `<cls>`.
 
     `dropout` on the hidden layer's output is what Hugging Face's BertForSequenceClassification adds;
-    the book has none (0).
+    the book has none (0). `pooling` "mean" feeds the MLP the mean of the valid tokens' encodings instead,
+    as sentence-embedding checkpoints (all-MiniLM-L6-v2) were trained to be read.
     """
 
-    def __init__(self, bert, dropout=0.0):
+    def __init__(self, bert, dropout=0.0, pooling="cls"):
         super().__init__()
+        self.pooling = pooling
         self.encoder = bert.encoder
         self.hidden = bert.hidden
         self.dropout = nn.Dropout(dropout)
         self.output = nn.Dense(len(LABELS), in_units=bert.config.num_hiddens)
 
+    def pool(self, F, encoded_X, valid_lens):
+        """One vector per pair from the encoder's (batch, steps, hiddens) output: `<cls>`'s, or the valid tokens' mean."""
+        if self.pooling == "mean":
+            valid = F.npx.sequence_mask(encoded_X, valid_lens, use_sequence_length=True, axis=1, value=0)
+            return valid.sum(axis=1) / F.np.expand_dims(valid_lens, 1)
+        return F.npx.reshape(F.np.take(encoded_X, F.np.zeros((1,), dtype="int32"), axis=1), (-2, -3, -2))
+
     def hybrid_forward(self, F, tokens, segments, valid_lens):
-        encoded_X = self.encoder(tokens, segments, valid_lens)
-        cls = F.npx.reshape(F.np.take(encoded_X, F.np.zeros((1,), dtype="int32"), axis=1), (-2, -3, -2))
-        return self.output(self.dropout(self.hidden(cls)))
+        pooled = self.pool(F, self.encoder(tokens, segments, valid_lens), valid_lens)
+        return self.output(self.dropout(self.hidden(pooled)))
 
 
-def from_pretrained(name_or_dir, devices, dropout=None, max_len=None):
+def from_pretrained(name_or_dir, devices, dropout=None, max_len=None, pooling="cls"):
     """A classifier on a pretrained BERT, its output layer freshly initialized: (net, vocab, bert config).
 
     `name_or_dir` is the book's model (bert.small, bert.base, a directory) or `hf:DIR`, a Hugging Face
@@ -44,14 +52,14 @@ def from_pretrained(name_or_dir, devices, dropout=None, max_len=None):
     """
     if name_or_dir.startswith(hf.PREFIX):  # as BertForSequenceClassification builds its head
         bert, vocab = hf.load(name_or_dir[len(hf.PREFIX):], devices, dropout, max_len)
-        net = BERTClassifier(bert, dropout=bert.config.dropout)
+        net = BERTClassifier(bert, dropout=bert.config.dropout, pooling=pooling)
         net.output.initialize(init.Normal(hf.INITIALIZER_RANGE), ctx=devices)
     else:
         bert, vocab = bert_lib.load_pretrained(name_or_dir, devices, dropout)
         if max_len is not None and max_len > bert.config.max_len:
             raise UserError(f"--max-len {max_len}: {name_or_dir}'s position table has {bert.config.max_len} "
                             f"positions; expected {MIN_MAX_LEN} to {bert.config.max_len}.")
-        net = BERTClassifier(bert)
+        net = BERTClassifier(bert, pooling=pooling)
         net.output.initialize(init.Xavier(), ctx=devices)
     net.hybridize(static_alloc=True)
     return net, vocab, bert.config
@@ -79,7 +87,7 @@ def load_run(run_dir, devices):
         config = json.load(f)
     vocab = load_tokenizer(run_dir, config)
     bert = bert_lib.BERTModel(**{**config["bert"], "dropout": 0.0})
-    net = BERTClassifier(bert)
+    net = BERTClassifier(bert, pooling=config.get("pooling", "cls"))  # runs older than --pooling: cls
     params = os.path.join(run_dir, "model.params")
     bert_lib.check_params_file(net, params)
     net.load_parameters(params, ctx=devices)

@@ -14,6 +14,7 @@ SCHEDULES = ("constant", "linear", "cosine")
 MODES = ("full", "freeze-encoder", "features")  # everything trains; the head; the head on cached features
 KVSTORES = ("device", "local", "dist_sync", "dist_device_sync")
 DTYPES = ("float32", "float16")
+POOLINGS = ("cls", "mean")
 
 
 MIN_MAX_LEN = 4  # <cls>, two <sep> and at least one token of the pair
@@ -27,6 +28,11 @@ def at_least(low, why=""):
 def above(low):
     """A check of a number: more than `low`."""
     return lambda value: None if value > low else f"expected a number above {low}"
+
+
+def rate_factor(value):
+    """A check of a number: a factor in (0, 1]."""
+    return None if 0 < value <= 1 else "expected a factor in (0, 1]"
 
 
 def fraction(value):
@@ -79,10 +85,15 @@ class Recipe:
     max_grad_norm: float = option(0.0, "clip gradients to this global norm (0: off)", check=at_least(0))
     accumulate: int = option(1, "update every N batches, as one batch N times larger would",
                             check=at_least(1))
+    layer_decay: float = option(1.0, "layer-wise rate decay F: encoder layer l of L learns at lr * F^(L-l), the "
+                                     "embeddings at lr * F^L, the head at lr (1: every layer at lr)", check=rate_factor)
     # What trains, and on what input
     mode: str = option("full", "full: everything trains; freeze-encoder: only the head (hidden + output); "
                                "features: the head on the encoder's <cls> features, computed once (cached in "
                                "the run dir): the fastest way, a baseline", choices=MODES)
+    pooling: str = option("cls", "what the head reads: cls, the encoding of <cls> (the book's); mean, the mean of "
+                                 "the pair's token encodings (how sentence-embedding checkpoints were trained)",
+                          choices=POOLINGS)
     freeze_epochs: int = option(0, "train only the head for the first N epochs, then everything", check=at_least(0))
     truncation: str = option("longest_first", "pairs over max-len: cut the longer side first (the book's), or "
                                               "both sides in proportion to their lengths", choices=TRUNCATION_RULES)
@@ -142,7 +153,8 @@ class Recipe:
 
     def run_config(self):
         """config.json's entries about training: what encoding the input needs, and the whole recipe."""
-        return {"max_len": self.max_len, "truncation": self.truncation, "recipe": dataclasses.asdict(self)}
+        return {"max_len": self.max_len, "truncation": self.truncation, "pooling": self.pooling,
+                "recipe": dataclasses.asdict(self)}
 
 
 BOOK = Recipe()  # the chapter's: plain Adam at a constant 1e-4, batch 512, max_len 128, 5 epochs

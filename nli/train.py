@@ -132,6 +132,17 @@ class AdamW(mx.optimizer.Adam):
                                    clip_gradient=self.clip_gradient or -1, out=weight)
 
 
+def set_layer_decay(net, decay):
+    """Layer-wise rates (Howard & Ruder, 2018; Clark et al., 2020): encoder block l of L learns at decay^(L-l)
+    of the rate, the embeddings at decay^L, the head at the full rate, so lower, more general layers move less."""
+    blocks = net.encoder.blks
+    for p in net.encoder.collect_params().values():
+        p.lr_mult = decay ** len(blocks)
+    for l, block in enumerate(blocks, start=1):
+        for p in block.collect_params().values():
+            p.lr_mult = decay ** (len(blocks) - l)
+
+
 def make_trainer(block, recipe, kvstore, num_updates):
     """The Trainer of `block`'s parameters with the recipe's optimizer and schedule; biases and LayerNorm
     are not decayed."""
@@ -216,18 +227,18 @@ def head_of(net):
     return head
 
 
-def cls_features(net, encoded, indices, devices, batch_size, progress=False):
-    """The encoder's `<cls>` vectors of pairs `indices`, in that order (no dropout: inference mode)."""
-    return predict_batches(lambda *inputs: net.encoder(*inputs)[:, 0],
+def pooled_features(net, encoded, indices, devices, batch_size, progress=False):
+    """The pooled encodings (`<cls>`'s, or the mean) of pairs `indices`, in that order (no dropout: inference mode)."""
+    return predict_batches(lambda *inputs: net.pool(mx, net.encoder(*inputs), inputs[2]),
                            data.inference_batches(encoded, batch_size, indices), devices,
-                           (len(indices), net.hidden.weight.shape[1]), progress, "<cls> features")
+                           (len(indices), net.hidden.weight.shape[1]), progress, f"{net.pooling} features")
 
 
 def cached_features(run_dir, net, encoded, indices, devices, batch_size, progress):
-    """`cls_features`, kept in RUN_DIR/features/ under a hash of the encoder's weights and the pairs."""
+    """`pooled_features`, kept in RUN_DIR/features/ under a hash of the encoder's weights and the pairs."""
     if not run_dir:
-        return cls_features(net, encoded, indices, devices, batch_size, progress)
-    key = hashlib.sha1(str(encoded.max_len).encode())
+        return pooled_features(net, encoded, indices, devices, batch_size, progress)
+    key = hashlib.sha1(f"{encoded.max_len} {net.pooling}".encode())
     for p in net.encoder.collect_params().values():
         key.update(p.data(devices[0]).asnumpy().tobytes())
     for array in (indices, encoded.token_ids, encoded.offsets, encoded.segment_a_lens):
@@ -235,7 +246,7 @@ def cached_features(run_dir, net, encoded, indices, devices, batch_size, progres
     path = os.path.join(run_dir, "features", key.hexdigest() + ".npy")
     if os.path.exists(path):
         return onp.load(path)
-    features = cls_features(net, encoded, indices, devices, batch_size, progress)
+    features = pooled_features(net, encoded, indices, devices, batch_size, progress)
     os.makedirs(os.path.dirname(path), exist_ok=True)
 
     def write(tmp):
@@ -260,6 +271,7 @@ def training_block(net, recipe, train_set, shard, eval_sets, devices, cache_dir,
     With `features` the block is the head, the encoder's `<cls>` features of every pair are computed
     once (and cached in `cache_dir`), and eval sets are scored on their features too."""
     set_trainable(net, recipe, epoch=1)
+    set_layer_decay(net, recipe.layer_decay)
     if recipe.mode != "features":
         return (net, lambda indices: data.make_batch(train_set, shard[indices]),
                 lambda encoded: accuracy(net, encoded, devices, recipe.batch_size))

@@ -24,18 +24,20 @@ from nli import data, evaluate, export, model, snli
 MAX_LEN = 48  # the runs' max_len: some real pairs are cut, so batches mix full and short pairs
 
 
-def save_classifier_run(folder, model_name):
+def save_classifier_run(folder, model_name, pooling="cls"):
     """A run dir of the classifier `model.from_pretrained` builds on `model_name`, untrained."""
     mx.random.seed(0)
-    net, vocab, bert_config = model.from_pretrained(model_name, [mx.cpu()], dropout=0.0)
+    net, vocab, bert_config = model.from_pretrained(model_name, [mx.cpu()], dropout=0.0, pooling=pooling)
     net.output.initialize(mx.init.Normal(1.0), force_reinit=True)  # logits far enough apart to differ in label
-    model.save_run(folder, net, vocab, bert_config, {"max_len": MAX_LEN, "truncation": "longest_first"})
+    model.save_run(folder, net, vocab, bert_config, {"max_len": MAX_LEN, "truncation": "longest_first",
+                                                     "pooling": pooling})
     return folder
 
 
-@pytest.fixture(scope="module", params=["book", "hf"])
+@pytest.fixture(scope="module", params=["book", "hf", "hf-mean"])
 def runs(request, training_bert_dir, tmp_path_factory):
-    """A book-family (ReLU, epsilon 1e-5) or Hugging Face-family (GELU, embedding LayerNorm) run, exported."""
+    """A book-family (ReLU, epsilon 1e-5) or Hugging Face-family (GELU, embedding LayerNorm) run, exported;
+    hf-mean's head reads the mean of the token encodings (--pooling mean)."""
     root = tmp_path_factory.mktemp(f"export_{request.param}")
     if request.param == "book":
         source = training_bert_dir
@@ -43,7 +45,7 @@ def runs(request, training_bert_dir, tmp_path_factory):
         vocab = tiny_vocab()
         source = "hf:" + write_checkpoint(str(root / "checkpoint"), tiny_tensors(len(vocab), onp.random.RandomState(0)),
                                           vocab)
-    run_dir = save_classifier_run(str(root / "run"), source)
+    run_dir = save_classifier_run(str(root / "run"), source, "mean" if request.param == "hf-mean" else "cls")
     export.export_run(run_dir, str(root / "onnx"))
     return run_dir, str(root / "onnx")
 

@@ -13,7 +13,7 @@ import pytest
 from mxnet import gluon, npx
 
 from conftest import DEV_PAIRS, ROOT, run_cli
-from nli import cli, model, rundir, snli, train
+from nli import cli, data, model, rundir, snli, train
 from nli.errors import UserError
 from nli.recipe import BOOK, TUNED, Recipe
 
@@ -157,7 +157,7 @@ def pairs():
 def small_run(model_dir, pairs, n_train=64, dropout=0.0, **options):
     """Fine-tune a fresh classifier from seed 0 in this process: (net, per-epoch metrics)."""
     train.seed_everything(0)
-    net, vocab, _ = model.from_pretrained(model_dir, CPU, dropout=dropout)
+    net, vocab, _ = model.from_pretrained(model_dir, CPU, dropout=dropout, pooling=options.get("pooling", "cls"))
     train_set = snli.encode_pairs(*(c[:n_train] for c in pairs), vocab, 64)
     test_set = snli.encode_pairs(*(c[-32:] for c in pairs), vocab, 64)
     live = {k: options.pop(k) for k in ("run_dir", "loss") if k in options}  # the rest is the recipe
@@ -185,6 +185,47 @@ def test_accumulating_n_batches_updates_as_one_batch_n_times_larger(training_ber
     assert len(norms) == 3 and onp.allclose(norms, grad_norms(tmp_path / "accumulated"), rtol=1e-5)
     start, _ = small_run(training_bert_dir, pairs, epochs=0)
     assert max(float(onp.abs(a[k] - weights(start)[k]).max()) for k in a) > 1e-3  # the updates moved it
+
+
+def test_mean_pooling_averages_the_valid_tokens_and_the_run_keeps_it(training_bert_dir, pairs, tmp_path):
+    net, _ = small_run(training_bert_dir, pairs, epochs=1, pooling="mean")
+    vocab = model.load_tokenizer(training_bert_dir, {})
+    encoded = snli.encode_pairs(*(c[:6] for c in pairs), vocab, 64)
+    tokens, segments, valid_lens, _ = (mx.np.array(a) for a in data.make_batch(encoded, onp.arange(6)))
+    outputs = net.encoder(tokens, segments, valid_lens).asnumpy()
+    expected = [outputs[i, :int(n)].mean(axis=0) for i, n in enumerate(valid_lens.asnumpy())]
+    assert valid_lens.asnumpy().min() < tokens.shape[1]  # some pairs are padded: padding must not count
+    onp.testing.assert_allclose(net.pool(mx, mx.np.array(outputs), valid_lens).asnumpy(), expected, rtol=1e-5,
+                                atol=1e-6)
+    logits = net(tokens, segments, valid_lens).asnumpy()
+    bert_config = model.from_pretrained(training_bert_dir, CPU)[2]
+    model.save_run(str(tmp_path / "run"), net, vocab, bert_config, dataclasses.replace(BOOK, pooling="mean").run_config())
+    loaded, _, config = model.load_run(str(tmp_path / "run"), CPU)
+    assert config["pooling"] == loaded.pooling == "mean"
+    onp.testing.assert_allclose(loaded(tokens, segments, valid_lens).asnumpy(), logits, rtol=1e-5, atol=1e-6)
+    del config["pooling"]  # as runs from before --pooling say: then the same weights read <cls>, other logits
+    rundir.write_json(str(tmp_path / "run" / "config.json"), config)
+    as_cls = model.load_run(str(tmp_path / "run"), CPU)[0]
+    assert as_cls.pooling == "cls" and onp.abs(as_cls(tokens, segments, valid_lens).asnumpy() - logits).max() > 1e-4
+
+
+def test_layer_decay_gives_each_layer_its_rate(training_bert_dir, pairs):
+    two_layers = model.BERTClassifier(model.bert_lib.BERTModel(vocab_size=20, num_hiddens=8, ffn_num_hiddens=16,
+                                                               num_heads=2, num_blks=2, dropout=0.0, max_len=16))
+    train.set_layer_decay(two_layers, 0.5)
+    rates = {name: p.lr_mult for name, p in two_layers._collect_params_with_prefix().items()}
+    assert {rates[k] for k in rates if k.startswith("encoder.blks.1.")} == {1.0}
+    assert {rates[k] for k in rates if k.startswith("encoder.blks.0.")} == {0.5}
+    assert {rates[k] for k in rates if k.startswith("encoder.") and ".blks." not in k} == {0.25}
+    assert {rates[k] for k in rates if not k.startswith("encoder.")} == {1.0}  # the head
+    # Adam's first step moves each weight by lr * its rate (m / sqrt(v) is the gradient's sign): the rates apply.
+    start = weights(small_run(training_bert_dir, pairs, epochs=0)[0])
+    stepped = weights(small_run(training_bert_dir, pairs, n_train=16, epochs=1, layer_decay=0.5)[0])
+    # (not the keys' bias: it adds the same to every score of a query, so softmax gives it no gradient)
+    moved = {k: float(onp.abs(stepped[k] - start[k]).max()) for k in start if not k.endswith("W_k.bias")}
+    for name, distance in moved.items():  # one block: the block and the head at lr 1e-3, the embeddings at half
+        rate = 0.5 if name.startswith("encoder.") and ".blks." not in name else 1.0
+        assert distance == pytest.approx(1e-3 * rate, rel=1e-3), name
 
 
 class LossTurningNaN(gluon.loss.SoftmaxCrossEntropyLoss):
