@@ -104,7 +104,7 @@ def encoder_block(g, params, prefix, X, mask, bert):
 
 
 def pooled(g, X, valid, pooling):
-    """`BERTClassifier.pool`: (batch, hiddens) from X (batch, steps, hiddens), `<cls>`'s or the mean of the `valid` steps'."""
+    """`BERTClassifier.pool`: (batch, hiddens) from X (batch, steps, hiddens), `<cls>`'s or the `valid` steps' mean."""
     if pooling == "cls":
         return g.op("Gather", X, g.constant("cls_position", onp.array(0, dtype=onp.int64)), axis=1)
     steps_axis = g.constant("steps_axis", onp.array([1], dtype=onp.int64))

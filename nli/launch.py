@@ -12,6 +12,7 @@ or `-n 4 -s 4 -H hosts --launcher ssh python -m nli finetune ...`. Three repairs
 import importlib.util
 import os
 import runpy
+import socket
 import subprocess
 import sys
 import threading
@@ -65,6 +66,14 @@ class LocalJob:
         self.run(cmdline, env, "scheduler")
 
 
+def free_port():
+    """A port that is free now, as the OS picks one: the tracker's own choice, the first free from 9091, gives two
+    jobs started together on one machine the same scheduler port."""
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
+
+
 def main(argv):
     """Run mxnet's tools/launch.py with `argv` as its arguments."""
     threading.Thread.isAlive = threading.Thread.is_alive
@@ -76,6 +85,8 @@ def main(argv):
         tracker.get_host_ip = lambda host_ip=None: "127.0.0.1"
         local.exec_cmd = job.exec_cmd
         tracker.subprocess = job  # the tracker starts the scheduler with `subprocess.check_call`, nothing else
+        port = free_port()
+        tracker.PSTracker.__init__.__defaults__ = (port, port + 1, None)  # (port, port_end, envs)
     sys.argv = [LAUNCH_PY, *argv]
     runpy.run_path(LAUNCH_PY, run_name="__main__")
     if job and job.failure:

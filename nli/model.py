@@ -33,7 +33,7 @@ class BERTClassifier(nn.HybridBlock):
         self.output = nn.Dense(len(LABELS), in_units=bert.config.num_hiddens)
 
     def pool(self, F, encoded_X, valid_lens):
-        """One vector per pair from the encoder's (batch, steps, hiddens) output: `<cls>`'s, or the valid tokens' mean."""
+        """One vector per pair from the encoder's (batch, steps, hiddens): `<cls>`'s, or the valid tokens' mean."""
         if self.pooling == "mean":
             valid = F.npx.sequence_mask(encoded_X, valid_lens, use_sequence_length=True, axis=1, value=0)
             return valid.sum(axis=1) / F.np.expand_dims(valid_lens, 1)

@@ -50,3 +50,19 @@ def test_a_worker_that_fails_stops_the_job_with_one_message(tmp_path):
     assert message.startswith("error: The job stopped: a worker (task ") and "exited with status 2" in message
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(out) not in ps, "a process of the job is still running"
+
+
+def test_two_jobs_started_together_get_their_own_scheduler_ports(tmp_path):
+    # Each process of a job prints its role and the scheduler's port; the tracker alone would give both 9091.
+    show = tmp_path / "show.py"  # a file: the launcher hands its command to a shell as one line
+    show.write_text("import os\nprint(os.environ['DMLC_ROLE'], os.environ['DMLC_PS_ROOT_PORT'])\n")
+    launch = [sys.executable, "-m", "nli.launch", "-n", "1", "-s", "1", "--launcher", "local", sys.executable,
+              str(show)]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    jobs = [subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+            for _ in range(2)]
+    outputs = [job.communicate(timeout=120) for job in jobs]
+    assert all(job.returncode == 0 for job in jobs), outputs
+    ports = [{line.split()[1] for line in out.splitlines() if line.startswith(("scheduler", "worker", "server"))}
+             for out, _ in outputs]
+    assert all(len(p) == 1 for p in ports) and ports[0] != ports[1], ports

@@ -199,7 +199,8 @@ def test_mean_pooling_averages_the_valid_tokens_and_the_run_keeps_it(training_be
                                 atol=1e-6)
     logits = net(tokens, segments, valid_lens).asnumpy()
     bert_config = model.from_pretrained(training_bert_dir, CPU)[2]
-    model.save_run(str(tmp_path / "run"), net, vocab, bert_config, dataclasses.replace(BOOK, pooling="mean").run_config())
+    model.save_run(str(tmp_path / "run"), net, vocab, bert_config,
+                   dataclasses.replace(BOOK, pooling="mean").run_config())
     loaded, _, config = model.load_run(str(tmp_path / "run"), CPU)
     assert config["pooling"] == loaded.pooling == "mean"
     onp.testing.assert_allclose(loaded(tokens, segments, valid_lens).asnumpy(), logits, rtol=1e-5, atol=1e-6)
