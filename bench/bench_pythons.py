@@ -14,6 +14,8 @@ import subprocess
 import sys
 import tempfile
 
+from results_file import write_results
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -50,8 +52,7 @@ def main():
                "other": {"python": versions["other"], "examples_per_sec": runs["other"], "median": medians["other"]},
                "other_over_baseline": medians["other"] / medians["baseline"],
                "load_average": os.getloadavg()[0]}
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
+    write_results(results, args.out)
     print(f"Python {versions['other']} / {versions['baseline']}: {results['other_over_baseline']:.2f}x")
 
 

@@ -15,6 +15,7 @@ import platform
 import sys
 
 from bench_accuracy import DEV_PAIRS, ROOT, SPLIT_SEED, run_nli, write_split
+from results_file import write_results
 
 
 def main():
@@ -46,13 +47,10 @@ def main():
                                                      "seed": SPLIT_SEED, **sizes},
               "seed": args.seed, "recipes": results,
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
+    write_results(result, args.out)
     for name, r in results.items():
         print(f"{name:<8} accuracy {r['accuracy']:.4f}, {r['train_examples_per_sec']:.1f} training examples/sec, "
               f"{r['finetune_wall_seconds'] / 60:.1f} min")
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import sys
 
 from bench_accuracy import (DEV_PAIRS, PEER_RECIPE, ROOT, SPLIT_SEED, peer_recipe, run_nli, run_peer, summarize,
                             write_split)
+from results_file import write_results
 
 PEER_SETTINGS = peer_recipe(argparse.Namespace(**PEER_RECIPE))
 CANDIDATES = {  # name -> `nli finetune` options; "peer" is the peer itself
@@ -86,9 +87,7 @@ def main():
         result["targets"] = {"chosen": CHOSEN,
                              "accuracy_at_least_peer_plus_1_point": chosen["accuracy"] - peer["accuracy"] >= TARGET_GAIN,
                              "wall_time_at_most_2x_peer": chosen["wall_time_over_peer"] <= TARGET_TIME_RATIO}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
+    write_results(result, args.out)
     print(f"\n{'':<15}{'accuracy':>9}{'stdev':>8}{'per seed':>24}{'min/run':>9}{'vs peer':>9}{'time x':>8}")
     for name, r in results.items():
         per_seed = " ".join(f"{a:.4f}" for a in r["accuracy_per_seed"])
@@ -97,7 +96,6 @@ def main():
               f"{r.get('wall_time_over_peer', 1):>8.2f}")
     if "targets" in result:
         print(f"targets: {json.dumps(result['targets'])}")
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from mxnet import init  # noqa: E402
 
 from nli import bert, data, model, snli, train  # noqa: E402
 from nli.recipe import BOOK  # noqa: E402
+from results_file import write_results  # noqa: E402
 
 DATA = os.path.join(ROOT, "tests", "data", "snli_1.0_dev_pairs.tsv")
 BOOK_SCRIPT = os.path.join(ROOT, "tests", "book_reference.py")
@@ -200,9 +201,7 @@ def main():
         results["machine"] = {"cpu_count": os.cpu_count(), "python": platform.python_version(),
                               "mxnet": mx.__version__, "note": "shared machine: other jobs may run"}
         results["command"] = " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        write_results(results, args.out)
     for name in SECTIONS:
         if "examples_per_sec" in results.get(name, {}):
             print(f"{name:>15}: {results[name]['examples_per_sec']:8.1f} examples/sec")

@@ -43,6 +43,8 @@ import transformers  # noqa: E402
 from transformers import (AutoTokenizer, BertForSequenceClassification, DataCollatorWithPadding,  # noqa: E402
                           get_linear_schedule_with_warmup)
 
+from results_file import write_results  # noqa: E402
+
 DEV_PAIRS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data",
                          "snli_1.0_dev_pairs.tsv")
 LABELS = {"entailment": 0, "contradiction": 1, "neutral": 2}  # d2l.read_snli's ids, as nli's
@@ -183,10 +185,7 @@ def main():
     }
     print(json.dumps({k: results[k] for k in ("timing", "accuracy_per_epoch")}, indent=1))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=1)
-        print(f"wrote {args.out}")
+        write_results(results, args.out)
 
 
 if __name__ == "__main__":

@@ -112,6 +112,10 @@ RUNS = [
     ("all-MiniLM-L6-v2, by HF transformers + PyTorch (the peer)", "the same, the same seeds", SPLIT, None,
      "bench/results/bench_accuracy.json",
      ("peer.accuracy", "peer.finetune_wall_seconds_per_seed", "peer.train_examples_per_sec")),
+    ("all-MiniLM-L6-v2", "small-data: AdamW 1e-4, layer decay 0.8, mean pooling, batch 32, 4 epochs; mean of the "
+     "seeds", SPLIT, None, "bench/results/bench_small_data.json",
+     ("candidates.small-data.accuracy", "candidates.small-data.finetune_wall_seconds_per_seed",
+      "candidates.small-data.train_examples_per_sec")),
     ("all-MiniLM-L6-v2, max_len 24", "exercise 2: the book's truncation (longest_first); AdamW 5e-5, batch 32, "
      "1 epoch", SPLIT, None, "bench/results/exercise_truncation/truncation.json",
      ("test_accuracy.longest_first", "training.longest_first.wall_seconds",
