@@ -6,7 +6,8 @@ the JSON it writes (--out). The recipe is what transformers' Trainer does by def
 PyTorch loop so that the timing covers the training steps alone: `BertForSequenceClassification` with 3
 labels on the checkpoint; pairs encoded by the checkpoint's fast tokenizer, truncated to --max-len and
 padded to the longest pair of each shuffled batch; AdamW, without weight decay on biases and LayerNorm
-weights; linear warmup, then linear decay to 0; gradient clipping; `torch.set_num_threads(--threads)`.
+weights; linear warmup, then linear decay to 0; gradient clipping; `torch.set_num_threads(--threads)`, threads
+that sleep while waiting (OMP_WAIT_POLICY=PASSIVE, as nli's).
 Examples/sec count collation, forward, backward and the update; evaluation is timed apart.
 
 torch and transformers are not nli's requirements: the peer runs from a virtualenv of its own. On this
@@ -36,6 +37,9 @@ import random  # noqa: E402
 import sys  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything comes from --model-dir, never from the Hub
+# OpenMP threads that sleep while they wait, as nli's do (nli/__init__.py, which says what spinning ones cost on a
+# machine whose cores other jobs share): both sides of a comparison then wait alike.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
