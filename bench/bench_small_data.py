@@ -35,6 +35,30 @@ TARGET_GAIN = 0.01  # the chosen recipe's mean accuracy: at least a point above 
 TARGET_TIME_RATIO = 2.0  # and its training at most twice the peer's wall time
 
 
+def compare(runs, seeds, sizes):
+    """The results of `runs` (candidate -> one run per seed of `seeds`): each candidate's summary, against the peer's."""
+    results = {name: {"options": CANDIDATES[name], **summarize(r)} for name, r in runs.items()}
+    for r in results.values():
+        r["finetune_wall_seconds"] = statistics.mean(r["finetune_wall_seconds_per_seed"])
+    if "peer" in results:
+        peer = results["peer"]
+        for r in results.values():
+            r["accuracy_minus_peer_points"] = 100 * (r["accuracy"] - peer["accuracy"])
+            r["wall_time_over_peer"] = r["finetune_wall_seconds"] / peer["finetune_wall_seconds"]
+    result = {"benchmark": "bench_small_data", "command": " ".join([sys.executable] + sys.argv),
+              "model": "all-MiniLM-L6-v2", "split": {"source": "tests/data/snli_1.0_dev_pairs.tsv",
+                                                     "seed": SPLIT_SEED, **sizes},
+              "seeds": seeds, "peer_recipe": PEER_RECIPE, "candidates": results,
+              "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                          "note": "shared machine: other jobs may run at the same time (see load averages)"}}
+    if "peer" in results and CHOSEN in results:
+        chosen = results[CHOSEN]
+        result["targets"] = {"chosen": CHOSEN,
+                             "accuracy_at_least_peer_plus_1_point": chosen["accuracy"] - peer["accuracy"] >= TARGET_GAIN,
+                             "wall_time_at_most_2x_peer": chosen["wall_time_over_peer"] <= TARGET_TIME_RATIO}
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", default=os.environ.get("NLI_HF_MINILM_DIR",
@@ -59,7 +83,7 @@ def main():
     paths, sizes = write_split(DEV_PAIRS, os.path.join(args.work, "split"), SPLIT_SEED, args.limit)
     print(f"split of {DEV_PAIRS}: {sizes['train']} train, {sizes['test']} test pairs (seed {SPLIT_SEED})")
     runs = {name: [] for name in names}
-    for seed in seeds:
+    for done, seed in enumerate(seeds, start=1):
         for name in names:
             work = os.path.join(args.work, f"seed{seed}", name)
             os.makedirs(work, exist_ok=True)
@@ -68,26 +92,10 @@ def main():
                 runs[name].append(run_peer(peer_args, paths, work, seed))
             else:
                 runs[name].append(run_nli(args, paths, work, seed, CANDIDATES[name]))
-    results = {name: {"options": CANDIDATES[name], **summarize(r)} for name, r in runs.items()}
-    for r in results.values():
-        r["finetune_wall_seconds"] = statistics.mean(r["finetune_wall_seconds_per_seed"])
-    if "peer" in results:
-        peer = results["peer"]
-        for r in results.values():
-            r["accuracy_minus_peer_points"] = 100 * (r["accuracy"] - peer["accuracy"])
-            r["wall_time_over_peer"] = r["finetune_wall_seconds"] / peer["finetune_wall_seconds"]
-    result = {"benchmark": "bench_small_data", "command": " ".join([sys.executable] + sys.argv),
-              "model": "all-MiniLM-L6-v2", "split": {"source": "tests/data/snli_1.0_dev_pairs.tsv",
-                                                     "seed": SPLIT_SEED, **sizes},
-              "seeds": seeds, "peer_recipe": PEER_RECIPE, "candidates": results,
-              "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                          "note": "shared machine: other jobs may run at the same time (see load averages)"}}
-    if "peer" in results and CHOSEN in results:
-        chosen = results[CHOSEN]
-        result["targets"] = {"chosen": CHOSEN,
-                             "accuracy_at_least_peer_plus_1_point": chosen["accuracy"] - peer["accuracy"] >= TARGET_GAIN,
-                             "wall_time_at_most_2x_peer": chosen["wall_time_over_peer"] <= TARGET_TIME_RATIO}
-    write_results(result, args.out)
+        result = compare(runs, seeds[:done], sizes)  # written after every seed: a run cut short keeps its seeds
+        result["complete"] = done == len(seeds)
+        write_results(result, args.out)
+    results = result["candidates"]
     print(f"\n{'':<15}{'accuracy':>9}{'stdev':>8}{'per seed':>24}{'min/run':>9}{'vs peer':>9}{'time x':>8}")
     for name, r in results.items():
         per_seed = " ".join(f"{a:.4f}" for a in r["accuracy_per_seed"])
