@@ -47,9 +47,10 @@ args, _ = parser.parse_known_args()  # notebooks pass their own arguments
 # it starts, and it is saved in the run's `config.json`.
 
 # %%
-recipe = dataclasses.replace(RECIPES["tuned"], lr=5e-5, batch_size=128, epochs=8)
+recipe = dataclasses.replace(RECIPES["tuned"], lr=5e-5, batch_size=128, epochs=8,
+                             model=args.model, data="SNLI", devices=args.devices, out=args.out)  # for --resume
 if args.quick:
-    recipe = dataclasses.replace(recipe, epochs=1, batch_size=64)
+    recipe = dataclasses.replace(recipe, epochs=1, batch_size=64, limit_train=512, limit_test=256)
 
 # %% [markdown]
 # ## Loading bert.base and SNLI
@@ -64,8 +65,7 @@ print(f"{args.model}: {bert_config}")
 data_dir = hub.download_extract("SNLI")
 start = time.perf_counter()  # the run's wall time: reading and encoding SNLI, training, testing each epoch
 train_pairs, test_pairs = snli.read_snli(data_dir, True), snli.read_snli(data_dir, False)
-if args.quick:
-    train_pairs, test_pairs = [c[:512] for c in train_pairs], [c[:256] for c in test_pairs]
+train_pairs, test_pairs = [c[:recipe.limit_train] for c in train_pairs], [c[:recipe.limit_test] for c in test_pairs]
 train_set, test_set = (snli.encode_pairs(*pairs, vocab, recipe.max_len) for pairs in (train_pairs, test_pairs))
 
 # %% [markdown]

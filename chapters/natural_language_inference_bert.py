@@ -52,15 +52,15 @@ print(f"bert.small: {len(vocab)} tokens in the vocabulary, on {devices}")
 # padded only to its longest pair, which gives the same predictions for far less work.
 
 # %%
-recipe = RECIPES["book"]  # Adam, lr 1e-4, batch 512, max_len 128, 5 epochs
+# Adam, lr 1e-4, batch 512, max_len 128, 5 epochs; the model and data named, so `nli finetune --resume` can continue
+recipe = dataclasses.replace(RECIPES["book"], model="bert.small", data="SNLI", devices=args.devices, out=args.out)
 if args.quick:
-    recipe = dataclasses.replace(recipe, batch_size=64, epochs=1)
+    recipe = dataclasses.replace(recipe, batch_size=64, epochs=1, limit_train=512, limit_test=256)
 max_len = recipe.max_len
 data_dir = hub.download_extract("SNLI")
 start = time.perf_counter()  # the run's wall time: reading and encoding SNLI, training, testing each epoch
 train_pairs, test_pairs = snli.read_snli(data_dir, True), snli.read_snli(data_dir, False)
-if args.quick:
-    train_pairs, test_pairs = [tuple(c[:512] for c in train_pairs), tuple(c[:256] for c in test_pairs)]
+train_pairs, test_pairs = [c[:recipe.limit_train] for c in train_pairs], [c[:recipe.limit_test] for c in test_pairs]
 train_set = snli.encode_pairs(*train_pairs, vocab, max_len)
 test_set = snli.encode_pairs(*test_pairs, vocab, max_len)
 print(f"read {len(train_set)} training and {len(test_set)} test examples")

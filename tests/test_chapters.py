@@ -7,6 +7,8 @@ import sys
 import pytest
 
 from conftest import ROOT, closed_port
+from nli import rundir
+from nli.recipe import Recipe
 
 CHAPTER_OUTPUTS = {  # script -> files it must leave under --out
     "natural_language_inference_and_dataset.py": ["lengths.png"],
@@ -38,6 +40,10 @@ def test_chapter_runs_quick(script, hub_env, tmp_path):
         assert results["examples_per_sec"] == pytest.approx(results["train_pairs"] / results["train_seconds"])
         assert results["command"].endswith(f"{script} --quick --devices cpu --out {out}" + "".join(
             " " + a for a in EXTRA_ARGS.get(script, [])))
+        # The checkpoint names the model and data, so `nli finetune --resume OUT` can continue the run alone
+        recipe = Recipe.from_checkpoint(rundir.read_checkpoint(str(out))[1])
+        assert (recipe.model, recipe.data, recipe.devices, recipe.out) == ("bert.small", "SNLI", "cpu", str(out))
+        assert (recipe.limit_train, recipe.limit_test) == (512, 256)  # --quick's
 
 
 def test_every_chapter_is_tested():
