@@ -293,9 +293,13 @@ def run_download(args):
     from . import hub
     from tqdm import tqdm
     if args.list:
-        for name, url, size, state in hub.status():
+        rows = hub.status()
+        for name, url, size, state in rows:
             size = "-" if size is None else tqdm.format_sizeof(size, "B", 1024)
             print(f"{name:<12} {state:<14} {size:>8}  {url}")
+        for name in (name for name, _, _, state in rows if state == "SHA-1 differs"):
+            print(f"{name}: the cached file is not the one the registry names; `python -m nli download {name} "
+                  f"--replace` keeps it aside and downloads the right one.")
         return
     if args.name is None:
         raise UserError("Say which entry to download; `python -m nli download --list` shows them.")

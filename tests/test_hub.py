@@ -340,10 +340,12 @@ def test_list_shows_every_entry_cached_and_verified_or_not(server, publish, tmp_
         f.write(b"not the file")
     result = run_cli("download", "--list", env=dict(os.environ))
     assert result.returncode == 0, result.stderr
-    rows = {line.split()[0]: line for line in result.stdout.splitlines()}
+    *table, advice = result.stdout.splitlines()
+    rows = {line.split()[0]: line for line in table}
     assert set(rows) == set(hub.BUILTIN) | {"blob", "other"}
     assert re.search(rf"verified\s+256kB\s+{server.url}/blob.bin$", rows["blob"])
     assert "SHA-1 differs" in rows["other"]
+    assert advice.startswith("other: ") and "`python -m nli download other --replace` keeps it aside" in advice
     for name, e in hub.BUILTIN.items():
         assert "missing" in rows[name] and rows[name].endswith(e.url)
 
