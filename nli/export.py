@@ -92,10 +92,8 @@ def activation(g, X, name):
 
 def encoder_block(g, params, prefix, X, mask_index, shapes, bert):
     """`bert.TransformerEncoderBlock`: attention and feed-forward, each followed by residual + LayerNorm."""
-    Y = layer_norm(g, params, f"{prefix}.addnorm1.ln",
-                   g.op("Add", X, attention(g, params, f"{prefix}.attention", X, mask_index, shapes,
-                                                bert["num_heads"])),
-                   bert["norm_eps"])
+    attended = attention(g, params, f"{prefix}.attention", X, mask_index, shapes, bert["num_heads"])
+    Y = layer_norm(g, params, f"{prefix}.addnorm1.ln", g.op("Add", X, attended), bert["norm_eps"])
     hidden = activation(g, dense(g, params, f"{prefix}.ffn.dense1", Y), bert["activation"])
     return layer_norm(g, params, f"{prefix}.addnorm2.ln",
                       g.op("Add", Y, dense(g, params, f"{prefix}.ffn.dense2", hidden)), bert["norm_eps"])
