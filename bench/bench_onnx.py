@@ -113,7 +113,7 @@ def compare(name, sides, encoded, rounds):
 
 def cpu_features():
     """The CPU's name and its int8 dot-product instructions (VNNI, AMX), without which int8 matrix products run on
-    AVX2's multiply-adds at about twice fp32's rate, not four times; from Linux's /proc/cpuinfo."""
+    AVX2's multiply-adds, at well under four times fp32's rate; from Linux's /proc/cpuinfo."""
     if not os.path.exists("/proc/cpuinfo"):
         return {"cpu": platform.processor(), "int8_dot_product_instructions": None}
     with open("/proc/cpuinfo", encoding="utf-8") as f:
