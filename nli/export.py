@@ -1,11 +1,12 @@
 """Exporting a fine-tuned run to ONNX, optionally int8, and predicting with it through ONNX Runtime.
 
-The graph is written directly from the Gluon parameters with standard ONNX operators (opset 17's
-LayerNormalization and the rest), so ONNX Runtime, in any of its languages, runs the classifier
-without MXNet. It computes what `model.BERTClassifier` does, dropout aside (inference): embeddings,
-Transformer blocks whose attention ignores keys at or past each pair's valid length (here an
-additive mask of -1e9 before the softmax, which leaves those keys a weight of exactly 0, as MXNet's
-length-aware softmax does), then the `<cls>` hidden layer and the output layer.
+The graph is written directly from the Gluon parameters with ONNX operators (opset 17's
+LayerNormalization and the rest) and ONNX Runtime's fused multi-head `Attention`, so ONNX Runtime, in
+any of its languages, runs the classifier without MXNet. It computes what `model.BERTClassifier` does,
+dropout aside (inference): embeddings, Transformer blocks whose attention ignores keys at or past each
+pair's valid length (the Attention operator's mask index; it adds -1e9 to those keys' scores, which
+leaves them a weight of exactly 0, as MXNet's length-aware softmax does), then the `<cls>` hidden layer
+and the output layer. `--int8` quantizes the matrix products, the Attention operator's included.
 """
 import json
 import math
@@ -27,8 +28,10 @@ except ImportError:  # predicting needs only onnxruntime; see `require_onnx`
 
 MODEL_FILE = "model.onnx"
 OPSET = 17  # the first opset with LayerNormalization
+CONTRIB_DOMAIN = "com.microsoft"  # ONNX Runtime's own operators: Attention, and QAttention once quantized
 INPUTS = ("tokens", "segments", "valid_lens")  # int64, as the book names them; shapes (batch, steps), (batch,)
 OUTPUT = "logits"
+QUANTIZED_OPS = ["MatMul", "Attention"]  # Attention becomes QAttention
 MASKED_SCORE = -1e9  # added to the scores of padded keys: exp() of it is exactly 0 in float32
 
 
@@ -65,21 +68,15 @@ def layer_norm(g, params, prefix, X, eps):
                 g.constant(f"{prefix}.beta", params[f"{prefix}.beta"]), axis=-1, epsilon=eps)
 
 
-def attention(g, params, prefix, X, mask, num_heads):
-    """`bert.MultiHeadAttention`: heads as a (batch, heads, steps, head size) axis, `mask` added to the scores."""
-    head_shape = g.constant(f"{prefix}.head_shape", onp.array([0, 0, num_heads, -1], dtype=onp.int64))
-
-    def heads(name, perm):  # (batch, steps, hiddens) -> (batch, heads, steps, head size), or perm's order
-        return g.op("Transpose", g.op("Reshape", dense(g, params, f"{prefix}.{name}", X), head_shape), perm=perm)
-
-    queries, keys, values = heads("W_q", [0, 2, 1, 3]), heads("W_k", [0, 2, 3, 1]), heads("W_v", [0, 2, 1, 3])
-    head_size = params[f"{prefix}.W_q.weight"].shape[0] // num_heads
-    scale = g.constant(f"{prefix}.scale", onp.array(1 / math.sqrt(head_size), dtype=onp.float32))
-    scores = g.op("Add", g.op("Mul", g.op("MatMul", queries, keys), scale), mask)
-    weighted = g.op("MatMul", g.op("Softmax", scores, axis=-1), values)
-    merged_shape = g.constant(f"{prefix}.merged_shape", onp.array([0, 0, -1], dtype=onp.int64))
-    merged = g.op("Reshape", g.op("Transpose", weighted, perm=[0, 2, 1, 3]), merged_shape)
-    return dense(g, params, f"{prefix}.W_o", merged)
+def attention(g, params, prefix, X, mask_index, shapes, num_heads):
+    """`bert.MultiHeadAttention` on rows (batch * steps, hiddens) as ONNX Runtime's fused Attention: one matrix
+    product gives every head's queries, keys and values; keys at or past each pair's valid length are masked."""
+    weight, bias = (onp.concatenate([params[f"{prefix}.W_{name}.{part}"] for name in "qkv"])
+                    for part in ("weight", "bias"))
+    weighted = g.op("Attention", g.op("Reshape", X, shapes["batch_steps"]),
+                    g.constant(f"{prefix}.W_qkv.weight", weight.T.copy()), g.constant(f"{prefix}.W_qkv.bias", bias),
+                    mask_index, domain=CONTRIB_DOMAIN, num_heads=num_heads, mask_filter_value=MASKED_SCORE)
+    return dense(g, params, f"{prefix}.W_o", g.op("Reshape", weighted, shapes["rows"]))
 
 
 def activation(g, X, name):
@@ -93,20 +90,21 @@ def activation(g, X, name):
     return g.op("Mul", g.op("Mul", X, half), g.op("Add", erf, one))
 
 
-def encoder_block(g, params, prefix, X, mask, bert):
+def encoder_block(g, params, prefix, X, mask_index, shapes, bert):
     """`bert.TransformerEncoderBlock`: attention and feed-forward, each followed by residual + LayerNorm."""
-    Y = layer_norm(g, params, f"{prefix}.addnorm1.ln",
-                   g.op("Add", X, attention(g, params, f"{prefix}.attention", X, mask, bert["num_heads"])),
-                   bert["norm_eps"])
+    attended = attention(g, params, f"{prefix}.attention", X, mask_index, shapes, bert["num_heads"])
+    Y = layer_norm(g, params, f"{prefix}.addnorm1.ln", g.op("Add", X, attended), bert["norm_eps"])
     hidden = activation(g, dense(g, params, f"{prefix}.ffn.dense1", Y), bert["activation"])
     return layer_norm(g, params, f"{prefix}.addnorm2.ln",
                       g.op("Add", Y, dense(g, params, f"{prefix}.ffn.dense2", hidden)), bert["norm_eps"])
 
 
-def pooled(g, X, valid, pooling):
-    """`BERTClassifier.pool`: (batch, hiddens) from X (batch, steps, hiddens), `<cls>`'s or the `valid` steps' mean."""
+def pooled(g, X, positions, valid_lens, pooling):
+    """`BERTClassifier.pool`: (batch, hiddens) from X (batch, steps, hiddens), `<cls>`'s or the valid steps' mean."""
     if pooling == "cls":
         return g.op("Gather", X, g.constant("cls_position", onp.array(0, dtype=onp.int64)), axis=1)
+    valid = g.op("Less", g.op("Unsqueeze", positions, g.constant("axes0", onp.array([0], dtype=onp.int64))),
+                 g.op("Unsqueeze", valid_lens, g.constant("axes1", onp.array([1], dtype=onp.int64))))
     steps_axis = g.constant("steps_axis", onp.array([1], dtype=onp.int64))
     weights = g.op("Unsqueeze", g.op("Cast", valid, to=TensorProto.FLOAT),
                    g.constant("axes2", onp.array([2], dtype=onp.int64)))  # (batch, steps, 1): 1 on valid steps
@@ -118,16 +116,10 @@ def classifier_graph(params, bert, opset=OPSET, pooling="cls"):
     """The ONNX model of `model.BERTClassifier` from its parameters (Gluon name -> array), BERT config and pooling."""
     g = GraphBuilder()
     tokens, segments, valid_lens = INPUTS
-    steps = g.op("Gather", g.op("Shape", tokens), g.constant("axis1", onp.array(1, dtype=onp.int64)))
+    batch_steps = g.op("Shape", tokens)
+    steps = g.op("Gather", batch_steps, g.constant("axis1", onp.array(1, dtype=onp.int64)))
     positions = g.op("Range", g.constant("zero", onp.array(0, dtype=onp.int64)), steps,
                      g.constant("one", onp.array(1, dtype=onp.int64)))
-    # The book's masked softmax by valid length, as an additive mask: (batch, 1, 1, steps).
-    valid = g.op("Less", g.op("Unsqueeze", positions, g.constant("axes0", onp.array([0], dtype=onp.int64))),
-                 g.op("Unsqueeze", valid_lens, g.constant("axes1", onp.array([1], dtype=onp.int64))))
-    additive = g.op("Where", valid, g.constant("unmasked", onp.array(0.0, dtype=onp.float32)),
-                    g.constant("masked", onp.array(MASKED_SCORE, dtype=onp.float32)))
-    mask = g.op("Unsqueeze", additive, g.constant("axes12", onp.array([1, 2], dtype=onp.int64)))
-
     embedding = "encoder.token_embedding.weight", "encoder.segment_embedding.weight"
     X = g.op("Add", g.op("Gather", g.constant(embedding[0], params[embedding[0]]), tokens),
              g.op("Gather", g.constant(embedding[1], params[embedding[1]]), segments))
@@ -135,10 +127,19 @@ def classifier_graph(params, bert, opset=OPSET, pooling="cls"):
     X = g.op("Add", X, g.op("Gather", position_table, positions))
     if bert["embedding_norm"]:
         X = layer_norm(g, params, "encoder.embedding_norm", X, bert["norm_eps"])
+    # The blocks work on rows, (batch * steps, hiddens), so that each dense layer is one 2-D matrix product and
+    # ONNX Runtime keeps LayerNormalization as it is: on 3-D inputs it fuses the residual Add into a
+    # SkipLayerNormalization that ran 3-4x slower than Add + LayerNormalization here.
+    hiddens = onp.array([bert["num_hiddens"]], dtype=onp.int64)
+    shapes = {"rows": g.constant("rows_shape", onp.concatenate([[-1], hiddens])),
+              "batch_steps": g.op("Concat", batch_steps, g.constant("hiddens", hiddens), axis=0)}
+    X = g.op("Reshape", X, shapes["rows"])
+    # The book's masked softmax by valid length is the Attention operator's mask index: int32 valid lengths.
+    mask_index = g.op("Cast", valid_lens, to=TensorProto.INT32)
     for i in range(bert["num_blks"]):
-        X = encoder_block(g, params, f"encoder.blks.{i}", X, mask, bert)
-    logits = dense(g, params, "output", g.op("Tanh", dense(g, params, "hidden", pooled(g, X, valid, pooling))),
-                   output=OUTPUT)
+        X = encoder_block(g, params, f"encoder.blks.{i}", X, mask_index, shapes, bert)
+    X = pooled(g, g.op("Reshape", X, shapes["batch_steps"]), positions, valid_lens, pooling)
+    logits = dense(g, params, "output", g.op("Tanh", dense(g, params, "hidden", X)), output=OUTPUT)
 
     graph = helper.make_graph(
         g.nodes, "nli_bert_classifier",
@@ -147,7 +148,8 @@ def classifier_graph(params, bert, opset=OPSET, pooling="cls"):
          helper.make_tensor_value_info(valid_lens, TensorProto.INT64, ["batch"])],
         [helper.make_tensor_value_info(logits, TensorProto.FLOAT, ["batch", len(params["output.bias"])])],
         g.initializers)
-    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
+                                                         helper.make_opsetid(CONTRIB_DOMAIN, 1)],
                                    producer_name="nli", producer_version=__version__)
     onnx.checker.check_model(onnx_model, full_check=True)
     return onnx_model
@@ -172,8 +174,9 @@ def check_opset(opset):
 def quantize_int8(fp32_path, int8_path):
     """Dynamic int8 quantization of the matrix products (weights per output channel); embeddings stay fp32."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    quantize_dynamic(fp32_path, int8_path, per_channel=True, op_types_to_quantize=["MatMul"],
-                     weight_type=QuantType.QInt8)
+    # ONNX's shape inference does not know ONNX Runtime's Attention: its output is float, as everything quantized.
+    quantize_dynamic(fp32_path, int8_path, per_channel=True, op_types_to_quantize=QUANTIZED_OPS,
+                     weight_type=QuantType.QInt8, extra_options={"DefaultTensorType": TensorProto.FLOAT})
 
 
 def export_run(run_dir, out_dir, int8=False, opset=OPSET):
@@ -201,8 +204,8 @@ def export_run(run_dir, out_dir, int8=False, opset=OPSET):
     vocab = config.get("tokenizer", model_lib.BOOK_TOKENIZER)["vocab"]
     shutil.copyfile(os.path.join(run_dir, vocab), os.path.join(out_dir, vocab))
     config["onnx"] = {"file": MODEL_FILE, "opset": opset, "int8": int8,
-                      "quantization": "onnxruntime quantize_dynamic, per-channel int8 MatMul weights, "
-                                      "embeddings fp32" if int8 else None,
+                      "quantization": "onnxruntime quantize_dynamic, per-channel int8 MatMul and Attention "
+                                      "weights, embeddings fp32" if int8 else None,
                       "inputs": list(INPUTS), "output": OUTPUT, "source_run": os.path.abspath(run_dir),
                       "onnx_version": onnx.__version__}
     # Written last: a directory with a config.json naming ONNX is a finished export.

@@ -86,7 +86,7 @@ def test_export_records_what_was_done_and_copies_the_tokenizer(runs):
     assert sorted(os.listdir(onnx_dir)) == sorted(["config.json", vocab, "model.onnx"])
     graph = onnx.load(os.path.join(onnx_dir, "model.onnx")).graph
     ops = {node.op_type for node in graph.node}
-    assert {"LayerNormalization", "Softmax", "Tanh"} <= ops
+    assert {"LayerNormalization", "Attention", "Tanh"} <= ops
     assert ("Erf" in ops) == (config["bert"]["activation"] == "gelu") and ("Relu" in ops) != ("Erf" in ops)
 
 
@@ -120,9 +120,10 @@ def test_int8_export_quantizes_the_matrix_products_and_keeps_embeddings_fp32(run
     fp32, int8 = (onnx.load(os.path.join(d, "model.onnx")) for d in (onnx_dir, tmp_path / "int8"))
     int8_weights = {w.name for w in int8.graph.initializer
                     if w.data_type == onnx.TensorProto.INT8 and w.name.endswith("_quantized")}
-    matmul_weights = {node.input[1] for node in fp32.graph.node if node.op_type == "MatMul"
+    matmul_weights = {node.input[1] for node in fp32.graph.node if node.op_type in ("MatMul", "Attention")
                       and node.input[1].endswith(".weight")}
     assert len(matmul_weights) > 4 and int8_weights == {name + "_quantized" for name in matmul_weights}
+    assert {"QAttention", "MatMulInteger"} <= {node.op_type for node in int8.graph.node}
     tables = {w.name: w.data_type for w in int8.graph.initializer if "embedding" in w.name}
     assert tables and set(tables.values()) == {onnx.TensorProto.FLOAT}
     pairs = list(zip(*dev_pairs(20)[:2]))
