@@ -221,10 +221,12 @@ def render_small_data():
     for name, r in results["candidates"].items():
         options = "bench/hf_peer.py (transformers + PyTorch)" if r["options"] is None else f"`{' '.join(r['options'])}`"
         per_seed = ", ".join(f"{a:.4f}" for a in r["accuracy_per_seed"])
-        lines.append(f"| {name} | {options} | {per_seed} | {r['accuracy']:.4f} ({r['accuracy_stdev'] or 0:.4f}) "
+        spread = "–" if r["accuracy_stdev"] is None else f"{r['accuracy_stdev']:.4f}"
+        lines.append(f"| {name} | {options} | {per_seed} | {r['accuracy']:.4f} ({spread}) "
                      f"| {r['accuracy_minus_peer_points']:+.2f} | {minutes(r['finetune_wall_seconds'])} "
                      f"| {r['wall_time_over_peer']:.2f}x |")
-    return "\n".join(lines) + f"\n\nSource: {cite(SMALL_DATA, results)}"
+    seeds = ", ".join(map(str, results["seeds"])) + ("" if results.get("complete") else " (the run was cut short)")
+    return "\n".join(lines) + f"\n\nSeeds {seeds}. Source: {cite(SMALL_DATA, results)}"
 
 
 TABLES = {"results": render_table, "runs": render_runs, "small_data": render_small_data}  # README marker -> renderer
