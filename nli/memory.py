@@ -19,8 +19,9 @@ from .recipe import SIZE_UNITS
 
 CPU_SHARE = 0.6  # of the RAM available when the run starts: the OS, the page cache and other programs keep the rest
 GPU_SHARE = 0.85  # of each GPU's free memory: CUDA's and cuDNN's workspaces take some on top of MXNet's pool
-# MXNet, Python, NumPy and the encoded pairs before any weight: what a process that has imported `nli` and
-# loaded a few thousand pairs holds (about 470 MiB measured here, on MXNet 1.9.1's CPU build; rounded up).
+# MXNet, Python and NumPy, the tokenizer and the encoded pairs: a bare training process held 230-270 MiB here beside
+# its weights, gradients and moments (MiniLM and bert.small, one pair of 8 tokens); the CLI's data and evaluation
+# take more, so 600 MiB. On a GPU the same room stands for CUDA's context and workspaces (not measured).
 RUNTIME_BYTES = 600 * 2 ** 20
 FLOAT_BYTES = 4  # float32 weights, gradients, moments and activations
 OPTIMIZER_MOMENTS = 2  # Adam's and AdamW's mean and variance, per trainable parameter
