@@ -34,7 +34,7 @@ CALIBRATION = 1.1
 # A run whose micro-batches change shape (length buckets, the last part of a batch) peaks higher than steps of one
 # shape: MXNet's allocator keeps buffers of earlier shapes. MiniLM at --max-memory 6G (its largest micro-batches
 # 86 x 120 and 256 x 48 tokens) peaked at the fixed part plus 1.9 times their activations, and steps of 64 pairs at
-# 48, 56, 64 then 120 tokens at 1.25 times those of 120 alone. So a micro-batch is given room for twice its own.
+# 48, 56, 64 then 120 tokens at 1.3 times those of 120 alone. So a micro-batch is given room for twice its own.
 RETAINED = 2
 
 
