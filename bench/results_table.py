@@ -229,7 +229,36 @@ def render_small_data():
     return "\n".join(lines) + f"\n\nSeeds {seeds}. Source: {cite(SMALL_DATA, results)}"
 
 
-TABLES = {"results": render_table, "runs": render_runs, "small_data": render_small_data}  # README marker -> renderer
+MEMORY = "bench/results/bench_memory.json"
+# case in bench_memory.json, model, how its batch of 512 trains
+MEMORY_ROWS = [
+    ("minilm_unsplit", "all-MiniLM-L6-v2", "unsplit (the book's batch as it was)"),
+    ("minilm_budget", "all-MiniLM-L6-v2", "`--max-memory 6G`"),
+    ("minilm_default", "all-MiniLM-L6-v2", "the default budget (60% of the RAM available)"),
+    ("bert_small_unsplit", "bert.small shape, random init", "unsplit"),
+    ("bert_small_budget", "bert.small shape, random init", "`--max-memory 2G`"),
+    ("bert_base_8G", "bert.base shape, random init (one batch of the 512 longest)", "`--max-memory 8G`"),
+]
+
+
+def render_memory():
+    """The memory table: each case's budget, micro-batch, estimated and measured peak, and speed."""
+    results = read_results(MEMORY)
+    lines = ["| model | batch of 512 trained | budget | micro-batch at 128 tokens | estimated peak | measured peak "
+             "(RSS) | examples/sec | vs unsplit |", "|---|---|---|---|---|---|---|---|"]
+    for case, model, how in MEMORY_ROWS:
+        figures, run = lookup(results, MEMORY, f"cases.{case}"), lookup(results, MEMORY, f"cases.{case}.runs.-1")
+        ratio = results["ratios"].get(case.replace("_budget", "_budget_over_unsplit"))
+        speed = figures.get("examples_per_sec")
+        lines.append(f"| {model} | {how} | {run['max_memory_chosen']} | {run['micro_batch_at_max_len']} "
+                     f"| {run['expected_peak']} | {figures['peak_rss_bytes'] / 2 ** 30:.1f}G"
+                     f"{' (killed)' if figures['killed'] else ''} | {'–' if speed is None else f'{speed:.1f}'} "
+                     f"| {'–' if ratio is None else f'{ratio:.2f}x'} |")
+    return "\n".join(lines + ["", f"Source: {cite(MEMORY, results)}"])
+
+
+TABLES = {"results": render_table, "runs": render_runs, "small_data": render_small_data,  # README marker -> renderer
+          "memory": render_memory}
 
 
 def markers(name):

@@ -58,6 +58,7 @@ def build_parser():
                           help="evaluate on the first N pairs")
     evaluate.add_argument("--devices", default="auto", help="auto, cpu, cpu:N, gpu or gpu:0,1")
     evaluate.add_argument("--batch-size", type=checked(int, at_least(1)), default=512, help="pairs per batch")
+    add_memory_argument(evaluate)
     evaluate.add_argument("--errors", type=int, default=0, metavar="N",
                           help="write the N most confident mistakes to errors.tsv")
     evaluate.add_argument("--out", default=None, help="folder for eval.json, confusion.png, errors.tsv "
@@ -75,6 +76,7 @@ def build_parser():
     predict.add_argument("--run", required=True, help="the run directory (or its best/) to predict with")
     predict.add_argument("--devices", default="auto", help="auto, cpu, cpu:N, gpu or gpu:0,1")
     predict.add_argument("--batch-size", type=checked(int, at_least(1)), default=256, help="pairs per batch")
+    add_memory_argument(predict)
     predict.add_argument("premise", nargs="?", help="one pair's premise")
     predict.add_argument("hypothesis", nargs="?", help="and its hypothesis")
     predict.add_argument("--file", help="a .tsv (premise<TAB>hypothesis[<TAB>label], header optional), "
@@ -117,6 +119,11 @@ def add_field_argument(parser, field, default):
     kind = checked(field.metadata["kind"], field.metadata["check"])
     parser.add_argument("--" + field.name.replace("_", "-"), type=kind, choices=field.metadata["choices"],
                         default=default, help=field.metadata["help"] + book)
+
+
+def add_memory_argument(parser):
+    """`--max-memory`, as `finetune` takes it: batches are cut into micro-batches that fit."""
+    add_field_argument(parser, next(f for f in dataclasses.fields(Recipe) if f.name == "max_memory"), None)
 
 
 def add_data_arguments(parser):
@@ -223,6 +230,7 @@ def run_finetune(args):
         raise UserError("finetune needs --model and --out (or --resume RUN_DIR to continue a run).")
     earlier_run = [] if args.resume else rundir.check_new_run_dir(recipe.out, args.overwrite)
     devices = data.parse_devices(recipe.devices)
+    recipe = train.with_memory_budget(recipe, devices)  # config.json records the budget the run chose
     train.check_dtype(recipe.dtype, devices)
     train.check_kvstore(recipe.kvstore)
     train_file, test_file = data_files(recipe, train=True)
@@ -244,7 +252,8 @@ def run_finetune(args):
 
 def run_evaluate(args):
     from . import data, evaluate
-    predictor = evaluate.Predictor.from_run(args.run, data.parse_devices(args.devices), args.batch_size)
+    predictor = evaluate.Predictor.from_run(args.run, data.parse_devices(args.devices), args.batch_size,
+                                            args.max_memory)
     _, test_pairs = read_data(args, train=False)
     test_pairs = [column[:args.limit_test] for column in test_pairs]
     require_pairs(len(test_pairs[2]), args.test or "SNLI's test split", "evaluate on")
@@ -266,7 +275,8 @@ def run_predict(args):
         raise UserError("--attention draws one pair: give PREMISE HYPOTHESIS, not --file or --stdin.")
     if args.attention:
         attention.view_format(args.attention)
-    predictor = evaluate.Predictor.from_run(args.run, data.parse_devices(args.devices), args.batch_size)
+    predictor = evaluate.Predictor.from_run(args.run, data.parse_devices(args.devices), args.batch_size,
+                                            args.max_memory)
     if one_pair:
         result = predictor.predict(args.premise, args.hypothesis, args.tokenized)
         print(json.dumps(result, ensure_ascii=False))

@@ -91,12 +91,15 @@ def batches(encoded, batch_size, shuffle=False, seed=0, epoch=0, bucket=True):
         yield make_batch(encoded, indices)
 
 
-def inference_batches(encoded, batch_size, indices=None):
+def inference_batches(encoded, batch_size, indices=None, split=None):
     """(positions, (tokens, segments, valid lens)) of the pairs at `indices` (default: all), shortest first
-    so each batch pads little; `positions` index `indices`."""
+    so each batch pads little; `positions` index `indices`. `split(positions, lengths)` cuts each batch into
+    the micro-batches that fit the memory budget (`memory.MemoryPlan.split`)."""
     indices = onp.arange(len(encoded)) if indices is None else indices
-    for positions in LengthBucketSampler(encoded.valid_lens[indices], batch_size, shuffle=False, bucket_width=1):
-        yield positions, make_batch(encoded, indices[positions])[:3]
+    lengths = encoded.valid_lens[indices]
+    for positions in LengthBucketSampler(lengths, batch_size, shuffle=False, bucket_width=1):
+        for part in (split(positions, lengths) if split else [positions]):
+            yield part, make_batch(encoded, indices[part])[:3]
 
 
 def split_batch(arrays, devices):

@@ -11,7 +11,7 @@ import matplotlib
 import numpy as onp
 from tqdm import tqdm
 
-from . import attention, data, model, rundir, snli
+from . import attention, data, memory, model, rundir, snli
 from .errors import UserError
 from .snli import LABEL_IDS, LABELS, NO_GOLD_LABEL
 
@@ -39,15 +39,16 @@ def predict_batches(forward, batches, devices, shape, progress=False, desc="pred
     return outputs
 
 
-def predict_logits(net, encoded, devices, batch_size, progress=False):
-    """Logits of every pair in `encoded`, in input order, from length-sorted batches split over `devices`."""
-    return predict_batches(net, data.inference_batches(encoded, batch_size), devices, (len(encoded), len(LABELS)),
-                           progress)
+def predict_logits(net, encoded, devices, batch_size, progress=False, split=None):
+    """Logits of every pair in `encoded`, in input order, from length-sorted batches split over `devices` (and
+    by `split` into micro-batches that fit the memory budget, see `data.inference_batches`)."""
+    return predict_batches(net, data.inference_batches(encoded, batch_size, split=split), devices,
+                           (len(encoded), len(LABELS)), progress)
 
 
-def accuracy(net, encoded, devices, batch_size):
+def accuracy(net, encoded, devices, batch_size, split=None):
     """Share of pairs whose predicted label is the gold one."""
-    logits = predict_logits(net, encoded, devices, batch_size)
+    logits = predict_logits(net, encoded, devices, batch_size, split=split)
     return float((logits.argmax(axis=1) == encoded.labels).mean()) if len(encoded) else float("nan")
 
 
@@ -163,25 +164,27 @@ def pair_encoder(config, vocab):
 class Predictor:
     """A fine-tuned run loaded once, to label many pairs of sentences: the book's `predict_snli`, generalised."""
 
-    def __init__(self, net, vocab, config, devices, batch_size=256):
+    def __init__(self, net, vocab, config, devices, batch_size=256, max_memory=None):
         self.net, self.vocab, self.config, self.devices = net, vocab, config, devices
         self.batch_size = batch_size
         self.encode = pair_encoder(config, vocab)
+        # Batches cut into micro-batches that fit `max_memory` (default: a share of what is available)
+        self.split = memory.plan(net, max_memory, config["max_len"], devices).split if devices else None
 
     @classmethod
-    def from_run(cls, run_dir, devices=None, batch_size=256):
+    def from_run(cls, run_dir, devices=None, batch_size=256, max_memory=None):
         """Load the run dir written by `finetune` onto `devices` (default: every GPU, else the CPU), or
-        the one written by `export`, which ONNX Runtime runs on the CPU."""
+        the one written by `export`, which ONNX Runtime runs on the CPU; MXNet's batches fit `max_memory`."""
         from . import export  # it imports this module, so import it only when called
         if export.is_exported(run_dir):
             return export.OnnxPredictor.from_export(run_dir, batch_size)
         devices = devices or data.parse_devices("auto")
         net, vocab, config = model.load_run(run_dir, devices)
-        return cls(net, vocab, config, devices, batch_size)
+        return cls(net, vocab, config, devices, batch_size, max_memory)
 
     def logits(self, encoded, progress=False):
         """Logits of encoded pairs, in order (see `predict_logits`)."""
-        return predict_logits(self.net, encoded, self.devices, self.batch_size, progress)
+        return predict_logits(self.net, encoded, self.devices, self.batch_size, progress, self.split)
 
     def unknown_shares(self, encoded):
         """Share of each pair's tokens (all but `<cls>` and the two `<sep>`) missing from the vocabulary."""

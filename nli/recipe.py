@@ -5,6 +5,7 @@ each checkpoint, which `--resume` reads it back from.
 """
 import argparse
 import dataclasses
+import re
 
 from .errors import UserError
 from .snli import TRUNCATION_RULES
@@ -38,6 +39,17 @@ def rate_factor(value):
 def fraction(value):
     """A check of a number: a share in [0, 1)."""
     return None if 0 <= value < 1 else "expected a fraction in [0, 1)"
+
+
+SIZE_UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+
+
+def size(text):
+    """Bytes from a size such as 6G, 512M, 1.5GB or 8GiB (powers of 1024): the type of --max-memory."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([KMGT]?)(?:I?B)?\s*", str(text), re.I)
+    if not match or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a size such as 6G, 512M or 1.5G")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).upper()])
 
 
 def checked(kind, check):
@@ -104,6 +116,9 @@ class Recipe:
     kvstore: str = option("device", "how gradients are summed: over this machine's devices, or over the "
                                     "workers that `python -m nli.launch` starts", choices=KVSTORES)
     dtype: str = option("float32", "float16: mixed precision, on GPUs only", choices=DTYPES)
+    max_memory: int = option(None, "memory the run may take, e.g. 6G or 512M: each batch trains in micro-batches "
+                                   "that fit, their gradients summed into the batch's one update; default: 60%% of "
+                                   "the RAM available (85%% of each GPU's free memory)", size, check=at_least(1))
     save_every: int = option(None, "checkpoint every N updates too (there is one at each epoch's end)", int,
                              check=at_least(1))
     log_every: int = option(10, "a step entry in metrics.jsonl every N updates", check=at_least(1))

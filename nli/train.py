@@ -24,7 +24,7 @@ from mxnet import autograd, gluon, npx
 from mxnet.gluon import nn
 from tqdm import tqdm
 
-from . import data, rundir
+from . import data, memory, rundir
 from .errors import UserError
 from .evaluate import accuracy, predict_batches
 from .recipe import BOOK
@@ -227,17 +227,18 @@ def head_of(net):
     return head
 
 
-def pooled_features(net, encoded, indices, devices, batch_size, progress=False):
-    """The pooled encodings (`<cls>`'s, or the mean) of pairs `indices`, in that order (no dropout: inference mode)."""
+def pooled_features(net, encoded, indices, devices, batch_size, progress=False, split=None):
+    """The pooled encodings (`<cls>`'s, or the mean) of pairs `indices`, in that order (no dropout: inference mode);
+    `split` cuts batches into micro-batches that fit the memory budget."""
     return predict_batches(lambda *inputs: net.pool(mx, net.encoder(*inputs), inputs[2]),
-                           data.inference_batches(encoded, batch_size, indices), devices,
+                           data.inference_batches(encoded, batch_size, indices, split), devices,
                            (len(indices), net.hidden.weight.shape[1]), progress, f"{net.pooling} features")
 
 
-def cached_features(run_dir, net, encoded, indices, devices, batch_size, progress):
+def cached_features(run_dir, net, encoded, indices, devices, batch_size, progress, split=None):
     """`pooled_features`, kept in RUN_DIR/features/ under a hash of the encoder's weights and the pairs."""
     if not run_dir:
-        return pooled_features(net, encoded, indices, devices, batch_size, progress)
+        return pooled_features(net, encoded, indices, devices, batch_size, progress, split)
     key = hashlib.sha1(f"{encoded.max_len} {net.pooling}".encode())
     for p in net.encoder.collect_params().values():
         key.update(p.data(devices[0]).asnumpy().tobytes())
@@ -246,7 +247,7 @@ def cached_features(run_dir, net, encoded, indices, devices, batch_size, progres
     path = os.path.join(run_dir, "features", key.hexdigest() + ".npy")
     if os.path.exists(path):
         return onp.load(path)
-    features = pooled_features(net, encoded, indices, devices, batch_size, progress)
+    features = pooled_features(net, encoded, indices, devices, batch_size, progress, split)
     os.makedirs(os.path.dirname(path), exist_ok=True)
 
     def write(tmp):
@@ -265,26 +266,36 @@ def features_accuracy(head, features, labels, devices, batch_size):
     return float((logits.argmax(axis=1) == labels).mean())
 
 
-def training_block(net, recipe, train_set, shard, eval_sets, devices, cache_dir, progress):
-    """What the recipe's mode trains, on what: (block, batch from the shard's local indices, score of an eval set).
+def training_block(net, recipe, train_set, shard, eval_sets, devices, cache_dir, progress, plan):
+    """What the recipe's mode trains, on what: (block, the micro-batches of a batch of the shard's local indices,
+    score of an eval set). Batches of pairs are cut into the micro-batches that memory `plan` allows.
 
     With `features` the block is the head, the encoder's `<cls>` features of every pair are computed
     once (and cached in `cache_dir`), and eval sets are scored on their features too."""
     set_trainable(net, recipe, epoch=1)
     set_layer_decay(net, recipe.layer_decay)
     if recipe.mode != "features":
-        return (net, lambda indices: data.make_batch(train_set, shard[indices]),
-                lambda encoded: accuracy(net, encoded, devices, recipe.batch_size))
+        lengths = train_set.valid_lens[shard]
+        return (net, lambda indices: (data.make_batch(train_set, shard[part]) for part in plan.split(indices, lengths)),
+                lambda encoded: accuracy(net, encoded, devices, recipe.batch_size, plan.split))
     head = head_of(net)
 
     def features(encoded, indices):
-        return cached_features(cache_dir, net, encoded, indices, devices, recipe.batch_size, progress)
+        return cached_features(cache_dir, net, encoded, indices, devices, recipe.batch_size, progress, plan.split)
     train_features = features(train_set, shard)
     eval_features = {id(s): features(s, onp.arange(len(s))) for s in eval_sets if s is not None}
 
     def score(encoded):
         return features_accuracy(head, eval_features[id(encoded)], encoded.labels, devices, recipe.batch_size)
-    return head, lambda indices: (train_features[indices], train_set.labels[shard[indices]]), score
+    return head, lambda indices: [(train_features[indices], train_set.labels[shard[indices]])], score
+
+
+def with_memory_budget(recipe, devices):
+    """`recipe` with its --max-memory set, to the default share of the memory available if it has none: a run
+    records the budget it chose, so that a resumed run cuts its batches (and draws dropout) as it did."""
+    if recipe.max_memory is not None:
+        return recipe
+    return dataclasses.replace(recipe, max_memory=memory.available_bytes(devices))
 
 
 def hold_out(encoded, fraction):
@@ -448,13 +459,17 @@ def finetune(net, train_set, test_set, devices, recipe=BOOK, run_dir=None, dev_s
     Book: `train_ch13`. With `run_dir`, metrics, curves and checkpoints are written there (see `rundir`), `resume`
     continues from its checkpoint, `save_model(dir)` saves the final model there, the best on `dev_set` in best/;
     each checkpoint keeps `data_fingerprint` (`rundir.data_fingerprint`) for `--resume` to check."""
+    recipe = with_memory_budget(recipe, devices)
     print(f"recipe {recipe.name}: {json.dumps(dataclasses.asdict(recipe))}", flush=True)
+    # How much memory the run takes, and the micro-batches that keep it under the budget
+    plan = memory.plan(net, recipe.max_memory, recipe.max_len, devices, trains_encoder=recipe.mode == "full")
+    print(plan.describe(recipe.batch_size), flush=True)
     # The workers, each with its shard of the pairs; only the first writes the run directory
     kv, rank, num_workers = kvstore_workers(recipe.kvstore)
     shards, run = Shards(train_set.valid_lens, recipe, num_workers), rundir.RunDir(run_dir, rank)
     # What trains (the classifier, or its head on cached features), the loss, the optimizer
-    block, batch_at, score = training_block(net, recipe, train_set, shards.indices(rank), (test_set, dev_set),
-                                            devices, run.path, progress)
+    block, micro_batches_at, score = training_block(net, recipe, train_set, shards.indices(rank),
+                                                    (test_set, dev_set), devices, run.path, progress, plan)
     loss = loss or gluon.loss.SoftmaxCrossEntropyLoss()
     loss.hybridize()
     trainer = make_trainer(block, recipe, kv, shards.num_updates())
@@ -471,7 +486,9 @@ def finetune(net, train_set, test_set, devices, recipe=BOOK, run_dir=None, dev_s
                 # Gradients of one batch (the book's step), dropout drawn from where the run is
                 started = time.perf_counter()
                 mx.random.seed(batch_seed(recipe.seed, rank, epoch, b), ctx="all")
-                loss_sum, correct = train_batch(block, batch_at(order[b]), loss, devices)
+                # one batch's gradients: its micro-batches' summed, as one pass over the whole batch would give
+                loss_sum, correct = map(sum, zip(*(train_batch(block, micro_batch, loss, devices)
+                                                   for micro_batch in micro_batches_at(order[b]))))
                 check_finite("loss", loss_sum, state.step + 1, epoch, b, run)
                 # The update, of the gradients summed since the last one (every `accumulate` batches)
                 norm = apply_update(trainer, block.collect_params(), devices, update_sizes[b], recipe.max_grad_norm) \
@@ -491,6 +508,7 @@ def finetune(net, train_set, test_set, devices, recipe=BOOK, run_dir=None, dev_s
             bar.close()
             # The epoch's figures (rank 0 scores them; the others wait for it in the kvstore), curves, best, checkpoint
             entry = state.end_epoch(epoch, trainer.learning_rate)
+            entry.update(memory.peak_memory(devices))  # the run's peak so far: the process's, or each GPU's
             if rank == 0:
                 score_epoch(entry, score, test_set, dev_set, devices)
             run.log(entry, state.metrics)
