@@ -107,9 +107,9 @@ def test_the_split_fits_each_batch_and_leaves_a_batch_that_fits_as_it_is(trainin
 PEAK_OF_STEPS = """
 import resource, sys
 sys.path.insert(0, {root!r})
+from nli import bert, memory, model, train  # first: nli makes mxnet importable on Python 3.12+
 import mxnet as mx, numpy as onp
 from mxnet import gluon, init, npx
-from nli import bert, memory, model, train
 from nli.recipe import TUNED
 npx.set_np()
 pairs, length = {pairs}, {length}
