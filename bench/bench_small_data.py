@@ -3,7 +3,7 @@
 
 The data is bench_accuracy's fixed split of SNLI's dev pairs (7,873 to train, 1,969 to test); the
 model is the real all-MiniLM-L6-v2. The candidates are `nli finetune` option sets (CANDIDATES below;
-`small-data` is the recipe this benchmark chose, `peer-settings` the peer's hyperparameters run by
+`small-data` is the recipe under test, `peer-settings` the peer's hyperparameters run by
 nli), and `peer` is bench/hf_peer.py, transformers + PyTorch with its own recipe (bench_accuracy's
 PEER_RECIPE). For each seed every candidate runs once, in turn, so a busier stretch of the machine
 hits them alike; `--jobs N` runs N seeds' turns side by side (one training run at batch 32 keeps
