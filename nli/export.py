@@ -191,7 +191,7 @@ def export_run(run_dir, out_dir, int8=False, opset=OPSET):
         raise UserError("--out must be a new directory, not the run itself.")
     net, _, config = model_lib.load_run(run_dir, [mx.cpu()])
     params = {name: p.data().asnumpy() for name, p in net._collect_params_with_prefix().items()}
-    onnx_model = classifier_graph(params, config["bert"], opset, config.get("pooling", "cls"))
+    onnx_model = classifier_graph(params, config["bert"], opset, net.pooling)  # as load_run read it
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, MODEL_FILE)
     fp32_path = path + ".fp32.tmp"
