@@ -42,7 +42,9 @@ def build_parser():
 
     finetune = commands.add_parser("finetune", help="fine-tune a pretrained BERT on SNLI pairs")
     add_recipe_arguments(finetune)
-    finetune.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its checkpoint, as it was set")
+    finetune.add_argument("--resume", metavar="RUN_DIR",
+                          help="continue RUN_DIR from its checkpoint, as it was set (but for --max-memory: a run "
+                               "stopped for memory goes on in less)")
     finetune.add_argument("--keep-checkpoint", action="store_true",
                           help="keep checkpoint/ when the run ends (model.params and best/ stay in any case)")
     finetune.add_argument("--force", action="store_true",
@@ -113,17 +115,19 @@ def add_recipe_arguments(parser):
                            help=f"--mode {mode}")
 
 
-def add_field_argument(parser, field, default):
+def add_field_argument(parser, field, default, help=None):
     """The option of a `Recipe` field: its help (with the book's value), type (checked) and choices."""
     book = "" if field.default is None else f" (book: {field.default})"
     kind = checked(field.metadata["kind"], field.metadata["check"])
     parser.add_argument("--" + field.name.replace("_", "-"), type=kind, choices=field.metadata["choices"],
-                        default=default, help=field.metadata["help"] + book)
+                        default=default, help=(help or field.metadata["help"]) + book)
 
 
 def add_memory_argument(parser):
-    """`--max-memory`, as `finetune` takes it: batches are cut into micro-batches that fit."""
-    add_field_argument(parser, next(f for f in dataclasses.fields(Recipe) if f.name == "max_memory"), None)
+    """`--max-memory`, as `finetune` takes it, but for batches that are only scored."""
+    add_field_argument(parser, next(f for f in dataclasses.fields(Recipe) if f.name == "max_memory"), None,
+                       "memory the command may take, e.g. 6G or 512M: pairs are scored in batches that fit; "
+                       "default: 60%% of the RAM available (85%% of each GPU's free memory)")
 
 
 def add_data_arguments(parser):
@@ -160,17 +164,21 @@ def require_pairs(count, path, use):
         raise UserError(f"{path} has no labelled pair to {use} (pairs labelled '-' are skipped, as the book does).")
 
 
+# What a resumed run may change: where it runs, not what it computes (micro-batches sum to the same update)
+RESUME_MAY_CHANGE = ("max_memory",)
+
+
 def finetune_recipe(args):
     """The Recipe of `finetune ARGS`: the named recipe changed by the options given, or the recipe of the
     run that `--resume` continues."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if hasattr(args, f.name)}
     if not args.resume:
         return dataclasses.replace(RECIPES[getattr(args, "recipe", "book")], **given)
-    if given or hasattr(args, "recipe"):
-        changed = next(iter(given), "recipe")
-        raise UserError(f"--resume continues a run as it was set; drop --{changed.replace('_', '-')}.")
+    changed = [name for name in given if name not in RESUME_MAY_CHANGE] + ["recipe"] * hasattr(args, "recipe")
+    if changed:
+        raise UserError(f"--resume continues a run as it was set; drop --{changed[0].replace('_', '-')}.")
     _, state = rundir.read_checkpoint(args.resume)
-    return dataclasses.replace(Recipe.from_checkpoint(state), out=args.resume)
+    return dataclasses.replace(Recipe.from_checkpoint(state), out=args.resume, **given)
 
 
 def check_resume_data(run_dir, recorded, current, force):
