@@ -216,16 +216,26 @@ SMALL_DATA = "bench/results/bench_small_data.json"
 def render_small_data():
     """The recipe candidates for a small training set, each over the same seeds, against the peer."""
     results = read_results(SMALL_DATA)
-    lines = ["| candidate | options | accuracy per seed | mean (stdev) | against the peer, points | wall time per run "
-             "| against the peer's |", "|---|---|---|---|---|---|---|"]
+    test_pairs = results["split"]["test"]
+    lines = ["| candidate | options | accuracy per seed | mean (stdev) | test pairs right, all seeds | against the "
+             "peer, points | wall time per run | against the peer's |", "|---|---|---|---|---|---|---|---|"]
     for name, r in results["candidates"].items():
         options = "bench/hf_peer.py (transformers + PyTorch)" if r["options"] is None else f"`{' '.join(r['options'])}`"
         per_seed = ", ".join(f"{a:.4f}" for a in r["accuracy_per_seed"])
         spread = "–" if r["accuracy_stdev"] is None else f"{r['accuracy_stdev']:.4f}"
+        right = sum(round(a * test_pairs) for a in r["accuracy_per_seed"])
         lines.append(f"| {name} | {options} | {per_seed} | {r['accuracy']:.4f} ({spread}) "
-                     f"| {r['accuracy_minus_peer_points']:+.2f} | {minutes(r['finetune_wall_seconds'])} "
+                     f"| {right:,} of {test_pairs * len(r['accuracy_per_seed']):,} "
+                     f"| {r['accuracy_minus_peer_points']:+.3f} | {minutes(r['finetune_wall_seconds'])} "
                      f"| {r['wall_time_over_peer']:.2f}x |")
     seeds = ", ".join(map(str, results["seeds"])) + ("" if results.get("complete") else " (the run was cut short)")
+    if reused := results.get("reused_seeds"):
+        seeds += f"; seed {', '.join(map(str, reused))} taken with `--reuse` from an earlier run of this benchmark"
+    if targets := results.get("targets"):
+        met = {True: "met", False: "not met"}
+        seeds += (f". Targets for {targets['chosen']}: a point above the peer's mean, "
+                  f"{met[targets['accuracy_at_least_peer_plus_1_point']]}; at most twice its wall time, "
+                  f"{met[targets['wall_time_at_most_2x_peer']]}")
     return "\n".join(lines) + f"\n\nSeeds {seeds}. Source: {cite(SMALL_DATA, results)}"
 
 
