@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
@@ -239,6 +240,34 @@ def render_small_data():
     return "\n".join(lines) + f"\n\nSeeds {seeds}. Source: {cite(SMALL_DATA, results)}"
 
 
+# What was tried for a small training set: recipe, results file, (path of its seeds, path of its accuracies)
+TRIED = [
+    ("`book` (Adam 1e-4, batch 512, 5 epochs)", "bench/results/bench_recipes.json", ("seed", "recipes.book.accuracy")),
+    ("`tuned` (AdamW 2e-4, batch 512, 5 epochs)", "bench/results/bench_recipes.json",
+     ("seed", "recipes.tuned.accuracy")),
+    ("`tuned` with the peer's settings (AdamW 5e-5, batch 32, 3 epochs)", "bench/results/bench_accuracy.json",
+     ("seeds", "nli.accuracy_per_seed")),
+    ("`small-data` (AdamW 1e-4, layer decay 0.8, mean pooling, batch 32, 4 epochs)", SMALL_DATA,
+     ("seeds", "candidates.small-data.accuracy_per_seed")),
+]
+
+
+def render_tried():
+    """Every recipe tried on the small-data split, against the peer on the same seeds (bench_small_data's)."""
+    peer_results = read_results(SMALL_DATA)
+    peer = dict(zip(peer_results["seeds"], lookup(peer_results, SMALL_DATA, "candidates.peer.accuracy_per_seed")))
+    lines = ["| recipe | seeds | accuracy per seed | mean | the peer on those seeds | against it, points | source |",
+             "|---|---|---|---|---|---|---|"]
+    for recipe, source, (seeds_path, accuracy_path) in TRIED:
+        results = read_results(source)
+        seeds, accuracies = (lookup(results, source, path) for path in (seeds_path, accuracy_path))
+        seeds, accuracies = (value if isinstance(value, list) else [value] for value in (seeds, accuracies))
+        mean, peer_mean = statistics.mean(accuracies), statistics.mean(peer[seed] for seed in seeds)
+        lines.append(f"| {recipe} | {', '.join(map(str, seeds))} | {', '.join(f'{a:.4f}' for a in accuracies)} "
+                     f"| {mean:.4f} | {peer_mean:.4f} | {100 * (mean - peer_mean):+.2f} | `{source}` |")
+    return "\n".join(lines)
+
+
 MEMORY = "bench/results/bench_memory.json"
 # case in bench_memory.json, model, how its batch of 512 trains
 MEMORY_ROWS = [
@@ -268,7 +297,7 @@ def render_memory():
 
 
 TABLES = {"results": render_table, "runs": render_runs, "small_data": render_small_data,  # README marker -> renderer
-          "memory": render_memory}
+          "tried": render_tried, "memory": render_memory}
 
 
 def markers(name):
