@@ -247,6 +247,8 @@ TRIED = [
      ("seed", "recipes.tuned.accuracy")),
     ("`tuned` with the peer's settings (AdamW 5e-5, batch 32, 3 epochs)", "bench/results/bench_accuracy.json",
      ("seeds", "nli.accuracy_per_seed")),
+    ("`tuned` with the peer's settings and `--pooling mean`", "bench/results/bench_small_data_mean_pooling.json",
+     ("seeds", "candidates.mean-pooling.accuracy_per_seed")),
     ("`small-data` (AdamW 1e-4, layer decay 0.8, mean pooling, batch 32, 4 epochs)", SMALL_DATA,
      ("seeds", "candidates.small-data.accuracy_per_seed")),
 ]
