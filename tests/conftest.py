@@ -175,3 +175,10 @@ def run_cli(*args, env=None, cwd=None):
     """Run `python -m nli ARGS` in a subprocess; return the completed process."""
     return subprocess.run([sys.executable, "-m", "nli", *map(str, args)], capture_output=True, text=True,
                           env={**(env or os.environ), "PYTHONPATH": ROOT}, cwd=cwd or ROOT, timeout=600)
+
+
+def budget_for(net, pairs_per_micro_batch, length):
+    """The --max-memory whose micro-batches hold `pairs_per_micro_batch` pairs of `length` tokens."""
+    from nli import memory
+    plan = memory.MemoryPlan(1, memory.Shape.of(net), length)
+    return plan.expected_peak(pairs_per_micro_batch, length)

@@ -9,9 +9,8 @@ import numpy as onp
 import pytest
 from mxnet import npx
 
-from conftest import DEV_PAIRS, ROOT, SMALL
+from conftest import DEV_PAIRS, ROOT, SMALL, budget_for
 from nli import cli, evaluate, memory, model, snli, train
-from nli.errors import UserError
 from nli.recipe import TUNED, Recipe
 
 npx.set_np()
@@ -38,12 +37,6 @@ def test_max_memory_takes_sizes_and_names_itself_when_it_cannot(capsys):
 def test_a_recipe_saved_before_max_memory_loads_without_it():
     saved = {k: v for k, v in dataclasses.asdict(TUNED).items() if k != "max_memory"}
     assert Recipe.from_checkpoint({"recipe": saved}) == TUNED
-
-
-def budget_for(net, pairs_per_micro_batch, length):
-    """The --max-memory whose micro-batches hold `pairs_per_micro_batch` pairs of `length` tokens."""
-    plan = memory.MemoryPlan(1, memory.Shape.of(net), length)
-    return plan.expected_peak(pairs_per_micro_batch, length)
 
 
 def one_update(model_dir, pairs, max_memory, monkeypatch, run_dir=None):

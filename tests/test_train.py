@@ -12,8 +12,8 @@ import numpy as onp
 import pytest
 from mxnet import gluon, npx
 
-from conftest import DEV_PAIRS, ROOT, run_cli
-from nli import cli, data, memory, model, rundir, snli, train
+from conftest import DEV_PAIRS, ROOT, budget_for, run_cli
+from nli import cli, data, model, rundir, snli, train
 from nli.errors import UserError
 from nli.recipe import BOOK, TUNED, Recipe
 
@@ -68,6 +68,16 @@ def epoch_figures(run_dir):
                 if m["kind"] == "epoch"]
 
 
+def killed_after_two_updates(args, out, tmp_path):
+    """`python -m nli ARGS` killed (SIGKILL) once its run `out` has checkpointed 2 updates: that checkpoint's state."""
+    process = start_cli(args, cli_env(tmp_path))
+    wait_for(lambda: (checkpoint_state(out) or {}).get("step", 0) >= 2, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    return checkpoint_state(out)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(training_bert_dir, tmp_path_factory):
     """The reference: the small run, start to end in one process."""
@@ -80,12 +90,7 @@ def uninterrupted(training_bert_dir, tmp_path_factory):
 
 def test_sigkill_mid_epoch_then_resume_ends_bit_identical(uninterrupted, training_bert_dir, tmp_path):
     out = tmp_path / "run"
-    process = start_cli(finetune_args(training_bert_dir, out), cli_env(tmp_path))
-    wait_for(lambda: (checkpoint_state(out) or {}).get("step", 0) >= 2, process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
-    killed_at = checkpoint_state(out)
+    killed_at = killed_after_two_updates(finetune_args(training_bert_dir, out), out, tmp_path)
     assert killed_at["epoch"] == 1 and killed_at["batch"] > 0  # in the middle of the first epoch
 
     resumed = run_cli("finetune", "--resume", out, env=cli_env(tmp_path))
@@ -105,12 +110,8 @@ def test_a_run_killed_for_memory_resumes_in_less(training_bert_dir, tmp_path):
                             env=cli_env(tmp_path))
     assert uninterrupted.returncode == 0, uninterrupted.stderr
     out = tmp_path / "run"
-    process = start_cli(finetune_args(training_bert_dir, out, *no_dropout), cli_env(tmp_path))
-    wait_for(lambda: (checkpoint_state(out) or {}).get("step", 0) >= 2, process)
-    process.send_signal(signal.SIGKILL)  # as the kernel's out-of-memory killer does
-    process.wait()
-    net, _, _ = model.from_pretrained(training_bert_dir, CPU)
-    budget = memory.MemoryPlan(1, memory.Shape.of(net), 64).expected_peak(3, 64)  # 3 of the 8 pairs fit
+    killed_after_two_updates(finetune_args(training_bert_dir, out, *no_dropout), out, tmp_path)  # as the OOM killer
+    budget = budget_for(model.from_pretrained(training_bert_dir, CPU)[0], 3, 64)  # 3 of the 8 pairs fit
 
     resumed = run_cli("finetune", "--resume", out, "--max-memory", budget, env=cli_env(tmp_path))
     assert resumed.returncode == 0, resumed.stderr
