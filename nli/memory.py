@@ -163,11 +163,12 @@ class MemoryPlan:
         """The estimate a run prints before it trains: where the memory goes, and the micro-batch chosen."""
         pairs = self.pairs_per_micro_batch(self.max_len)
         micro = -(-batch_size // -(-batch_size // pairs))  # the batch split evenly into as few parts as fit
+        per_token = self.shape.activation_bytes_per_token(self.max_len)
         return (f"memory: --max-memory {format_size(self.max_memory)}; parameters {self.shape.parameters:,} "
                 f"({format_size(self.parameter_bytes)}), gradients and optimizer state "
-                f"{format_size(self.optimizer_bytes)}, activations {format_size(self.shape.activation_bytes_per_token(self.max_len))} "
-                f"per token at {self.max_len} tokens (room kept for {RETAINED}x); batches of {batch_size} pairs at {self.max_len} tokens train "
-                f"in micro-batches of {micro} (at most {pairs} fit), expected peak "
+                f"{format_size(self.optimizer_bytes)}, activations {format_size(per_token)} per token at "
+                f"{self.max_len} tokens (room kept for {RETAINED}x); batches of {batch_size} pairs at {self.max_len} "
+                f"tokens train in micro-batches of {micro} (at most {pairs} fit), expected peak "
                 f"{format_size(self.expected_peak(micro, self.max_len))}")
 
     def split(self, indices, lengths):
