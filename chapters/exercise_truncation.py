@@ -24,7 +24,7 @@ matplotlib.use("Agg")  # scripts have no display: figures are saved as PNG
 import numpy as onp  # noqa: E402
 from matplotlib import pyplot as plt  # noqa: E402
 
-from nli import data, errors, evaluate, hub, model, rundir, snli, train  # noqa: E402
+from nli import data, errors, hub, model, predict, rundir, snli, train  # noqa: E402
 from nli.recipe import RECIPES  # noqa: E402
 
 errors.report_user_errors()  # a user's mistake prints one line, `error: ...`, as in `python -m nli`
@@ -109,13 +109,13 @@ accuracy, training = {}, {}
 for rule in snli.TRUNCATION_RULES:
     start = time.perf_counter()  # wall time as `nli finetune` spends it: loading, encoding, training, evaluating
     train.seed_everything(0)
-    net, vocab, _ = model.from_pretrained(args.model, devices, max_len=args.max_len)
+    net, vocab = model.from_pretrained(args.model, devices, max_len=args.max_len)
     train_set, test_set = (snli.encode_pairs(*pairs, vocab, args.max_len, rule) for pairs in (train_pairs, test_pairs))
-    epochs = train.finetune(net, train_set, test_set, devices, dataclasses.replace(recipe, truncation=rule),
-                            run_dir=os.path.join(args.out, rule))
+    epochs = train.finetune(net, train_set, test_set, dataclasses.replace(recipe, truncation=rule,
+                                                                          out=os.path.join(args.out, rule)))
     seconds, speed = rundir.training_speed(epochs)
     training[rule] = {"seconds": seconds, "wall_seconds": time.perf_counter() - start, "examples_per_sec": speed}
-    accuracy[rule] = evaluate.accuracy(net, test_set, devices, 256)
+    accuracy[rule] = predict.accuracy(net, test_set, devices, 256)
     print(f"{rule}: test accuracy {accuracy[rule]:.4f}, {training[rule]['examples_per_sec']:.1f} examples/sec")
 
 with open(os.path.join(args.out, "truncation.json"), "w") as f:
