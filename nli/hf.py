@@ -71,9 +71,11 @@ def from_hub(repo, revision=None):
             raise UserError(f"{name} is not a directory here, nor in {cache}, and HF_HUB_OFFLINE=1 forbids "
                             f"downloading it: run once online, set HF_HUB_CACHE to a cache that holds it, or give "
                             f"its files as hf:DIR.") from None
-        raise UserError(f"Could not download {name}: {constants.ENDPOINT} could not be reached "
-                        f"({_first_line(e.__cause__ or e)}) and the model is not in {cache}; check the connection "
-                        f"and HF_ENDPOINT, or give its files as hf:DIR.") from None
+        cause = e.__cause__ or e
+        problem = (f"{constants.ENDPOINT} answered {_http_answer(cause)}" if isinstance(cause, errors.HfHubHTTPError)
+                   else f"{constants.ENDPOINT} could not be reached ({_first_line(cause)})")
+        raise UserError(f"Could not download {name}: {problem}, and the model is not in {cache}; check the "
+                        f"connection and HF_ENDPOINT, or give its files as hf:DIR.") from None
     except errors.GatedRepoError:
         raise UserError(f"{name} is gated on {constants.ENDPOINT}: accept its conditions on the model's page, then "
                         f"set HF_TOKEN to a token of that account.") from None
@@ -88,7 +90,7 @@ def from_hub(repo, revision=None):
         if e.response is not None and e.response.status_code == 401:
             raise UserError(f"{constants.ENDPOINT} refused the token for {name} (HTTP 401): set HF_TOKEN to a valid "
                             f"token, or unset it (and `hf auth logout`) for a public model.") from None
-        raise UserError(f"Could not download {name}: {constants.ENDPOINT} answered {_first_line(e)}.") from None
+        raise UserError(f"Could not download {name}: {constants.ENDPOINT} answered {_http_answer(e)}.") from None
     except errors.HFValidationError as e:
         raise UserError(f"{name} is not a Hugging Face model name: {_first_line(e)}") from None
     missing = [f for f in NEEDED_FILES if not os.path.exists(os.path.join(directory, f))]
@@ -99,6 +101,12 @@ def from_hub(repo, revision=None):
                         f"and {WEIGHTS} (no PyTorch): choose a revision that has them, or convert the model and "
                         f"give it as hf:DIR.")
     return directory
+
+
+def _http_answer(error):
+    """"HTTP 500 Internal Server Error", say, of an error of huggingface_hub's that holds the server's answer."""
+    response = getattr(error, "response", None)
+    return f"HTTP {response.status_code} {response.reason_phrase}" if response is not None else _first_line(error)
 
 
 def _first_line(error):

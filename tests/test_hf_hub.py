@@ -52,7 +52,8 @@ class LoopbackHub(http.server.ThreadingHTTPServer):
 
     def __init__(self, repos, token=None):
         super().__init__(("127.0.0.1", 0), HubHandler)
-        self.repos = repos  # repo -> {"refs": {name: commit}, "files": {commit: {path: bytes}}}
+        self.repos = repos  # repo -> {"refs": {name: commit}, "files": {commit: {path: bytes}}, "gated": bool}
+        # or {"status": the HTTP status every request about it gets}
         self.token = token  # when set, a request with another token is refused as the Hub does (401)
         self.requests = []  # (method, path, Authorization header)
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
@@ -90,6 +91,8 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
         if repo not in self.server.repos:
             return None, (404, {"X-Error-Code": "RepoNotFound"})
         spec = self.server.repos[repo]
+        if "status" in spec:  # a Hub that fails on this repo
+            return None, (spec["status"], {})
         commit = spec["refs"].get(revision, revision)
         if commit not in spec["files"]:
             return None, (404, {"X-Error-Code": "RevisionNotFound"})
@@ -109,6 +112,8 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
         commit, files = self.commit_files(repo, revision)
         if commit is None:
             return self.reply(*files)
+        if self.server.repos[repo].get("gated"):  # its files need the owner's consent
+            return self.reply(403, {"X-Error-Code": "GatedRepo", "X-Repo-Commit": commit})
         if file not in files:
             return self.reply(404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": commit})
         data = files[file]
@@ -139,7 +144,9 @@ def checkpoint(tmp_path_factory):
 def hub(checkpoint):
     """The loopback Hub, holding REPO at main and at tag v1, with files nli must not fetch beside the checkpoint's."""
     files = {**checkpoint[1], "README.md": b"# tiny-bert\n", "pytorch_model.bin": b"not fetched"}
-    server = LoopbackHub({REPO: {"refs": {"main": MAIN, "v1": V1}, "files": {MAIN: files, V1: files}}}, TOKEN)
+    server = LoopbackHub({REPO: {"refs": {"main": MAIN, "v1": V1}, "files": {MAIN: files, V1: files}},
+                          "org/gated": {"refs": {"main": MAIN}, "files": {MAIN: files}, "gated": True},
+                          "org/failing": {"status": 500}}, TOKEN)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server
     server.shutdown()
@@ -214,6 +221,10 @@ def test_a_hub_name_downloads_into_hf_home_and_loads_as_its_directory_does(hub, 
     assert source["commit"] == MAIN and hub.requests == []
     onp.testing.assert_array_equal(offline_logits, logits)
 
+    (snapshot / "vocab.txt").unlink()  # the download's listing of the commit shows what went missing since
+    error = failure(f"hf:{REPO}", offline, tmp_path / "incomplete.npz")
+    assert f"The copy of hf:{REPO} in {snapshot} lacks files and HF_HUB_OFFLINE=1 forbids downloading the rest" in error
+
 
 def test_a_revision_is_fetched_and_recorded_with_its_commit(hub, tmp_path):
     env = hf_env(tmp_path, HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(tmp_path / "cache"))
@@ -259,6 +270,10 @@ def test_hub_errors_are_one_sentence_naming_the_model_and_what_to_do(hub, tmp_pa
     bad_token = hf_env(tmp_path, HF_ENDPOINT=hub.url, HF_HUB_CACHE=cache, HF_TOKEN="hf_wrong")
     error = failure(f"hf:{REPO}", bad_token, tmp_path / "x.npz")
     assert f"{hub.url} refused the token for hf:{REPO} (HTTP 401): set HF_TOKEN to a valid token" in error
+    error = failure("hf:org/gated", hf_env(tmp_path, HF_ENDPOINT=hub.url, HF_HUB_CACHE=cache), tmp_path / "x.npz")
+    assert f"hf:org/gated is gated on {hub.url}: accept its conditions" in error and "HF_TOKEN" in error
+    error = failure("hf:org/failing", hf_env(tmp_path, HF_ENDPOINT=hub.url, HF_HUB_CACHE=cache), tmp_path / "x.npz")
+    assert f"Could not download hf:org/failing: {hub.url} answered HTTP 500 Internal Server Error, and the" in error
     port = closed_port()
     unreachable = hf_env(tmp_path, HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HUB_CACHE=cache)
     error = failure(f"hf:{REPO}", unreachable, tmp_path / "x.npz")
