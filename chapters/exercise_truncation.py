@@ -30,7 +30,7 @@ from nli.recipe import RECIPES  # noqa: E402
 errors.report_user_errors()  # a user's mistake prints one line, `error: ...`, as in `python -m nli`
 
 parser = argparse.ArgumentParser(description="The book's truncation against the ratio rule.")
-parser.add_argument("--model", default="bert.small", help="bert.small, bert.base, a directory or hf:DIR")
+parser.add_argument("--model", default="bert.small", help="bert.small, bert.base, a directory, hf:DIR or hf:ORG/NAME")
 parser.add_argument("--pairs", help="a file of labelled pairs, split 80/20 (default: SNLI's train and test)")
 parser.add_argument("--max-len", type=int, default=24, help="short enough that truncation matters")
 parser.add_argument("--recipe", default="tuned", choices=sorted(RECIPES))

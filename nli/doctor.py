@@ -3,6 +3,7 @@
 Facts are gathered first (`gather_facts`), then judged (`advice`), so the advice can be tested by
 feeding it the facts of machines we do not have: GPUs, Colab, other Pythons.
 """
+import concurrent.futures
 import dataclasses
 import importlib.util
 import os
@@ -23,11 +24,13 @@ MXNET_CUDA_BUILDS = {(10, 1): "mxnet-cu101", (10, 2): "mxnet-cu102", (11, 0): "m
                      (11, 7): "mxnet-cu117"}
 FEATURES = ("CUDA", "CUDNN", "NCCL", "MKLDNN", "OPENMP", "BLAS_OPEN", "BLAS_MKL", "DIST_KVSTORE")
 OMP_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MXNET_CPU_WORKER_NTHREADS", "KMP_AFFINITY")
+OFFLINE_ROUTES = (" (without them: --model hf:DIR or hf:ORG/NAME from the Hugging Face cache; the repository's SNLI "
+                  "pairs with --pairs FILE or --train FILE --test-fraction 0.2)")
 
 
 @dataclasses.dataclass
 class Facts:
-    """What `nli doctor` looks at: versions, MXNet's build, GPUs, OpenMP settings, the download cache."""
+    """What `nli doctor` looks at: versions, MXNet's build, GPUs, OpenMP settings, the download caches and hosts."""
     python: tuple
     numpy: str = None  # None: numpy does not import
     mxnet: str = None  # None: mxnet does not import, see mxnet_error
@@ -39,6 +42,10 @@ class Facts:
     omp: dict = dataclasses.field(default_factory=dict)
     data_dir: str = ""
     cached: list = dataclasses.field(default_factory=list)  # (name, state, size in bytes or None)
+    hosts: list = dataclasses.field(default_factory=list)  # (host the registry downloads from, hub.reach's words)
+    hf_cache: str = None  # the Hugging Face cache `--model hf:ORG/NAME` reads; None: huggingface_hub does not import
+    hf_models: list = dataclasses.field(default_factory=list)  # the models in it
+    hf_offline: bool = False
 
 
 def gather_facts():
@@ -60,7 +67,26 @@ def gather_facts():
     from . import hub
     facts.data_dir = hub.data_dir()
     facts.cached = [(name, state, size) for name, _, size, state in hub.status()]
+    hosts = hub.download_hosts()
+    with concurrent.futures.ThreadPoolExecutor(max(len(hosts), 1)) as pool:  # one timeout for all, not one each
+        facts.hosts = list(zip(hosts, pool.map(hub.reach, hosts.values())))
+    facts.hf_cache, facts.hf_models, facts.hf_offline = hugging_face_cache()
     return facts
+
+
+def hugging_face_cache():
+    """(the Hugging Face cache's folder, the models in it, whether HF_HUB_OFFLINE is set); (None, [], False) when
+    huggingface_hub does not import."""
+    try:
+        import huggingface_hub
+    except ImportError:
+        return None, [], False
+    try:
+        repos = huggingface_hub.scan_cache_dir().repos
+    except (huggingface_hub.CacheNotFound, ValueError):  # no cache yet, or HF_HUB_CACHE names a file
+        repos = []
+    models = sorted(repo.repo_id for repo in repos if repo.repo_type == "model")
+    return huggingface_hub.constants.HF_HUB_CACHE, models, huggingface_hub.is_offline_mode()
 
 
 def driver_cuda_version():
@@ -142,6 +168,15 @@ def report(facts, found):
     lines.append(f"data dir   {facts.data_dir}")
     for name, state, size in facts.cached:
         lines.append(f"           {name:<12} {state:<14} {'-' if size is None else f'{size / 2 ** 20:,.1f} MiB'}")
+    lines.append("downloads  " + "; ".join(f"{host} {state}" for host, state in facts.hosts)
+                 + (OFFLINE_ROUTES if any(not state.startswith("reachable") for _, state in facts.hosts) else ""))
+    if facts.hf_cache is None:
+        lines.append("HF cache   huggingface_hub does not import: --model hf:ORG/NAME needs it (pip install -r "
+                     "requirements.txt)")
+    else:
+        models = ", ".join(facts.hf_models) if facts.hf_models else "no model yet"
+        lines.append(f"HF cache   {facts.hf_cache} (--model hf:ORG/NAME): {models}"
+                     + ("; HF_HUB_OFFLINE=1: nothing is downloaded" if facts.hf_offline else ""))
     if not found:
         lines.append("No known problem found.")
     for problem, fix in found:

@@ -123,9 +123,10 @@ class Recipe:
                              check=at_least(1))
     log_every: int = option(10, "a step entry in metrics.jsonl every N updates", check=at_least(1))
     # The model and the data it is fine-tuned on, and where the run is written
-    model: str = option(None, "bert.small, bert.base, a model directory, or hf:DIR (a Hugging Face BERT "
-                              "checkpoint: config.json, vocab.txt, model.safetensors); required but with --resume",
-                        str)
+    model: str = option(None, "bert.small, bert.base, a model directory, hf:DIR (a Hugging Face BERT checkpoint: "
+                              "config.json, vocab.txt, model.safetensors) or hf:ORG/NAME[@REVISION] (one on the "
+                              "Hugging Face Hub, downloaded into its cache; an existing directory DIR wins); required "
+                              "but with --resume", str)
     data: str = option(None, "SNLI: download the dataset and use its splits", str)
     train: str = option(None, "a .tsv/.jsonl/.txt file of training pairs", str)
     test: str = option(None, "a .tsv/.jsonl/.txt file of test pairs", str)
