@@ -93,8 +93,11 @@ def build_parser():
                               "head, or FILE.html, a page to explore them (one pair only)")
     predict.add_argument("--heads", choices=["all", "mean"], default="all",
                          help="the .png shows every head, or each layer's mean of the heads")
-    commands.add_parser("doctor", help="versions, MXNet's build, devices, OpenMP, the download cache, and the fix "
-                                       "for each known problem found")
+    doctor = commands.add_parser("doctor", help="versions, MXNet's build, devices, OpenMP, the download cache, and "
+                                                "the fix for each known problem found")
+    doctor.add_argument("--test", action="store_true",
+                        help="also fine-tune a tiny BERT for a few steps on every device, together and one by one, "
+                             "and on the CPU: the losses must agree and the devices hold the same weights")
     for command in commands.choices.values():
         command.formatter_class = HelpFormatter
     return parser
@@ -328,7 +331,7 @@ def run_download(args):
 
 def run_doctor(args):
     from . import doctor
-    return doctor.main()
+    return doctor.main(args.test)
 
 
 def main(argv=None):

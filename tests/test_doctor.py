@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import run_cli
-from nli import compat, doctor
+from nli import compat, doctor, selftest
 
 HEALTHY = dict(python=(3, 11, 7), numpy="1.23.5", mxnet="1.9.1", features={"CUDA": False, "MKLDNN": True},
                devices=["cpu (2 cores)"], data_dir="data")
@@ -181,3 +181,70 @@ def test_doctor_runs_on_this_cpu_machine_and_reports_no_gpu(tmp_path):
     assert "mxnet      1.9.1 (mxnet)" in out and "MKLDNN on" in out and "cpu (" in out
     assert "GPU        none found" in out and "No known problem found." in out
     assert f"data dir   {tmp_path}" in out and "bert.small   missing" in out
+
+
+def test_doctor_test_fine_tunes_on_cpu_and_two_cpu_contexts_and_passes(tmp_path):
+    result = run_cli("doctor", "--test", env={**os.environ, "NLI_DATA_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "on cpu, cpu:2" in out and "test passed" in out and "problem:" not in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith(("cpu ", "cpu:2 "))}
+    losses = {name: [float(x) for x in line.split("losses ")[1].split(";")[0].split()] for name, line in lines.items()}
+    assert len(losses["cpu"]) == selftest.PAIRS // selftest.BATCH_SIZE  # one loss per update
+    assert losses["cpu"] == pytest.approx(losses["cpu:2"], rel=selftest.LOSS_RTOL)
+    assert all("examples/sec" in line and "peak RSS" in line for line in lines.values())
+
+
+def test_the_device_sets_are_the_cpu_each_gpu_and_all_gpus():
+    assert list(selftest.device_sets(0)) == ["cpu", "cpu:2"]
+    assert list(selftest.device_sets(1)) == ["cpu", "gpu:0"]
+    sets = selftest.device_sets(2)
+    assert list(sets) == ["cpu", "gpu:0", "gpu:1", "gpu:0,1"] and [d.device_id for d in sets["gpu:0,1"]] == [0, 1]
+
+
+def run_selftest(capsys):
+    """`selftest.main()`'s exit status and printed text."""
+    status = selftest.main()
+    return status, capsys.readouterr().out
+
+
+def test_a_device_whose_weights_drift_is_caught(monkeypatch, capsys):
+    from nli import train
+    apply_update = train.apply_update
+
+    def drifting_update(trainer, params, devices, *args, **kwargs):  # a stale or corrupted copy on the 2nd device
+        norm = apply_update(trainer, params, devices, *args, **kwargs)
+        if len(devices) > 1:
+            weight = next(iter(params.values())).data(devices[1])
+            weight[:] = weight + 1e-3
+        return norm
+    monkeypatch.setattr(train, "apply_update", drifting_update)
+    status, out = run_selftest(capsys)
+    assert status == 1 and "test passed" not in out
+    assert "problem: cpu:2: after update 1:" in out and "differs between devices by up to 0.001" in out
+    assert "loss" not in out.split("problem:", 1)[1]  # LayerNorm hides this drift from the loss: only weights show it
+    assert "problem: cpu:" not in out.split("problem: cpu:2")[0]  # one device alone cannot drift
+
+
+def test_weights_that_never_change_and_a_failing_run_are_problems(monkeypatch, capsys):
+    monkeypatch.setattr(selftest.train, "apply_update", lambda *args, **kwargs: None)  # updates that get lost
+    status, out = run_selftest(capsys)
+    assert status == 1 and "problem: cpu: the weights did not change in 1 updates" in out
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA: out of memory")
+    monkeypatch.setattr(selftest.train, "finetune", out_of_memory)
+    status, out = run_selftest(capsys)
+    assert status == 1 and "problem: cpu:2: fine-tuning failed: RuntimeError: CUDA: out of memory" in out
+
+
+def test_losses_further_apart_than_the_tolerance_are_a_problem():
+    cpu = selftest.Result("cpu", step_losses=[1.1, 1.0])
+    near = selftest.Result("gpu:0", step_losses=[1.1 * (1 + selftest.LOSS_RTOL / 2), 1.0])
+    far = selftest.Result("gpu:1", step_losses=[1.1, 1.0 * (1 + 2 * selftest.LOSS_RTOL)])
+    short = selftest.Result("gpu:0,1", step_losses=[1.1])
+    assert selftest.compare([cpu, near]) == []
+    [problem] = selftest.compare([cpu, near, far])
+    assert problem.startswith("gpu:1: update 2's loss 1.002000 differs from cpu's 1.000000")
+    assert selftest.compare([cpu, short]) == ["gpu:0,1: 1 updates, cpu: 2"]
+    assert selftest.largest_difference([cpu, near]) == pytest.approx(selftest.LOSS_RTOL / 2)
