@@ -10,6 +10,10 @@ from .errors import UserError
 from .recipe import RECIPES, Recipe, at_least, checked
 
 
+SCORING_DEVICES_HELP = ("auto (every GPU, else the CPU), cpu, cpu:N, gpu or gpu:0,1; default: one device, the first "
+                        "GPU, else the CPU")
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """`--help` that gives each option's default, when it has one, and marks the required options."""
 
@@ -58,7 +62,7 @@ def build_parser():
     add_data_arguments(evaluate)
     evaluate.add_argument("--limit-test", type=checked(int, at_least(1)), metavar="N",
                           help="evaluate on the first N pairs")
-    evaluate.add_argument("--devices", default="auto", help="auto, cpu, cpu:N, gpu or gpu:0,1")
+    evaluate.add_argument("--devices", help=SCORING_DEVICES_HELP)
     evaluate.add_argument("--batch-size", type=checked(int, at_least(1)), default=512, help="pairs per batch")
     add_memory_argument(evaluate)
     evaluate.add_argument("--errors", type=int, default=0, metavar="N",
@@ -76,7 +80,7 @@ def build_parser():
 
     predict = commands.add_parser("predict", help="labels of raw premise/hypothesis pairs: one, a file or stdin")
     predict.add_argument("--run", required=True, help="the run directory (or its best/) to predict with")
-    predict.add_argument("--devices", default="auto", help="auto, cpu, cpu:N, gpu or gpu:0,1")
+    predict.add_argument("--devices", help=SCORING_DEVICES_HELP)
     predict.add_argument("--batch-size", type=checked(int, at_least(1)), default=256, help="pairs per batch")
     add_memory_argument(predict)
     predict.add_argument("premise", nargs="?", help="one pair's premise")
@@ -261,9 +265,16 @@ def run_finetune(args):
         rundir.RunDir(recipe.out).drop_checkpoint()
 
 
+def scoring_devices(spec):
+    """evaluate's and predict's devices: those of --devices, else one (the first GPU, else the CPU), which scoring
+    keeps busy without loading the model onto every GPU."""
+    from . import data
+    return data.parse_devices(spec) if spec else data.parse_devices("auto")[:1]
+
+
 def run_evaluate(args):
-    from . import data, evaluate
-    predictor = evaluate.Predictor.from_run(args.run, data.parse_devices(args.devices), args.batch_size,
+    from . import evaluate
+    predictor = evaluate.Predictor.from_run(args.run, scoring_devices(args.devices), args.batch_size,
                                             args.max_memory)
     _, test_pairs = read_data(args, train=False)
     test_pairs = [column[:args.limit_test] for column in test_pairs]
@@ -278,7 +289,7 @@ def run_evaluate(args):
 
 
 def run_predict(args):
-    from . import attention, data, evaluate
+    from . import attention, evaluate
     one_pair = args.premise is not None
     if one_pair + (args.file is not None) + args.stdin != 1 or one_pair != (args.hypothesis is not None):
         raise UserError("Give one pair (PREMISE HYPOTHESIS), or --file FILE, or --stdin.")
@@ -286,7 +297,7 @@ def run_predict(args):
         raise UserError("--attention draws one pair: give PREMISE HYPOTHESIS, not --file or --stdin.")
     if args.attention:
         attention.view_format(args.attention)
-    predictor = evaluate.Predictor.from_run(args.run, data.parse_devices(args.devices), args.batch_size,
+    predictor = evaluate.Predictor.from_run(args.run, scoring_devices(args.devices), args.batch_size,
                                             args.max_memory)
     if one_pair:
         result = predictor.predict(args.premise, args.hypothesis, args.tokenized)

@@ -1,4 +1,6 @@
 """Devices, and batching encoded pairs: length buckets, dynamic padding, splitting each batch over the devices."""
+import sys
+
 import mxnet as mx
 import numpy as onp
 from mxnet import gluon, np
@@ -15,16 +17,23 @@ def parse_devices(spec):
     num_gpus = mx.context.num_gpus()
     kind, _, rest = spec.partition(":")
     if spec == "auto":
+        if not num_gpus and mx.runtime.Features().is_enabled("CUDA"):  # e.g. a driver too old for the build
+            print("note: this mxnet is a CUDA build but sees no GPU, so it runs on the CPU; `nli doctor` says why.",
+                  file=sys.stderr, flush=True)
         return [mx.gpu(i) for i in range(num_gpus)] or [mx.cpu()]
     if kind == "cpu":
         if not rest:
             return [mx.cpu()]
         if rest.isdigit() and int(rest) > 0:
             return [mx.cpu(i) for i in range(int(rest))]
+        if "," in rest:
+            raise UserError(f"--devices {spec}: cpu:N takes a number of CPU contexts (cpu:2), not a list of ids.")
     if kind == "gpu":
         ids = list(range(num_gpus)) if not rest else [int(i) for i in rest.split(",") if i.isdigit()]
         if rest and len(ids) != len(rest.split(",")):
             raise UserError(f"--devices {spec}: expected gpu:0,1,... with GPU numbers.")
+        if len(set(ids)) != len(ids):  # one GPU twice would hold two copies and count its batches twice
+            raise UserError(f"--devices {spec}: each GPU may be named once.")
         missing = [i for i in ids if i >= num_gpus]
         if not ids or missing:
             raise UserError(f"--devices {spec}: this machine has {num_gpus} GPU(s) visible to MXNet.")
