@@ -138,7 +138,7 @@ def run_on(name, devices, train_set, test_set):
     result.seconds = time.perf_counter() - started
     result.step_losses = [total / pairs for total, pairs in zip(loss.step_losses, loss.step_pairs)]
     result.examples_per_sec = entry["examples_per_sec"]
-    result.memory = {k: v for k, v in entry.items() if k in ("peak_rss_bytes", "gpu_memory_used_bytes")}
+    result.memory = {k: v for k, v in entry.items() if k in ("peak_rss_bytes", "peak_gpu_memory_bytes")}
     result.problems += [f"{name}: {m}" for m in loss.mismatches]
     if all(onp.array_equal(a, b) for a, b in zip(loss.first, final)):
         result.problems.append(f"{name}: the weights did not change in {len(result.step_losses)} updates")
@@ -173,8 +173,8 @@ def describe(result):
     """One line of the report: the device set, its losses, throughput and peak memory."""
     if result.examples_per_sec is None:
         return f"{result.name:<12} failed"
-    peak = result.memory.get("gpu_memory_used_bytes")
-    peak = (", ".join(memory.format_size(b) for b in peak) + " in use per GPU" if peak
+    peak = result.memory.get("peak_gpu_memory_bytes")
+    peak = (", ".join(memory.format_size(b) for b in peak) + " peak in use per GPU" if peak
             else memory.format_size(result.memory.get("peak_rss_bytes", 0)) + " peak RSS (the process)")
     losses = " ".join(f"{loss:.5f}" for loss in result.step_losses)
     return (f"{result.name:<12} losses {losses}; {result.examples_per_sec:,.0f} examples/sec "
