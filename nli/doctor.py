@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 from .compat import CUDA_LIBRARY_PACKAGES, cuda11_library_files
+from .errors import first_line
 
 SUPPORTED_PYTHONS = ((3, 11), (3, 12), (3, 13))
 # mxnet 1.9.1's CUDA builds on PyPI, by the CUDA version each was built for. A driver runs programs
@@ -40,6 +41,7 @@ class Facts:
     devices: list = dataclasses.field(default_factory=list)  # what MXNet can compute on
     driver_cuda: str = None  # the CUDA version the NVIDIA driver supports, from nvidia-smi; None: no GPU
     cuda_visible_devices: str = None  # the variable, which can hide every GPU from CUDA
+    gpu_count_error: str = None  # why MXNet could not count the GPUs, when it could not
     gpu_errors: dict = dataclasses.field(default_factory=dict)  # GPU -> why a small operation on it failed
     unresolved_libraries: list = dataclasses.field(default_factory=list)  # what ldd or the import could not find
     loaded_libraries: list = dataclasses.field(default_factory=list)  # of those, loaded or loadable all the same
@@ -65,7 +67,10 @@ def gather_facts():
         runtime = mx.runtime.Features()
         facts.features = {name: runtime.is_enabled(name) for name in FEATURES if name in runtime}
         facts.mxnet_package = mxnet_package(facts.features.get("CUDA"))
-        gpus = [mx.gpu(i) for i in range(mx.context.num_gpus())]
+        try:
+            gpus = [mx.gpu(i) for i in range(mx.context.num_gpus())]
+        except mx.MXNetError as e:  # a driver too old for the build, in some MXNet versions
+            gpus, facts.gpu_count_error = [], first_line(e)
         facts.devices = [str(gpu) for gpu in gpus] + [f"cpu ({os.cpu_count()} cores)"]
         facts.gpu_errors = {str(gpu): error for gpu in gpus if (error := device_error(gpu))}
     facts.unresolved_libraries = unresolved_libraries(facts.mxnet_error)
@@ -140,7 +145,7 @@ def device_error(device):
         ones = mx.nd.ones((64, 64), ctx=device)
         product = mx.nd.dot(ones, ones).asnumpy()
     except Exception as e:  # a CUDA error, an architecture the build has no kernels for, a missing library
-        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        return f"{type(e).__name__}: {first_line(e)}"
     return None if (product == 64).all() else f"64 x 64 ones times themselves gave {product.min()}..{product.max()}"
 
 
@@ -180,7 +185,7 @@ def advice(facts):
             fix = f"Update the NVIDIA driver: its CUDA {facts.driver_cuda} is older than any mxnet 1.9.1 build (10.1)."
         found.append((f"An NVIDIA GPU (driver for CUDA {facts.driver_cuda}) but a CPU-only mxnet: "
                       f"training would not use the GPU.", fix))
-    found += no_gpu_advice(facts)
+    found += driver_advice(facts)
     for device, error in facts.gpu_errors.items():
         found.append((f"A small matrix product on {device} failed: {error}",
                       "Run `nvidia-smi` (is the GPU there, and idle?); `nli doctor` lists the CUDA 11 libraries "
@@ -206,11 +211,16 @@ def advice(facts):
     return found
 
 
-def no_gpu_advice(facts):
-    """Why a CUDA build of mxnet sees no GPU, and what to do: MXNet counts a driver too old for its CUDA as no GPU
-    (Context::GetGPUCount in include/mxnet/base.h), so `--devices auto` would train on the CPU without a word."""
+def driver_advice(facts):
+    """What a CUDA build of mxnet needs from the driver, when it sees no GPU or its driver is older than its CUDA.
+
+    A driver of an older major CUDA version cannot run the build: depending on the MXNet version, counting the
+    GPUs then gives 0 (so `--devices auto` would train on the CPU) or fails (Context::GetGPUCount in MXNet's
+    include/mxnet/base.h). An older minor version of CUDA 11 runs it (CUDA's minor version compatibility), but
+    not the PTX that MXNet compiles at run time with NVRTC, which needs a driver as new as the build.
+    Written from CUDA's and MXNet's documentation and sources; not verified on a GPU."""
     gpus = [d for d in facts.devices if d.startswith("gpu")]
-    if facts.mxnet is None or not facts.features.get("CUDA") or gpus:
+    if facts.mxnet is None or not facts.features.get("CUDA"):
         return []
     package = facts.mxnet_package or "this CUDA build of mxnet"
     if facts.driver_cuda is None:
@@ -220,20 +230,27 @@ def no_gpu_advice(facts):
                  f"pip uninstall -y {facts.mxnet_package or 'mxnet-cu117'} && pip install mxnet==1.9.1.")]
     built_for = cuda_of(facts.mxnet_package)
     driver = tuple(int(x) for x in facts.driver_cuda.split(".")[:2])
+    counted = f" (counting them failed: {facts.gpu_count_error})" if facts.gpu_count_error else ""
     if built_for and driver < built_for:
         build = mxnet_build_for(facts.driver_cuda)
-        instead = (f", or install the build for this driver: pip uninstall -y {facts.mxnet_package} && "
-                   f"pip install {build}==1.9.1" if build else "")
-        return [(f"The NVIDIA driver supports CUDA {facts.driver_cuda}, older than the CUDA "
-                 f"{'.'.join(map(str, built_for))} that {package} was built for: MXNet counts that as no GPU, "
-                 f"so training would run on the CPU.",
-                 f"Update the NVIDIA driver{instead}.")]
+        fix = "Update the NVIDIA driver" + (f", or install the build for this driver: pip uninstall -y "
+                                            f"{facts.mxnet_package} && pip install {build}==1.9.1" if build else "")
+        cuda = ".".join(map(str, built_for))
+        if driver[0] < built_for[0] or not gpus:
+            return [(f"The NVIDIA driver supports CUDA {facts.driver_cuda}, older than the CUDA {cuda} that "
+                     f"{package} was built for: MXNet sees no GPU{counted}, so training would run on the CPU.",
+                     fix + ".")]
+        return [(f"The NVIDIA driver supports CUDA {facts.driver_cuda}, older than the CUDA {cuda} that {package} "
+                 f"was built for: CUDA 11 runs it, but not the kernels MXNet compiles at run time (NVRTC).",
+                 fix + ".")]
+    if gpus:
+        return []
     if facts.cuda_visible_devices is not None:
-        return [(f"MXNet sees no GPU, and CUDA_VISIBLE_DEVICES={facts.cuda_visible_devices!r} chooses which GPUs "
-                 f"CUDA shows.", "Unset it, or list the GPUs to use (CUDA_VISIBLE_DEVICES=0,1).")]
+        return [(f"MXNet sees no GPU{counted}, and CUDA_VISIBLE_DEVICES={facts.cuda_visible_devices!r} chooses which "
+                 f"GPUs CUDA shows.", "Unset it, or list the GPUs to use (CUDA_VISIBLE_DEVICES=0,1).")]
     return [(f"mxnet is a CUDA build ({package}) and the driver supports CUDA {facts.driver_cuda}, but MXNet sees "
-             f"no GPU.", "Check that `nvidia-smi` lists a GPU and that this process may use it (in a container: "
-             "docker run --gpus all).")]
+             f"no GPU{counted}.", "Check that `nvidia-smi` lists a GPU and that this process may use it (in a "
+                                  "container: docker run --gpus all).")]
 
 
 def report(facts, found):

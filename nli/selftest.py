@@ -17,6 +17,7 @@ import numpy as onp
 from mxnet import gluon, init
 
 from . import bert, memory, model, snli, train
+from .errors import first_line
 from .recipe import Recipe
 
 SIZES = dict(vocab_size=64, num_hiddens=32, ffn_num_hiddens=64, num_heads=2, num_blks=2, max_len=32)
@@ -132,8 +133,7 @@ def run_on(name, devices, train_set, test_set):
         final = loss.weights()  # after the last update, which no forward pass followed
     except Exception as e:  # a CUDA error, out of memory: what the test is for; the traceback is for a bug report
         traceback.print_exc(file=sys.stderr)
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        result.problems.append(f"{name}: fine-tuning failed: {type(e).__name__}: {first_line}")
+        result.problems.append(f"{name}: fine-tuning failed: {type(e).__name__}: {first_line(e)}")
         return result
     result.seconds = time.perf_counter() - started
     result.step_losses = [total / pairs for total, pairs in zip(loss.step_losses, loss.step_pairs)]

@@ -18,6 +18,18 @@ def test_a_device_named_twice_is_refused():
     assert data.parse_devices("cpu:2") == [mx.cpu(0), mx.cpu(1)]
 
 
+def test_gpus_that_cannot_be_counted_are_a_sentence_and_the_cpu_still_runs(monkeypatch):
+    def insufficient_driver():  # what some MXNet versions raise under a driver too old for the build
+        raise mx.MXNetError("[12:00:00] include/mxnet/base.h:427: Check failed: e == cudaSuccess (35 vs. 0) :  CUDA: "
+                            "CUDA driver version is insufficient for CUDA runtime version\nStack trace: ...")
+    monkeypatch.setattr(mx.context, "num_gpus", insufficient_driver)
+    for spec in ("auto", "gpu", "gpu:0"):
+        with pytest.raises(UserError, match=r"MXNet cannot count the GPUs \(.*insufficient for CUDA runtime "
+                                            r"version\); `nli doctor` says why, and --devices cpu runs"):
+            data.parse_devices(spec)
+    assert data.parse_devices("cpu:2") == [mx.cpu(0), mx.cpu(1)]
+
+
 def test_a_cuda_build_that_sees_no_gpu_says_so_when_auto_falls_back_to_the_cpu(monkeypatch, capsys):
     assert data.parse_devices("auto") == [mx.cpu()] and capsys.readouterr().err == ""  # the CPU build: as expected
 

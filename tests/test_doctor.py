@@ -80,13 +80,28 @@ def test_cuda_build_with_a_driver_too_old_for_it_says_why_no_gpu_and_what_to_do(
     assert "CUDA 11.4, older than the CUDA 11.7 that mxnet-cu117 was built for" in problem
     assert "no GPU" in problem and "Update the NVIDIA driver" in fix
     assert "pip uninstall -y mxnet-cu117 && pip install mxnet-cu114==1.9.1" in fix
+    error = "CUDA: CUDA driver version is insufficient for CUDA runtime version"  # where MXNet raises instead of 0
+    [(problem, fix)] = advice_for(**cuda_build, driver_cuda="10.2", gpu_count_error=error)
+    assert "CUDA 10.2, older than the CUDA 11.7" in problem and error in problem and "mxnet-cu102==1.9.1" in fix
+    # a CUDA 11 driver older than the build still shows the GPUs, but not run-time compiled kernels
+    [(problem, fix)] = advice_for(**{**cuda_build, "devices": ["gpu(0)", "cpu (2 cores)"]}, driver_cuda="11.4")
+    assert "NVRTC" in problem and "mxnet-cu114==1.9.1" in fix
     [(problem, fix)] = advice_for(**cuda_build, driver_cuda="12.2", cuda_visible_devices="")
     assert "CUDA_VISIBLE_DEVICES=''" in problem and "Unset it" in fix
     [(problem, fix)] = advice_for(**cuda_build, driver_cuda="12.2")
     assert "sees no GPU" in problem and "nvidia-smi" in fix and "--gpus all" in fix
     [(problem, fix)] = advice_for(**cuda_build)  # no nvidia-smi
     assert "no NVIDIA driver" in problem and "pip install mxnet==1.9.1" in fix
-    assert advice_for(**{**cuda_build, "devices": ["gpu(0)", "cpu (2 cores)"]}, driver_cuda="11.4") == []
+    assert advice_for(**{**cuda_build, "devices": ["gpu(0)", "cpu (2 cores)"]}, driver_cuda="12.2") == []
+
+
+def test_gpus_that_cannot_be_counted_are_a_fact_not_a_crash(monkeypatch, tmp_path):
+    import mxnet as mx
+    monkeypatch.setenv("NLI_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(mx.context, "num_gpus", lambda: mx.nd.ones((2,)).reshape((3,)))  # a real MXNetError
+    facts = doctor.gather_facts()
+    assert facts.gpu_count_error and "\n" not in facts.gpu_count_error
+    assert facts.devices == [f"cpu ({os.cpu_count()} cores)"]
 
 
 def test_a_gpu_whose_small_operation_fails_is_reported():
