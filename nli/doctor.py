@@ -139,7 +139,8 @@ def loadable(name):
 
 
 def device_error(device):
-    """Why a small matrix product (cuBLAS's, on a GPU) fails or is wrong on `device`; None when it is right."""
+    """Why a small matrix product (cuBLAS's, on a GPU) fails or is wrong on `device`; None when it is right.
+    Run here on the CPU only; on a GPU not verified."""
     import mxnet as mx
     try:
         ones = mx.nd.ones((64, 64), ctx=device)

@@ -3,7 +3,8 @@ one by one, and on the CPU. The losses must agree across device sets, and every 
 after every update. Like Hugging Face's `accelerate test`: a small known workload on the user's own hardware.
 
 The BERT has random weights and is built here (nothing is downloaded); dropout is off, so every device set
-computes the same thing and only the order of float sums differs.
+computes the same thing and only the order of float sums differs. Run here (and in CI) on `cpu` and `cpu:2`
+only: the GPU device sets have not run on a GPU.
 """
 import contextlib
 import dataclasses
