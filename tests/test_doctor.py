@@ -237,6 +237,7 @@ def test_a_device_whose_weights_drift_is_caught(monkeypatch, capsys):
     status, out = run_selftest(capsys)
     assert status == 1 and "test passed" not in out
     assert "problem: cpu:2: after update 1:" in out and "differs between devices by up to 0.001" in out
+    assert "after update 0" not in out and out.count("after update 1:") == 1  # once per update, not per device
     assert "loss" not in out.split("problem:", 1)[1]  # LayerNorm hides this drift from the loss: only weights show it
     assert "problem: cpu:" not in out.split("problem: cpu:2")[0]  # one device alone cannot drift
 
