@@ -74,6 +74,15 @@ def test_loaded_and_loadable_libraries_are_seen(tmp_path):
     assert doctor.loadable("libc.so.6") and not doctor.loadable("libnot-a-library.so.9")
 
 
+def test_gathered_facts_count_a_library_ldd_misses_as_present_when_this_process_has_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("NLI_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(doctor, "unresolved_libraries", lambda error=None: ["libc.so.6", "libnot-a-library.so.9"])
+    facts = doctor.gather_facts()
+    assert facts.loaded_libraries == ["libc.so.6"]  # mapped in this process, as compat.py's preloads are
+    assert [p for p, _ in doctor.advice(facts) if "libmxnet.so needs" in p] == [
+        "libmxnet.so needs libnot-a-library.so.9, which this machine does not have."]
+
+
 def test_cuda_build_with_a_driver_too_old_for_it_says_why_no_gpu_and_what_to_do():
     cuda_build = dict(features={"CUDA": True}, mxnet_package="mxnet-cu117", devices=["cpu (2 cores)"])
     [(problem, fix)] = advice_for(**cuda_build, driver_cuda="11.4")
