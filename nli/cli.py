@@ -159,8 +159,7 @@ def run_finetune(args):
 
 def run_evaluate(args):
     from . import data, evaluate, predict, runner, snli
-    devices = data.parse_devices(args.devices) if args.devices else None  # None: one device
-    predictor = predict.load_predictor(args.run, devices, args.batch_size, args.max_memory)
+    predictor = predict.load_predictor(args.run, data.scoring_devices(args.devices), args.batch_size, args.max_memory)
     _, test_file = runner.data_files(args.data, None, args.test, need_train=False)
     test_pairs = [column[:args.limit_test] for column in snli.read_pairs(test_file)]
     runner.require_pairs(len(test_pairs[2]), test_file, "evaluate on")
@@ -182,8 +181,7 @@ def run_predict(args):
         raise UserError("--attention draws one pair: give PREMISE HYPOTHESIS, not --file or --stdin.")
     if args.attention:
         attention.view_format(args.attention)
-    devices = data.parse_devices(args.devices) if args.devices else None  # None: one device
-    predictor = predict.load_predictor(args.run, devices, args.batch_size, args.max_memory)
+    predictor = predict.load_predictor(args.run, data.scoring_devices(args.devices), args.batch_size, args.max_memory)
     if one_pair:
         result = predictor.predict(args.premise, args.hypothesis, args.tokenized)
         print(json.dumps(result, ensure_ascii=False))

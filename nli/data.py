@@ -53,6 +53,12 @@ def gpu_count():
                         f"runs without them.") from None
 
 
+def scoring_devices(spec=None):
+    """The devices to score on: those `spec` names, else one (the first GPU, else the CPU), which keeps scoring busy
+    without loading the model onto every GPU."""
+    return parse_devices(spec) if spec else parse_devices("auto")[:1]
+
+
 class LengthBucketSampler(gluon.data.Sampler):
     """Batches (index arrays) of pairs of similar length, so each batch carries little padding.
 

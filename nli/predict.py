@@ -206,7 +206,7 @@ def load_predictor(run_dir, devices=None, batch_size=256, max_memory=None):
     `devices` (default: one device, the first GPU or the CPU), its batches within `max_memory`."""
     if is_exported(run_dir):
         return OnnxPredictor.from_export(run_dir, batch_size)
-    devices = devices or data.parse_devices("auto")[:1]
+    devices = devices or data.scoring_devices()
     net, vocab, config = model.load_run(run_dir, devices)
     return Predictor(net, vocab, config, devices, batch_size, max_memory)
 

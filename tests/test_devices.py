@@ -42,11 +42,11 @@ def test_a_cuda_build_that_sees_no_gpu_says_so_when_auto_falls_back_to_the_cpu(m
 
 
 def test_evaluate_and_predict_score_on_one_device_unless_told(monkeypatch):
-    assert cli.scoring_devices(None) == [mx.cpu()]
+    assert data.scoring_devices(None) == [mx.cpu()]
     monkeypatch.setattr(mx.context, "num_gpus", lambda: 2)  # as a machine with two GPUs answers
-    assert cli.scoring_devices(None) == [mx.gpu(0)]
-    assert cli.scoring_devices("auto") == [mx.gpu(0), mx.gpu(1)]
-    assert cli.scoring_devices("cpu:2") == [mx.cpu(0), mx.cpu(1)]
+    assert data.scoring_devices(None) == [mx.gpu(0)]
+    assert data.scoring_devices("auto") == [mx.gpu(0), mx.gpu(1)]
+    assert data.scoring_devices("cpu:2") == [mx.cpu(0), mx.cpu(1)]
     for command in ("evaluate", "predict"):
         args = cli.build_parser().parse_args([command, "--run", "r"] + ["p", "h"] * (command == "predict"))
         assert args.devices is None

@@ -140,7 +140,7 @@ def test_the_estimate_covers_training_steps_without_wasting_half(pairs):
 
 
 def test_the_plan_counts_reduce_buffers_over_devices_and_a_workspace_on_each_gpu(training_bert_dir):
-    net, _, _ = model.from_pretrained(training_bert_dir, CPU)
+    net, _ = model.from_pretrained(training_bert_dir, CPU)
     shape = memory.Shape.of(net)
     gradients = memory.FLOAT_BYTES * shape.trainable
     one = memory.MemoryPlan(2 ** 32, shape, 64)
