@@ -107,6 +107,14 @@ def test_the_repository_url_is_written_once_and_every_chapter_has_a_colab_link()
         assert f"({colab}/blob/main/{notebook})" in block, f"the README has no Open in Colab link for {notebook}"
 
 
+def test_every_link_to_the_repository_is_pyprojects():
+    url = results_table.repository_url()
+    sources = PAGES + [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "chapters", "*.*")))]
+    found = {(source, link) for source in sources  # the notebooks' Colab set-up installs nli from it too
+             for link in re.findall(r"https://github\.com/[\w.-]+/nli\b", results_table.read_page(source))}
+    assert all(link == url for _, link in found), f"links to the repository that are not {url}: {sorted(found)}"
+
+
 def test_the_readmes_set_up_and_test_commands_are_what_ci_runs():
     readme = results_table.read_page("README.md")
     with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as f:
