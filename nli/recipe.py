@@ -1,5 +1,5 @@
 """What a fine-tuning run is configured with, in one object: `Recipe`. The recipes `book` and `tuned` are
-instances of it, an exercise changes one with `dataclasses.replace`, and `python -m nli finetune` makes
+instances of it, an exercise changes one with `dataclasses.replace`, and `nli finetune` makes
 its options from its fields. A run prints it when it starts and saves it whole in config.json and in
 each checkpoint, which `--resume` reads it back from.
 """
@@ -167,7 +167,7 @@ class Recipe:
             return cls(**state["recipe"])
         options = dict(state.get("settings") or {})
         if "recipe" not in options:
-            raise UserError("this checkpoint was not written by `python -m nli finetune`: continue it with the "
+            raise UserError("this checkpoint was not written by `nli finetune`: continue it with the "
                             "script that started it.")
         mode = "features" if options.pop("extract_features") else "full"
         mode = "freeze-encoder" if options.pop("freeze_encoder") else mode

@@ -210,7 +210,7 @@ def reports_write_failures(method):
             reason = write_failure(error)
             if reason is None:
                 raise
-            then = (f"continue with `python -m nli finetune --resume {self.path}`"
+            then = (f"continue with `nli finetune --resume {self.path}`"
                     if self.path and find_checkpoint(self.path) else "run it again")
             raise UserError(f"Could not write the run in {self.run_dir} ({reason}); {self.last_checkpoint()}. "
                             f"Free some space or fix the permissions, then {then}.") from None
@@ -279,7 +279,7 @@ class RunDir:
         """The sentence saying how to continue a run stopped here."""
         if not self.path:
             return "nothing saved (no run dir)"
-        return f"checkpoint saved in {self.path}: continue with `python -m nli finetune --resume {self.path}`"
+        return f"checkpoint saved in {self.path}: continue with `nli finetune --resume {self.path}`"
 
     def last_checkpoint(self):
         """The sentence naming the last complete checkpoint, for an error that stops the run."""

@@ -1,5 +1,5 @@
 """ONNX export: the graph computes MXNet's logits for both BERT families, exported runs predict through the
-CLI and the API, broken exports fail in one sentence, and the README's plain-onnxruntime snippet runs."""
+CLI and the API, broken exports fail in one sentence, and the guide's plain-onnxruntime snippet runs."""
 import ast
 import json
 import os
@@ -163,8 +163,8 @@ def test_opsets_without_layer_normalization_are_refused_and_newer_ones_run(runs,
 
 
 def readme_snippet():
-    """The README's Python block that runs model.onnx with onnxruntime alone."""
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    """The guide's Python block that runs model.onnx with onnxruntime alone."""
+    with open(os.path.join(ROOT, "docs", "guide.md"), encoding="utf-8") as f:
         blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
     return next(block for block in blocks if "import onnxruntime" in block)
 

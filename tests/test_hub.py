@@ -295,7 +295,7 @@ def test_offline_cli_prints_the_ways_out_at_once_without_traceback(tmp_path, nam
     assert message.startswith(f"error: Could not download {name}")
     file = hub.BUILTIN[name].file_name
     for needed in (mirror + f"{file}: Connection refused", "NLI_MIRROR", "NLI_HUB_MANIFEST",
-                   f"python -m nli download {name} --from FILE", hub.BUILTIN[name].sha1, *without):
+                   f"nli download {name} --from FILE", hub.BUILTIN[name].sha1, *without):
         assert needed in message
     assert os.path.exists(os.path.join(ROOT, "tests", "data", "snli_1.0_dev_pairs.tsv"))  # the pairs it names
 
@@ -397,7 +397,7 @@ def test_list_shows_every_entry_cached_and_verified_or_not(server, publish, tmp_
     assert set(rows) == set(hub.BUILTIN) | {"blob", "other"}
     assert re.search(rf"verified\s+256kB\s+{server.url}/blob.bin$", rows["blob"])
     assert "SHA-1 differs" in rows["other"]
-    assert advice.startswith("other: ") and "`python -m nli download other --replace` keeps it aside" in advice
+    assert advice.startswith("other: ") and "`nli download other --replace` keeps it aside" in advice
     for name, e in hub.BUILTIN.items():
         assert "missing" in rows[name] and rows[name].endswith(e.url)
 
