@@ -1,7 +1,7 @@
 """`python -m nli.launch ...`: MXNet's own distributed launcher (mxnet/tools/launch.py), made to run here.
 
 It takes launch.py's arguments unchanged, e.g. `-n 2 -s 1 --launcher local python -m nli finetune ...`
-or `-n 4 -s 4 -H hosts --launcher ssh python -m nli finetune ...`. Three repairs, nothing else:
+or `-n 4 -s 4 -H hosts --launcher ssh python -m nli finetune ...`. Four repairs, nothing else:
 - the dmlc_tracker that mxnet 1.9.1 ships calls `Thread.isAlive`, which Python 3.9 removed;
 - with `--launcher local` every process is on this machine, so the scheduler listens on the loopback
   address instead of whatever address the tracker would guess for the host, and on a port the OS picks,
@@ -9,7 +9,9 @@ or `-n 4 -s 4 -H hosts --launcher ssh python -m nli finetune ...`. Three repairs
 - with `--launcher local`, `ssh` or `mpi`, a process that fails stops the job: the tracker would raise in a
   thread (printing a traceback with the whole environment) and wait forever for the scheduler, which waits
   for the dead worker. Instead the other processes are ended (over ssh, the remote commands too), and once
-  they have, the launcher exits with one line.
+  they have, the launcher exits with one line;
+- with `--launcher mpi`, each of the two mpiruns started at once has its own Open MPI session directory: sharing
+  one, Open MPI 4 fails one of them now and then (open-mpi/ompi#8510).
 """
 import importlib.util
 import os
@@ -18,6 +20,7 @@ import runpy
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 
 from dmlc_tracker import local, mpi, ssh, tracker
@@ -82,19 +85,24 @@ class Job:
     def ssh_thread(self, target, args):
         """`Thread(target=run, args=(prog,))` in dmlc_tracker.ssh, where `prog` is `ssh host '...'` for one process."""
         role, host = (re.search(rf"\b{name}=([^;]+);", args[0])[1] for name in ("DMLC_ROLE", "DMLC_NODE_HOST"))
-        return self.thread(args[0], f"a {role} on {host}", over_ssh=True)
+        return self.thread(self.run, args[0], None, f"a {role} on {host}", True)
 
     def mpi_thread(self, target, args):
         """`Thread(target=run, args=(prog,))` in dmlc_tracker.mpi, where `prog` is the `mpirun` of one role."""
         # mpirun itself ends its other processes when one fails, and all of them when it gets SIGTERM
         role = re.search(r"\bDMLC_ROLE=(\w+)", args[0])[1]
-        return self.thread(args[0], f"the mpirun of the {role}s")
+        return self.thread(self.mpirun, args[0], f"the mpirun of the {role}s")
 
-    def thread(self, cmdline, who, over_ssh=False):
-        """A thread that runs `cmdline` as a process of the job, kept to be waited for."""
-        thread = threading.Thread(target=self.run, args=(cmdline, None, who, over_ssh))
-        self.threads.append(thread)
-        return thread
+    def mpirun(self, cmdline, who):
+        """Run an mpirun under a session directory of its own: mpi.py starts the servers' and the workers' at once, and
+        Open MPI 4, creating the directory they would share, may fail one of them (open-mpi/ompi#8510)."""
+        with tempfile.TemporaryDirectory(prefix="nli-mpirun-") as session_base:
+            self.run(cmdline, {**os.environ, "OMPI_MCA_orte_tmpdir_base": session_base}, who)
+
+    def thread(self, target, *args):
+        """A thread that runs `target(*args)`, kept to be waited for."""
+        self.threads.append(threading.Thread(target=target, args=args))
+        return self.threads[-1]
 
 
 def free_port():

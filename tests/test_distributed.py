@@ -45,11 +45,14 @@ def test_two_workers_and_a_server_train_one_model(training_bert_dir, tmp_path):
     assert epochs[-1]["loss"] < epochs[0]["loss"] - 0.05  # it learns
 
 
+# HOME, an empty folder: the remote shell reads no ~/.bashrc of this machine's user (here, pyenv's, whose rehash races
+# between sessions started together and prints to stderr).
 SSHD_CONFIG = """ListenAddress 127.0.0.1
 Port {port}
 HostKey {dir}/host_key
 AuthorizedKeysFile {dir}/client_key.pub
 PidFile {dir}/sshd.pid
+SetEnv HOME={dir}/home
 UsePAM no
 StrictModes no
 PasswordAuthentication no
@@ -85,6 +88,7 @@ def start_sshd(folder):
     (folder / "sshd_config").write_text(SSHD_CONFIG.format(port=port, dir=folder))
     (folder / "ssh_config").write_text(SSH_CONFIG.format(dir=folder))
     (folder / "bin").mkdir()
+    (folder / "home").mkdir()
     (folder / "bin" / "ssh").write_text(f'#!/bin/sh\nexec {ssh} -F {folder / "ssh_config"} "$@"\n')
     (folder / "bin" / "ssh").chmod(0o755)
     with open(folder / "sshd.log", "w") as log:
@@ -133,7 +137,7 @@ def test_each_launcher_starts_the_scheduler_the_servers_and_the_workers(launcher
     show.write_text(SHOW)
     launch = [sys.executable, "-m", "nli.launch", "-n", "2", "-s", "1", *args, sys.executable, show]
     result = subprocess.run(list(map(str, launch)), capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     roles, ports, folders = zip(*(line.split(" ", 2) for line in result.stdout.splitlines()))
     assert sorted(roles) == ["scheduler", "server", "worker", "worker"] and len(set(ports)) == 1
     assert set(folders) == {ROOT}  # the launcher's, over ssh too: `python -m nli` finds the package without PYTHONPATH
