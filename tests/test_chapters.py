@@ -1,4 +1,5 @@
 """Every chapter script runs in --quick mode, offline, and leaves its outputs."""
+import ast
 import json
 import os
 import subprocess
@@ -109,3 +110,21 @@ def test_dataset_chapter_reads_a_pair_file_offline(tmp_path):
     # SNLI's dev split: 9,842 gold-labelled pairs (tests/data/README.md)
     assert "snli_1.0_dev_pairs.tsv:    9842 pairs  entailment 3329  contradiction 3278  neutral 3235" in result.stdout
     assert os.path.getsize(tmp_path / "runs" / "chapter_dataset" / "lengths.png") > 0
+
+
+def imported_modules(path):
+    """Every module a script imports, `from nli import cli` as nli.cli."""
+    modules = set()
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.Import):
+            modules |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            modules |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return modules
+
+
+@pytest.mark.parametrize("script", sorted(CHAPTER_OUTPUTS))
+def test_chapter_calls_the_library_for_a_run(script):
+    """No chapter goes around `nli.run`: neither the command line's code nor a training loop of its own."""
+    modules = imported_modules(os.path.join(ROOT, "chapters", script))
+    assert not modules & {"nli.cli", "nli.train", "mxnet.autograd", "mxnet.gluon", "mxnet.gluon.Trainer"}, modules
