@@ -24,7 +24,7 @@ import nli  # noqa: E402  (first: it sets OMP_NUM_THREADS before MXNet loads)
 import mxnet as mx  # noqa: E402
 import numpy as onp  # noqa: E402
 
-from nli import attention, evaluate, hf, model, snli  # noqa: E402
+from nli import attention, hf, model, predict, snli  # noqa: E402
 from results_file import write_results  # noqa: E402
 
 DATA = os.path.join(ROOT, "tests", "data", "snli_1.0_dev_pairs.tsv")
@@ -60,8 +60,8 @@ def main():
 
     predictors = []
     for _ in range(2):  # two classifiers with the same weights: one is never asked for attention
-        net, vocab, _ = model.from_pretrained(hf.PREFIX + args.model_dir, [device], dropout=0.0)
-        predictors.append(evaluate.Predictor(net, vocab, {"max_len": MAX_LEN}, [device], args.batch_size))
+        net, vocab = model.from_pretrained(hf.PREFIX + args.model_dir, [device], dropout=0.0)
+        predictors.append(predict.Predictor(net, vocab, {"max_len": MAX_LEN}, [device], args.batch_size))
     predictors[1].net.output.weight.set_data(predictors[0].net.output.weight.data())  # same fresh head
     never_asked, asked = predictors
     premises, hypotheses, _ = snli.read_pairs(DATA)
@@ -69,7 +69,7 @@ def main():
     asked.attention(premises[0], hypotheses[0], tokenized=True)  # builds its attention graph
     graph = attention.attention_graph(asked.net)
     ways = {"never_asked": never_asked.logits, "ordinary_after_asked": asked.logits,
-            "collecting": lambda encoded: evaluate.predict_logits(
+            "collecting": lambda encoded: predict.predict_logits(
                 collecting(graph), encoded, [device], args.batch_size)}
     for way in ways.values():  # warm-up: one graph per batch shape
         way(encoded)
@@ -87,7 +87,7 @@ def main():
     median = {k: float(onp.median([r[k] for r in rounds])) for k in ways}
     ratios = {"after_asked_over_never_asked": median["ordinary_after_asked"] / median["never_asked"],
               "collecting_over_ordinary": median["collecting"] / median["ordinary_after_asked"]}
-    probabilities = evaluate.softmax(outputs["ordinary_after_asked"])
+    probabilities = predict.softmax(outputs["ordinary_after_asked"])
     same_labels = int((outputs["collecting"].argmax(1) == probabilities.argmax(1)).sum())
     largest_difference = float(onp.abs(outputs["collecting"] - probabilities).max())
     print(f"medians, pairs/s: {', '.join(f'{k} {v:.1f}' for k, v in median.items())}; "

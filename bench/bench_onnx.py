@@ -32,7 +32,7 @@ import onnxruntime  # noqa: E402
 from mxnet import init  # noqa: E402
 
 from bench_accuracy import SPLIT_SEED, run, write_split  # noqa: E402
-from nli import bert, evaluate, export, model, snli  # noqa: E402
+from nli import bert, export, model, predict, snli  # noqa: E402
 from results_file import write_results  # noqa: E402
 
 DEV_PAIRS = os.path.join(ROOT, "tests", "data", "snli_1.0_dev_pairs.tsv")
@@ -64,18 +64,18 @@ def bert_small_run(args, premises, hypotheses):
     encoder = bert.BERTModel(len(vocab), **SMALL)
     net = model.BERTClassifier(encoder)
     net.initialize(init.Xavier())
-    model.save_run(run_dir, net, vocab, encoder.config, {"max_len": MAX_LEN, "truncation": "longest_first"})
+    model.save_run(run_dir, net, vocab, {"max_len": MAX_LEN, "truncation": "longest_first"})
     return run_dir
 
 
 def predictors(run_dir, batch_size):
     """The three sides on one run: MXNet fp32, and its exports to ONNX fp32 and int8; their model sizes."""
-    sides, sizes = {"mxnet_fp32": evaluate.Predictor.from_run(run_dir, [mx.cpu()], batch_size)}, {}
+    sides, sizes = {"mxnet_fp32": predict.load_predictor(run_dir, [mx.cpu()], batch_size)}, {}
     for side, int8 in (("onnx_fp32", False), ("onnx_int8", True)):
         out = f"{run_dir}_{side}"
         export.export_run(run_dir, out, int8=int8)
-        sides[side] = evaluate.Predictor.from_run(out, batch_size=batch_size)
-        sizes[side] = os.path.getsize(os.path.join(out, export.MODEL_FILE)) / 2 ** 20
+        sides[side] = predict.load_predictor(out, batch_size=batch_size)
+        sizes[side] = os.path.getsize(os.path.join(out, predict.MODEL_FILE)) / 2 ** 20
     return sides, sizes
 
 

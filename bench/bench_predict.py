@@ -28,7 +28,7 @@ from mxnet import init  # noqa: E402
 from d2l import mxnet as d2l  # noqa: E402
 
 import book_reference as book  # noqa: E402
-from nli import bert, evaluate, model, snli  # noqa: E402
+from nli import bert, model, predict, snli  # noqa: E402
 from results_file import write_results  # noqa: E402
 
 DATA = os.path.join(ROOT, "tests", "data", "snli_1.0_dev_pairs.tsv")
@@ -76,8 +76,8 @@ def main():
         encoder = bert.BERTModel(len(vocab), **SMALL)
         net = model.BERTClassifier(encoder)
         net.load_parameters(os.path.join(run_dir, "book.params"), ctx=device)
-        model.save_run(run_dir, net, vocab, encoder.config, {"max_len": MAX_LEN, "truncation": "longest_first"})
-        predictor = evaluate.Predictor.from_run(run_dir, [device], args.batch_size)
+        model.save_run(run_dir, net, vocab, {"max_len": MAX_LEN, "truncation": "longest_first"})
+        predictor = predict.load_predictor(run_dir, [device], args.batch_size)
 
     print(f"{len(pairs)} pairs; the book's loop on a sample of {len(sample)}, in {args.rounds} rounds; "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)

@@ -70,7 +70,8 @@ def small_classifier(setup, hybridize=True):
 
 def recipe(setup, **changes):
     """The book's recipe (Adam at 1e-4, batch 512, max_len 128) with this run's seed and `changes`."""
-    return dataclasses.replace(BOOK, batch_size=BATCH_SIZE, max_len=MAX_LEN, lr=LR, seed=setup["seed"], **changes)
+    return dataclasses.replace(BOOK, batch_size=BATCH_SIZE, max_len=MAX_LEN, lr=LR, seed=setup["seed"], devices="cpu",
+                               **changes)
 
 
 def run_book(steps, env, label):
@@ -110,8 +111,8 @@ def section_nli(setup, args, hybridize=True):
     batch shape; epoch 2 is the steady state, and the figure compared."""
     encoded = setup["encoded"]
     started = time.perf_counter()
-    metrics = train.finetune(small_classifier(setup, hybridize), encoded, encoded.head(512), [setup["device"]],
-                             recipe(setup, epochs=2), progress=False)
+    metrics = train.finetune(small_classifier(setup, hybridize), encoded, encoded.head(512), recipe(setup, epochs=2),
+                             progress=False)
     wall = time.perf_counter() - started
     epochs = [{"epoch": m["epoch"], "examples_per_sec": m["examples_per_sec"]}
               for m in metrics if "examples_per_sec" in m]
@@ -140,7 +141,7 @@ def section_features(setup, args):
     extraction = time.perf_counter() - start
     epoch_seconds = {}
     for mode, epochs in (("full", 1), ("features", 5)):
-        metrics = train.finetune(small_classifier(setup), encoded, encoded.head(512), devices,
+        metrics = train.finetune(small_classifier(setup), encoded, encoded.head(512),
                                  recipe(setup, epochs=epochs, mode=mode), progress=False)
         epoch_seconds[mode] = [len(encoded) / m["examples_per_sec"] for m in metrics]
         print(f"[features] {mode}: {epoch_seconds[mode]} s per epoch", flush=True)

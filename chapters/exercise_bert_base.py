@@ -63,9 +63,7 @@ args = chapter.parse_args(parser)
 # it starts, and saves it in the run's `config.json`.
 
 # %%
-recipe = dict(lr=5e-5, batch_size=128, epochs=8)
-if args.quick:
-    recipe.update(chapter.QUICK)
+recipe = {"lr": 5e-5, "batch_size": 128, "epochs": 8} | (chapter.QUICK if args.quick else {})
 
 # %% [markdown]
 # ## Fine-Tuning

@@ -114,10 +114,8 @@ chapter.show(os.path.join(args.out, "tokens_cut.png"))
 # test pairs encoded with the same rule: one run each, in `OUT/longest_first` and `OUT/ratio`.
 
 # %%
-overrides = {name: value for name, value in (("epochs", args.epochs), ("batch_size", args.batch_size),
-                                             ("lr", args.lr)) if value is not None}
-if args.quick:
-    overrides.update(chapter.QUICK)
+given = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr}
+overrides = {name: value for name, value in given.items() if value is not None} | (chapter.QUICK if args.quick else {})
 accuracy, training = {}, {}
 for rule in snli.TRUNCATION_RULES:
     run_dir = nli.run(args.recipe, overwrite=True, model=args.model, devices=args.devices,
@@ -132,8 +130,9 @@ for rule in snli.TRUNCATION_RULES:
 
 with open(os.path.join(args.out, "truncation.json"), "w") as f:
     json.dump({"command": " ".join([sys.executable] + sys.argv), "model": args.model, "max_len": args.max_len,
-               "recipe": args.recipe, "settings": overrides, "cuts": cuts, "test_accuracy": accuracy,
-               "training": training}, f, indent=1)
+               "recipe": args.recipe, "settings": overrides, "train_pairs": results["train_pairs"],
+               "test_pairs": results["test_pairs"], "cuts": cuts, "test_accuracy": accuracy, "training": training},
+              f, indent=1)
 
 # %% [markdown]
 # **Pros and cons.** `longest_first` keeps the hypothesis whole as long as it is the shorter side,

@@ -38,8 +38,7 @@ import argparse
 import os
 
 import nli
-from nli import attention, chapter, data, errors, model, snli
-from nli.evaluate import Predictor
+from nli import attention, chapter, data, errors, model, predict, snli
 
 errors.report_user_errors()  # a user's mistake prints one line, `error: ...`, as in `nli`
 
@@ -62,9 +61,9 @@ args = chapter.parse_args(parser)
 # %%
 devices = data.parse_devices(args.devices)
 max_len = 128  # the book's: tokens per pair, at most
-net, vocab, bert_config = model.from_pretrained(args.model, devices, max_len=max_len)
-print(f"{args.model}: {bert_config.num_blks} blocks, {bert_config.num_hiddens} hidden units, "
-      f"{bert_config.num_heads} heads, {len(vocab)} tokens in the vocabulary, on {devices}")
+net, vocab = model.from_pretrained(args.model, devices, max_len=max_len)
+print(f"{args.model}: {net.bert_config.num_blks} blocks, {net.bert_config.num_hiddens} hidden units, "
+      f"{net.bert_config.num_heads} heads, {len(vocab)} tokens in the vocabulary, on {devices}")
 
 # %% [markdown]
 # ## The Dataset for Fine-Tuning BERT
@@ -88,7 +87,7 @@ print("segments:", [0] * premise_part + [1] * (len(tokens) - premise_part), "val
 # layer is random.
 
 # %%
-before = Predictor(net, vocab, {"max_len": max_len}, devices).attention(premise, hypothesis, tokenized=True)
+before = predict.Predictor(net, vocab, {"max_len": max_len}, devices).attention(premise, hypothesis, tokenized=True)
 print("before fine-tuning:", attention.describe_prediction(before))
 
 # %% [markdown]
@@ -109,7 +108,7 @@ chapter.show(os.path.join(run_dir, "curves.png"))
 # The fine-tuned model predicts the relation of any two sentences (tokenized like SNLI: punctuation split off):
 
 # %%
-predictor = Predictor.from_run(run_dir, devices)
+predictor = predict.load_predictor(run_dir, devices)
 print(predictor.predict(premise, hypothesis, tokenized=True))
 
 # %% [markdown]

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from PIL import Image  # noqa: E402
 
 from browser import MISSING, start_chromium  # noqa: E402
-from nli import attention, data, evaluate  # noqa: E402
+from nli import attention, data, predict  # noqa: E402
 
 PREMISE = "A person on a horse jumps over a broken down airplane."  # the book's example pair
 HYPOTHESIS = "A person is outdoors, on a horse."
@@ -62,7 +62,7 @@ def main():
     parser.add_argument("--hover", default="horse", help="the token under the mouse (its last occurrence)")
     parser.add_argument("--out", default=os.path.join(ROOT, "docs"))
     args = parser.parse_args()
-    pair = evaluate.Predictor.from_run(args.run, data.parse_devices("cpu")).attention(PREMISE, HYPOTHESIS)
+    pair = predict.load_predictor(args.run, data.parse_devices("cpu")).attention(PREMISE, HYPOTHESIS)
     print(attention.describe_prediction(pair))
     page = os.path.join(args.out, "attention.html")
     attention.save_view(pair, page)

@@ -12,3 +12,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from . import compat  # noqa: E402,F401  (before anything imports mxnet)
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    """`nli.run`, the one entry that fine-tunes (`runner.run`), loaded on first use: `import nli` stays light."""
+    if name == "run":
+        from .runner import run
+        return run
+    raise AttributeError(f"module 'nli' has no attribute {name!r}")

@@ -10,18 +10,14 @@ import os
 import re
 import weakref
 
-import matplotlib
 import mxnet as mx
 import numpy as onp
 from mxnet import gluon, np
 
 from .errors import UserError
-from .rundir import write_atomically
+from .figures import pyplot
+from .fileio import write_atomically
 from .snli import LABELS
-
-matplotlib.use("Agg")  # scripts and servers have no display; figures are saved as files
-
-from matplotlib import pyplot as plt  # noqa: E402  (after choosing the backend)
 
 INPUTS = (("tokens", "int32"), ("segments", "int32"), ("valid_lens", "float32"))  # the classifier's
 VIEWS = (".png", ".html")
@@ -106,7 +102,7 @@ def attention_figure(pair, heads="all"):
         titles = [f"layer {layer + 1}, head {head + 1}" for layer in range(layers) for head in range(num_heads)]
         cols, cell, font = num_heads, max(1.4, 0.085 * length), 5
     rows = -(-len(maps) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols + 1.2, cell * rows + 1.4), squeeze=False,
+    fig, axes = pyplot().subplots(rows, cols, figsize=(cell * cols + 1.2, cell * rows + 1.4), squeeze=False,
                              layout="constrained")
     colors = ["tab:blue" if s == 0 else "tab:red" for s in pair.segments]  # premise blue, hypothesis red
     for index, ax in enumerate(axes.flat):
@@ -136,7 +132,7 @@ def save_png(pair, path, heads="all"):
     """The `attention_figure` as a PNG."""
     fig = attention_figure(pair, heads)
     fig.savefig(path, format="png", dpi=100)
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def save_html(pair, path):

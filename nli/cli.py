@@ -5,7 +5,7 @@ import json
 import os
 import sys
 
-from . import __version__, rundir
+from . import __version__
 from .errors import UserError
 from .recipe import RECIPES, Recipe, at_least, checked
 
@@ -137,145 +137,36 @@ def add_data_arguments(parser):
             add_field_argument(parser, field, None)
 
 
-def data_files(args, train):
-    """(train file or None, test file) from `--data SNLI` or the given files."""
-    from . import hub, snli
-    if args.data is not None:
-        if args.data != "SNLI":
-            raise UserError(f"--data {args.data}: only SNLI is known; pass files with --train/--test.")
-        snli_dir = hub.download_extract("SNLI")
-        return (snli.snli_file(snli_dir, True) if train else None), snli.snli_file(snli_dir, False)
-    if args.test is None or (train and args.train is None):
-        needed = "--train FILE --test FILE" if train else "--test FILE"
-        raise UserError(f"Say which data to use: --data SNLI, or {needed}.")
-    return (args.train if train else None), args.test
-
-
-def read_data(args, train):
-    """(train pairs or None, test pairs) from `--data SNLI` or the given files."""
-    from . import snli
-    train_file, test_file = data_files(args, train)
-    return (snli.read_pairs(train_file) if train else None), snli.read_pairs(test_file)
-
-
-def require_pairs(count, path, use):
-    """Refuse a data set without a labelled pair, which would train nothing or score NaN."""
-    if not count:
-        raise UserError(f"{path} has no labelled pair to {use} (pairs labelled '-' are skipped, as the book does).")
-
-
-# What a resumed run may change: where it runs, not what it computes (micro-batches sum to the same update)
-RESUME_MAY_CHANGE = ("max_memory",)
-
-
-def finetune_recipe(args):
-    """The Recipe of `finetune ARGS`: the named recipe changed by the options given, or the recipe of the
-    run that `--resume` continues."""
+def finetune_settings(args):
+    """(the recipe named, or None, and the settings given) of `finetune ARGS`: what `runner.run` takes."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if hasattr(args, f.name)}
-    if not args.resume:
-        return dataclasses.replace(RECIPES[getattr(args, "recipe", "book")], **given)
-    changed = [name for name in given if name not in RESUME_MAY_CHANGE] + ["recipe"] * hasattr(args, "recipe")
-    if changed:
-        raise UserError(f"--resume continues a run as it was set; drop --{changed[0].replace('_', '-')}.")
-    _, state = rundir.read_checkpoint(args.resume)
-    return dataclasses.replace(Recipe.from_checkpoint(state), out=args.resume, **given)
-
-
-def check_resume_data(run_dir, recorded, current, force):
-    """Continue a run only on the data it started on, unless forced; runs older than data fingerprints are not
-    checked."""
-    if recorded is None:
-        print(f"note: {run_dir} was written before runs recorded their data, so it is resumed without checking "
-              f"that the data is the same.", flush=True)
-        return
-    if changes := rundir.data_changes(recorded, current):
-        if not force:
-            raise UserError(f"{run_dir} started on other data: {'; '.join(changes)}. Resume it on the data it "
-                            f"started on, or go on with this data with --force.")
-        print(f"warning: --force: resuming on changed data: {'; '.join(changes)}.", file=sys.stderr, flush=True)
-
-
-def data_fingerprint(recipe, train_file, test_file, resume, force):
-    """The fingerprint of the run's data (`rundir.data_fingerprint`); a resumed run's is checked against its own."""
-    recorded = rundir.read_checkpoint(resume)[1].get("data") if resume else None
-    fingerprint = rundir.data_fingerprint({"train": train_file, "test": test_file, "dev": recipe.dev},
-                                          {"limit_train": recipe.limit_train, "limit_test": recipe.limit_test,
-                                           "dev_fraction": recipe.dev_fraction}, recorded)
-    if resume:
-        check_resume_data(resume, recorded, fingerprint, force)
-    return fingerprint
-
-
-def encoded_sets(recipe, vocab, train_file, test_file, progress):
-    """The encoded (train, test, dev or None) pairs of a run, each refused if it has no labelled pair."""
-    from . import snli, train
-    train_set, test_set = (snli.load_encoded(path, vocab, recipe.max_len, recipe.truncation, progress).head(n)
-                           for path, n in ((train_file, recipe.limit_train), (test_file, recipe.limit_test)))
-    dev_set = None
-    if recipe.dev_fraction:
-        train_set, dev_set = train.hold_out(train_set, recipe.dev_fraction)
-    elif recipe.dev:
-        dev_set = snli.load_encoded(recipe.dev, vocab, recipe.max_len, recipe.truncation, progress)
-    require_pairs(len(train_set), train_file, "train on")
-    require_pairs(len(test_set), test_file, "test on")
-    if recipe.dev:
-        require_pairs(len(dev_set), recipe.dev, "choose the best epoch on")
-    return train_set, test_set, dev_set
+    return getattr(args, "recipe", None), given
 
 
 def run_finetune(args):
-    from . import data, model, train
-    if args.resume and rundir.finished_run(args.resume):  # status 0: what --resume is for is done
-        print(f"{args.resume} is a finished run: nothing to resume. Evaluate it with `python -m nli evaluate --run "
-              f"{args.resume}`, or start another run with --out.")
-        return 0
-    if args.force and not args.resume:
-        raise UserError("--force goes with --resume: it resumes a run on changed data.")
-    if args.overwrite and args.resume:
-        raise UserError("--resume continues a run and --overwrite replaces it: choose one.")
-    recipe = finetune_recipe(args)
-    if recipe.model is None or recipe.out is None:
-        raise UserError("finetune needs --model and --out (or --resume RUN_DIR to continue a run).")
-    earlier_run = [] if args.resume else rundir.check_new_run_dir(recipe.out, args.overwrite)
-    devices = data.parse_devices(recipe.devices)
-    recipe = train.with_memory_budget(recipe, devices)  # config.json records the budget the run chose
-    train.check_dtype(recipe.dtype, devices)
-    train.check_kvstore(recipe.kvstore)
-    train_file, test_file = data_files(recipe, train=True)
-    fingerprint = data_fingerprint(recipe, train_file, test_file, args.resume, args.force)
-    train.seed_everything(recipe.seed)
-    net, vocab, bert_config = model.from_pretrained(recipe.model, devices, recipe.dropout, recipe.max_len,
-                                                    recipe.pooling)
-    train_set, test_set, dev_set = encoded_sets(recipe, vocab, train_file, test_file, progress=not args.quiet)
-    rundir.remove_run_files(recipe.out, earlier_run)
-    print(f"{len(train_set)} training pairs, {len(test_set)} test pairs"
-          + (f", {len(dev_set)} dev pairs" if dev_set else "") + f", devices {devices}", flush=True)
-    train.finetune(net, train_set, test_set, devices, recipe, run_dir=recipe.out, dev_set=dev_set,
-                   resume=bool(args.resume), progress=not args.quiet, data_fingerprint=fingerprint,
-                   save_model=lambda folder: model.save_run(folder, net, vocab, bert_config,
-                                                            {**recipe.run_config(), "data": fingerprint}))
-    if not args.keep_checkpoint and rundir.finished_run(recipe.out):  # it is only for resuming
-        rundir.RunDir(recipe.out).drop_checkpoint()
+    from . import runner
+    recipe, settings = finetune_settings(args)
+    runner.run(recipe, resume=args.resume, overwrite=args.overwrite, force=args.force,
+               keep_checkpoint=args.keep_checkpoint, quiet=args.quiet, **settings)
 
 
 def run_evaluate(args):
-    from . import data, evaluate
-    predictor = evaluate.Predictor.from_run(args.run, data.parse_devices(args.devices), args.batch_size,
-                                            args.max_memory)
-    _, test_pairs = read_data(args, train=False)
-    test_pairs = [column[:args.limit_test] for column in test_pairs]
-    require_pairs(len(test_pairs[2]), args.test or "SNLI's test split", "evaluate on")
+    from . import data, evaluate, predict, runner, snli
+    predictor = predict.load_predictor(args.run, data.parse_devices(args.devices), args.batch_size, args.max_memory)
+    _, test_file = runner.data_files(args.data, None, args.test, need_train=False)
+    test_pairs = [column[:args.limit_test] for column in snli.read_pairs(test_file)]
+    runner.require_pairs(len(test_pairs[2]), test_file, "evaluate on")
     out_dir = args.out or args.run
     result = evaluate.evaluate_run(predictor, *test_pairs, out_dir, args.errors, args.test or "SNLI test split",
                                    progress=not args.quiet)
     print(f"accuracy {result['accuracy']:.4f}, macro F1 {result['macro_f1']:.4f} on {result['n']} pairs; "
           f"wrote eval.json, confusion.png{', errors.tsv' if args.errors > 0 else ''} to {out_dir}")
-    if warning := evaluate.unknown_warning(result["unknown_share"]):
+    if warning := predict.unknown_warning(result["unknown_share"]):
         print(warning, file=sys.stderr)
 
 
 def run_predict(args):
-    from . import attention, data, evaluate
+    from . import attention, data, predict
     one_pair = args.premise is not None
     if one_pair + (args.file is not None) + args.stdin != 1 or one_pair != (args.hypothesis is not None):
         raise UserError("Give one pair (PREMISE HYPOTHESIS), or --file FILE, or --stdin.")
@@ -283,12 +174,11 @@ def run_predict(args):
         raise UserError("--attention draws one pair: give PREMISE HYPOTHESIS, not --file or --stdin.")
     if args.attention:
         attention.view_format(args.attention)
-    predictor = evaluate.Predictor.from_run(args.run, data.parse_devices(args.devices), args.batch_size,
-                                            args.max_memory)
+    predictor = predict.load_predictor(args.run, data.parse_devices(args.devices), args.batch_size, args.max_memory)
     if one_pair:
         result = predictor.predict(args.premise, args.hypothesis, args.tokenized)
         print(json.dumps(result, ensure_ascii=False))
-        if warning := evaluate.unknown_warning(result["unknown_share"]):
+        if warning := predict.unknown_warning(result["unknown_share"]):
             print(warning, file=sys.stderr)
         if args.attention:
             view = predictor.attention(args.premise, args.hypothesis, args.tokenized)
@@ -296,8 +186,8 @@ def run_predict(args):
             print(f"wrote {args.attention}: attention of {view.weights.shape[0]} layers x {view.weights.shape[1]} "
                   f"heads over {len(view.tokens)} tokens", file=sys.stderr)
     else:
-        summary = evaluate.predict_file(predictor, args.file, args.output, args.tokenized, progress=not args.quiet)
-        print(evaluate.describe_summary(summary), file=sys.stderr)
+        summary = predict.predict_file(predictor, args.file, args.output, args.tokenized, progress=not args.quiet)
+        print(predict.describe_summary(summary), file=sys.stderr)
 
 
 def run_export(args):

@@ -1,4 +1,4 @@
-"""Exporting a fine-tuned run to ONNX, optionally int8, and predicting with it through ONNX Runtime.
+"""Exporting a fine-tuned run to ONNX, optionally int8, for `predict.OnnxPredictor` (ONNX Runtime) to run.
 
 The graph is written directly from the Gluon parameters with ONNX operators (opset 17's
 LayerNormalization and the rest) and ONNX Runtime's fused multi-head `Attention`, so ONNX Runtime, in
@@ -8,17 +8,16 @@ pair's valid length (the Attention operator's mask index; it adds -1e9 to those 
 leaves them a weight of exactly 0, as MXNet's length-aware softmax does), then the `<cls>` hidden layer
 and the output layer. `--int8` quantizes the matrix products, the Attention operator's included.
 """
-import json
 import math
 import os
 import shutil
 
 import numpy as onp
 
-from . import __version__, data, evaluate, rundir
+from . import __version__, fileio
 from . import model as model_lib
 from .errors import UserError
-from .snli import LABELS
+from .predict import INPUTS, MODEL_FILE, OUTPUT, is_exported, read_run_config
 
 try:
     import onnx
@@ -26,11 +25,8 @@ try:
 except ImportError:  # predicting needs only onnxruntime; see `require_onnx`
     onnx = None
 
-MODEL_FILE = "model.onnx"
 OPSET = 17  # the first opset with LayerNormalization
 CONTRIB_DOMAIN = "com.microsoft"  # ONNX Runtime's own operators: Attention, and QAttention once quantized
-INPUTS = ("tokens", "segments", "valid_lens")  # int64, as the book names them; shapes (batch, steps), (batch,)
-OUTPUT = "logits"
 QUANTIZED_OPS = ["MatMul", "Attention"]  # Attention becomes QAttention
 MASKED_SCORE = -1e9  # added to the scores of padded keys: exp() of it is exactly 0 in float32
 
@@ -186,7 +182,7 @@ def export_run(run_dir, out_dir, int8=False, opset=OPSET):
     check_opset(opset)
     if is_exported(run_dir):
         raise UserError(f"{run_dir} is already an ONNX export; export the run it came from "
-                        f"({read_config(run_dir)['onnx']['source_run']}).")
+                        f"({read_run_config(run_dir)['onnx']['source_run']}).")
     if os.path.abspath(run_dir) == os.path.abspath(out_dir):
         raise UserError("--out must be a new directory, not the run itself.")
     net, _, config = model_lib.load_run(run_dir, [mx.cpu()])
@@ -197,7 +193,7 @@ def export_run(run_dir, out_dir, int8=False, opset=OPSET):
     fp32_path = path + ".fp32.tmp"
     onnx.save(onnx_model, fp32_path)
     if int8:
-        rundir.write_atomically(path, lambda tmp: quantize_int8(fp32_path, tmp))
+        fileio.write_atomically(path, lambda tmp: quantize_int8(fp32_path, tmp))
         os.remove(fp32_path)
     else:
         os.replace(fp32_path, path)
@@ -209,70 +205,5 @@ def export_run(run_dir, out_dir, int8=False, opset=OPSET):
                       "inputs": list(INPUTS), "output": OUTPUT, "source_run": os.path.abspath(run_dir),
                       "onnx_version": onnx.__version__}
     # Written last: a directory with a config.json naming ONNX is a finished export.
-    rundir.write_json(os.path.join(out_dir, "config.json"), config)
+    fileio.write_json(os.path.join(out_dir, "config.json"), config)
     return config
-
-
-def read_config(run_dir):
-    """A run dir's config.json, or None when there is none."""
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}).") from None
-
-
-def is_exported(run_dir):
-    """Whether `run_dir` holds an ONNX export (its config.json says so), rather than MXNet parameters."""
-    config = read_config(run_dir)
-    return isinstance(config, dict) and "onnx" in config
-
-
-def inference_session(path, threads=None):
-    """An ONNX Runtime session on the CPU for `path`, failing in one sentence if it is not a usable model."""
-    import onnxruntime as ort
-    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf, NoSuchFile
-    if not os.path.exists(path):
-        raise UserError(f"{path} is missing; export the run again with `python -m nli export`.")
-    options = ort.SessionOptions()
-    # The thread count chosen for MXNet (nli sets OMP_NUM_THREADS to the core count unless the user did).
-    options.intra_op_num_threads = threads or int(os.environ.get("OMP_NUM_THREADS", 0) or 0)
-    # Threads wait as OMP_WAIT_POLICY says MXNet's do (nli's default: PASSIVE, sleeping): on the busy 2-core
-    # machine here, spinning made ONNX Runtime 10-25% slower; on a quiet one, it was faster.
-    spin = os.environ.get("OMP_WAIT_POLICY", "PASSIVE").upper() == "ACTIVE"
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-    try:
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    except (Fail, InvalidGraph, InvalidProtobuf, NoSuchFile) as e:
-        reason = str(e).splitlines()[0][:200]
-        raise UserError(f"{path} is not a readable ONNX model ({reason}); export the run again "
-                        f"with `python -m nli export`.") from None
-    names = tuple(i.name for i in session.get_inputs())
-    if sorted(names) != sorted(INPUTS) or [o.name for o in session.get_outputs()] != [OUTPUT]:
-        raise UserError(f"{path} takes {', '.join(names)}, not the {', '.join(INPUTS)} -> {OUTPUT} "
-                        f"that `python -m nli export` writes.")
-    return session
-
-
-class OnnxPredictor(evaluate.Predictor):
-    """A `Predictor` whose classifier is an exported run's model.onnx, run by ONNX Runtime on the CPU."""
-
-    @classmethod
-    def from_export(cls, run_dir, batch_size=256, threads=None):
-        """Load the run dir written by `export_run`: its tokenizer and an ONNX Runtime session."""
-        config = read_config(run_dir)
-        session = inference_session(os.path.join(run_dir, config["onnx"]["file"]), threads)
-        return cls(session, model_lib.load_tokenizer(run_dir, config), config, devices=[], batch_size=batch_size)
-
-    def run_batch(self, tokens, segments, valid_lens):
-        """Logits of one padded batch (NumPy arrays)."""
-        feed = dict(zip(INPUTS, (a.astype(onp.int64) for a in (tokens, segments, valid_lens))))
-        return self.net.run([OUTPUT], feed)[0]
-
-    def logits(self, encoded, progress=False):
-        """Logits of encoded pairs, in order, batched as `Predictor.logits` batches them."""
-        return evaluate.predict_batches(self.run_batch, data.inference_batches(encoded, self.batch_size), None,
-                                        (len(encoded), len(LABELS)), progress)

@@ -10,7 +10,6 @@ path and member is checked.
 import contextlib
 import dataclasses
 import gzip
-import hashlib
 import json
 import os
 import re
@@ -30,8 +29,8 @@ import filelock
 import requests
 from tqdm import tqdm
 
-from . import rundir
 from .errors import UserError
+from .fileio import sha1_of, write_json
 
 DATA_URL = "http://d2l-data.s3-accelerate.amazonaws.com/"  # d2l.DATA_URL
 
@@ -123,15 +122,6 @@ def entry(name):
     return entries[name]
 
 
-def sha1_of(path, chunk_size=1 << 20):
-    """SHA-1 hex digest of a file, read in chunks so big archives need little memory."""
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def is_verified(path, sha1, manifest=None):
     """Whether `path` holds the file with this SHA-1; its sidecar record spares re-hashing an unchanged file."""
     actual, record, st = _sha1_and_record(path)
@@ -161,7 +151,7 @@ def _write_record(path, sha1, manifest, st=None):
     then shows), the SHA-1, and the manifest that named it (None: the built-in registry)."""
     st = st or os.stat(path)
     record = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha1": sha1, "manifest": manifest}
-    rundir.write_json(path + ".verified", record, indent=None)
+    write_json(path + ".verified", record, indent=None)
 
 
 def download(name, folder=None, quiet=False, replace=False):

@@ -7,7 +7,7 @@ from mxnet import init
 from mxnet.gluon import nn
 
 from . import bert as bert_lib
-from . import hf, rundir
+from . import fileio, hf
 from .errors import UserError
 from .recipe import MIN_MAX_LEN
 from .snli import LABELS
@@ -26,7 +26,7 @@ class BERTClassifier(nn.HybridBlock):
 
     def __init__(self, bert, dropout=0.0, pooling="cls"):
         super().__init__()
-        self.pooling = pooling
+        self.pooling, self.bert_config = pooling, bert.config
         self.encoder = bert.encoder
         self.hidden = bert.hidden
         self.dropout = nn.Dropout(dropout)
@@ -45,7 +45,8 @@ class BERTClassifier(nn.HybridBlock):
 
 
 def from_pretrained(name_or_dir, devices, dropout=None, max_len=None, pooling="cls"):
-    """A classifier on a pretrained BERT, its output layer freshly initialized: (net, vocab, bert config).
+    """A classifier on a pretrained BERT, its output layer freshly initialized: (net, vocab); `net.bert_config` is
+    the BERT's sizes.
 
     `name_or_dir` is the book's model (bert.small, bert.base, a directory) or `hf:DIR`, a Hugging Face
     checkpoint, whose position table `max_len` may grow (see `hf.load`); the book's position table cannot.
@@ -62,20 +63,21 @@ def from_pretrained(name_or_dir, devices, dropout=None, max_len=None, pooling="c
         net = BERTClassifier(bert, pooling=pooling)
         net.output.initialize(init.Xavier(), ctx=devices)
     net.hybridize(static_alloc=True)
-    return net, vocab, bert.config
+    return net, vocab
 
 
-def save_run(run_dir, net, vocab, bert_config, settings):
-    """Write what rebuilds the classifier into `run_dir`: config.json, the vocabulary, model.params."""
+def save_run(run_dir, net, vocab, settings):
+    """Write what rebuilds the classifier into `run_dir`: config.json (the network's BERT and pooling, `settings`),
+    the vocabulary, model.params."""
     os.makedirs(run_dir, exist_ok=True)
     wordpiece = isinstance(vocab, hf.WordPieceTokenizer)
     tokenizer = vocab.describe() if wordpiece else BOOK_TOKENIZER
-    config = {"bert": dataclasses.asdict(bert_config), "tokenizer": tokenizer, "labels": list(LABELS),
-              **settings}
-    rundir.write_json(os.path.join(run_dir, "config.json"), config)
-    rundir.write_atomically(os.path.join(run_dir, tokenizer["vocab"]),
+    config = {"bert": dataclasses.asdict(net.bert_config), "tokenizer": tokenizer, "labels": list(LABELS),
+              **settings, "pooling": net.pooling}
+    fileio.write_json(os.path.join(run_dir, "config.json"), config)
+    fileio.write_atomically(os.path.join(run_dir, tokenizer["vocab"]),
                             vocab.save if wordpiece else lambda path: bert_lib.save_vocab(vocab, path))
-    rundir.write_atomically(os.path.join(run_dir, "model.params"), net.save_parameters)
+    fileio.write_atomically(os.path.join(run_dir, "model.params"), net.save_parameters)
 
 
 def load_run(run_dir, devices):

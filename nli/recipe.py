@@ -131,6 +131,8 @@ class Recipe:
     test: str = option(None, "a .tsv/.jsonl/.txt file of test pairs", str)
     dev: str = option(None, "a file of pairs to pick the best epoch on; it is kept in OUT/best/", str)
     dev_fraction: float = option(None, "hold out this share of the training pairs as --dev", float)
+    test_fraction: float = option(None, "instead of --test: hold out this share of the --train pairs, drawn with "
+                                        "--seed (the same split each time), as the test set", float)
     limit_train: int = option(None, "use the first N train pairs", int, check=at_least(1))
     limit_test: int = option(None, "use the first N test pairs", int, check=at_least(1))
     out: str = option(None, "run directory to write; required but with --resume", str)
@@ -147,8 +149,11 @@ class Recipe:
             raise UserError(f"--freeze-epochs unfreezes the encoder later: it needs full fine-tuning, not {self.mode}.")
         if self.dev and self.dev_fraction:
             raise UserError("--dev FILE or --dev-fraction F: choose one.")
-        if self.dev_fraction is not None and not 0 < self.dev_fraction < 1:
-            raise UserError(f"--dev-fraction {self.dev_fraction}: expected a fraction in (0, 1).")
+        for name in ("dev_fraction", "test_fraction"):
+            if getattr(self, name) is not None and not 0 < getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected a fraction in (0, 1).")
+        if self.test and self.test_fraction:
+            raise UserError("--test FILE or --test-fraction F: choose one.")
 
     @classmethod
     def from_checkpoint(cls, state):

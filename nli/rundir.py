@@ -8,7 +8,6 @@
 
 A crash at any moment leaves every file whole: each is written to a temporary name, then renamed.
 """
-import contextlib
 import functools
 import glob
 import json
@@ -17,6 +16,8 @@ import shutil
 import sys
 
 from .errors import UserError
+from .figures import pyplot
+from .fileio import replace_dir, sha1_of, write_atomically, write_json
 
 CHECKPOINT = "checkpoint"
 # What `finetune`, `evaluate` and `predict --attention` write into a run directory (glob patterns):
@@ -24,47 +25,6 @@ CHECKPOINT = "checkpoint"
 RUN_FILES = ("config.json", "vocab.json", "vocab.txt", "model.params", "model.onnx", "worker-*.params",
              "metrics.jsonl", "curves.png", "results.json", "best", CHECKPOINT + "*", "features", "eval.json",
              "confusion.png", "errors.tsv", "attention*")
-
-
-def write_atomically(path, write):
-    """Call `write(tmp)` then rename tmp over `path`, so a crash never leaves a half-written file and a
-    failed write leaves no temporary one."""
-    tmp = f"{path}.{os.getpid()}.tmp"  # one per process: workers may write the same file at once
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-
-
-def write_json(path, obj, indent=1):
-    """Write `obj` as JSON to `path`, atomically."""
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=indent)
-    write_atomically(path, write)
-
-
-def replace_dir(path, write):
-    """Fill `path`.new with `write(dir)` and swap it in for `path`: a crash at any moment leaves a
-    complete `path`, `path`.new or `path`.old (see `find_checkpoint`)."""
-    new, old = path + ".new", path + ".old"
-    shutil.rmtree(new, ignore_errors=True)
-    os.makedirs(new)
-    try:
-        write(new)
-        for name in os.listdir(new):  # on disk before the rename makes them the current files
-            with open(os.path.join(new, name), "rb") as f:
-                os.fsync(f.fileno())
-    except BaseException:  # a full disk, say: no partial copy left taking its space; `path` is still whole
-        shutil.rmtree(new, ignore_errors=True)
-        raise
-    if os.path.exists(path):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(new, path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_checkpoint(run_dir, net, trainer, state):
@@ -135,7 +95,6 @@ def data_fingerprint(files, limits, recorded=None):
     """What a run was trained on: size, mtime and SHA-1 of each of its data `files` (role -> path), and the
     `limits` (option -> value). A file whose size and mtime are as `recorded` keeps its recorded SHA-1
     unread, as git's index does."""
-    from . import hub  # here, as the CLI imports it: only commands that read data need it
     fingerprint = {"files": {}, "limits": dict(limits)}
     for role, path in files.items():
         if path is None:
@@ -145,7 +104,7 @@ def data_fingerprint(files, limits, recorded=None):
         st, known = os.stat(path), ((recorded or {}).get("files") or {}).get(role, {})
         same = known.get("size") == st.st_size and known.get("mtime_ns") == st.st_mtime_ns
         fingerprint["files"][role] = {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                                      "sha1": known["sha1"] if same else hub.sha1_of(path)}
+                                      "sha1": known["sha1"] if same else sha1_of(path)}
     return fingerprint
 
 
@@ -192,9 +151,7 @@ def append_metrics(run_dir, entry):
 
 def plot_curves(metrics, path):
     """Save the loss (per logged step and per epoch) and the accuracies per epoch as a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")  # scripts and servers have no display; curves are saved as PNG
-    from matplotlib import pyplot as plt  # here, not at the top: `download` never plots
+    plt = pyplot()
     epochs = [m for m in metrics if m.get("kind", "epoch") == "epoch"]
     steps = [m for m in metrics if m.get("kind") == "step"]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(8, 3))

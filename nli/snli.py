@@ -1,5 +1,4 @@
 """Reading SNLI and pair files, and encoding premise/hypothesis pairs as BERT inputs."""
-import csv
 import dataclasses
 import functools
 import hashlib
@@ -15,7 +14,7 @@ import zipfile
 import numpy as onp
 from tqdm import tqdm
 
-from . import hub, rundir
+from . import fileio, hub
 from .errors import UserError
 
 LABELS = ("entailment", "contradiction", "neutral")  # ids 0, 1, 2, as d2l.read_snli numbers them
@@ -42,93 +41,142 @@ def snli_file(data_dir, is_train):
 
 
 def read_pairs(path):
-    """Read (premises, hypotheses, labels) from an SNLI `.txt`/`.jsonl` file or a `.tsv`/`.jsonl` pair file."""
+    """Read (premises, hypotheses, labels) from an SNLI `.txt`/`.jsonl` file or a `.tsv`/`.jsonl` pair file, strictly:
+    the first line that is not a labelled pair stops with its file, line and what was expected."""
     if not os.path.exists(path):
         raise UserError(f"Missing data file {path}.")
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in (".txt", ".tsv", ".jsonl"):
-        raise UserError(f"{path}: expected a .txt (SNLI), .tsv or .jsonl file of pairs.")
     premises, hypotheses, labels = [], [], []
     no_gold = 0
-    for line_no, premise, hypothesis, label in _read_jsonl(path) if ext == ".jsonl" else _read_tsv(path):
-        if label == NO_GOLD_LABEL:
-            no_gold += 1
-            continue
-        if label not in LABEL_IDS:
-            raise UserError(f"{path}, line {line_no}: label {label!r} is not one of "
-                            f"{', '.join(LABELS)} (or '-', which is skipped).")
-        if not premise or not hypothesis:
-            raise UserError(f"{path}, line {line_no}: empty premise or hypothesis.")
-        premises.append(premise)
-        hypotheses.append(hypothesis)
-        labels.append(LABEL_IDS[label])
+    with open(path, "rb") as f:
+        for line in pair_lines(f, path, input_format(path, (".txt", ".tsv", ".jsonl")), strict=True):
+            if line.error:
+                raise UserError(f"{path}, line {line.line}: {line.error}.")
+            if line.label == NO_GOLD_LABEL:
+                no_gold += 1
+                continue
+            premises.append(line.premise)
+            hypotheses.append(line.hypothesis)
+            labels.append(LABEL_IDS[line.label])
     if no_gold:
         logging.getLogger(__name__).warning("%s: skipped %d pairs without a gold label ('-'), as the book does.",
                                             path, no_gold)
     return premises, hypotheses, labels
 
 
-def _check_utf8(path, line_no, text):
-    """Fail naming the line when it held bytes that are not UTF-8 (read as surrogate escapes)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UserError(f"{path}, line {line_no}: not UTF-8 text.") from None
-
-
 # Column (or key) names of premise, hypothesis and label in pair files: ours, and SNLI's own.
 PAIR_COLUMNS = (("premise", "hypothesis", "label"), ("sentence1", "sentence2", "gold_label"))
+# SNLI's tokenized sentences, which the book trains on (`extract_text` of the binary parses)
+PARSE_COLUMNS = ("sentence1_binary_parse", "sentence2_binary_parse", "gold_label")
 
 
-def _columns(path, names):
-    """Where the premise, hypothesis and label are among `names`, whichever naming the file uses."""
-    for premise, hypothesis, label in (("sentence1_binary_parse", "sentence2_binary_parse", "gold_label"),
-                                       *PAIR_COLUMNS):
-        if {premise, hypothesis, label} <= set(names):
-            return premise, hypothesis, label
-    raise UserError(f"{path}: expected columns premise/hypothesis/label or sentence1/sentence2/gold_label, "
-                    f"found {', '.join(map(str, names))}.")
+@dataclasses.dataclass
+class PairLine:
+    """One line of a pair file: its pair and label as written ('' for none, '-' for no gold label), or why it is not
+    a pair."""
+    line: int
+    premise: str = ""
+    hypothesis: str = ""
+    label: str = ""
+    error: str = None
+
+    @property
+    def gold(self):
+        """The gold label, or None."""
+        return self.label if self.label in LABEL_IDS else None
 
 
-def _read_tsv(path):
-    """Yield (line number, premise, hypothesis, label) from a tab-separated file with a header."""
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader, None)
-        if header is None:
-            raise UserError(f"{path} is empty; expected a header line.")
-        _check_utf8(path, reader.line_num, "\t".join(header))
-        p, h, l = (header.index(c) for c in _columns(path, header))
-        parse = extract_text if header[p].endswith("_binary_parse") else str.strip
-        for row in reader:
-            if not row:
-                continue
-            _check_utf8(path, reader.line_num, "\t".join(row))
-            if len(row) != len(header):
-                raise UserError(f"{path}, line {reader.line_num}: {len(row)} tab-separated fields, "
-                                f"expected {len(header)} as in the header.")
-            yield reader.line_num, parse(row[p]), parse(row[h]), row[l].strip()
+def input_format(path, extensions=(".tsv", ".txt", ".jsonl")):
+    """`jsonl` or `tsv` from a file name (None, stdin, is tsv), refused unless it has one of `extensions`."""
+    ext = os.path.splitext(path)[1].lower() if path else ".tsv"
+    if ext not in extensions:
+        raise UserError(f"{path}: expected a .tsv (premise<TAB>hypothesis<TAB>label, with a header), SNLI .txt or "
+                        f".jsonl file of pairs.")
+    return "jsonl" if ext == ".jsonl" else "tsv"
 
 
-def _read_jsonl(path):
-    """Yield (line number, premise, hypothesis, label) from a file of one JSON object per line."""
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            _check_utf8(path, line_no, line)
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}, line {line_no}: not valid JSON ({e.msg}).") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{path}, line {line_no}: expected a JSON object.")
-            p, h, l = _columns(f"{path}, line {line_no}", obj)
-            parse = extract_text if p.endswith("_binary_parse") else str.strip
-            values = [obj[p], obj[h], obj[l]]
+def pair_lines(byte_lines, source, fmt, strict=False):
+    """A `PairLine` for every line of a .jsonl or tab-separated input (`fmt`), in order.
+
+    `strict` is for training and scoring: a header line names the columns, the label is required, SNLI's
+    binary parses are read as the book reads them, blank lines are skipped. Otherwise (prediction) the header
+    is optional, without it the columns are premise, hypothesis and an optional label, and every line, a blank
+    one too, gives a `PairLine`, so that output lines match input lines."""
+    columns, width, parse = (0, 1, 2), None, str  # without a header: premise, hypothesis and an optional label
+    names = (PARSE_COLUMNS, *PAIR_COLUMNS) if strict else PAIR_COLUMNS
+    for line_no, raw in enumerate(byte_lines, 1):
+        try:
+            text = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            yield PairLine(line_no, error=f"not UTF-8 text ({e.reason} at byte {e.start})")
+            continue
+        text = text.lstrip("\ufeff") if line_no == 1 else text  # a byte-order mark some editors write
+        if strict and not text.strip():
+            continue
+        if fmt == "jsonl":
+            yield _json_line(line_no, text, names, strict)
+        elif line_no == 1 and (header := _tsv_header(text.split("\t"), source, names, strict)):
+            columns, width = header, len(text.split("\t"))
+            parse = extract_text if text.split("\t")[columns[0]].endswith("_binary_parse") else str
+        elif strict and width is None:
+            raise UserError(f"{source}, line 1: expected a header naming the columns premise, hypothesis, label (or "
+                            f"SNLI's sentence1, sentence2, gold_label).")
+        else:
+            yield _tsv_line(line_no, text.split("\t"), columns, width, strict, parse)
+
+
+def _tsv_header(fields, source, names, strict):
+    """Column positions (premise, hypothesis, label or None) if `fields` is a header line, else None."""
+    known = {name for triple in names for name in triple}
+    if not known & set(fields):
+        return None
+    for premise, hypothesis, label in names:
+        if premise in fields and hypothesis in fields and (label in fields or not strict):
+            return fields.index(premise), fields.index(hypothesis), fields.index(label) if label in fields else None
+    raise UserError(f"{source}, line 1: the header names no premise/hypothesis/label (or sentence1/sentence2/"
+                    f"gold_label) columns: {', '.join(fields)}.")
+
+
+def _tsv_line(line_no, fields, columns, width, strict, parse):
+    """A `PairLine` from one line's tab-separated `fields`, laid out as `columns` of a header `width` wide; `parse`
+    turns a column into text (SNLI's binary parses into tokens)."""
+    if width is None and len(fields) not in (2, 3):
+        return PairLine(line_no, error=f"{len(fields)} tab-separated fields, expected premise<TAB>hypothesis and "
+                                       f"optionally <TAB>label")
+    if width is not None and len(fields) != width:
+        return PairLine(line_no, error=f"{len(fields)} tab-separated fields, expected {width} as in the header")
+    label = fields[columns[2]].strip() if columns[2] is not None and columns[2] < len(fields) else ""
+    return _pair_line(line_no, parse(fields[columns[0]]), parse(fields[columns[1]]), label, strict)
+
+
+def _json_line(line_no, text, names, strict):
+    """A `PairLine` from one JSON object with premise/hypothesis (or SNLI's) keys."""
+    try:
+        obj = json.loads(text, strict=False)  # strict=False: a raw tab inside a string is kept, not refused
+    except json.JSONDecodeError as e:
+        return PairLine(line_no, error=f"not valid JSON ({e.msg})")
+    if not isinstance(obj, dict):
+        return PairLine(line_no, error="expected a JSON object")
+    for premise, hypothesis, label in names:
+        if premise in obj and hypothesis in obj and (label in obj or not strict):
+            values = obj[premise], obj[hypothesis], obj.get(label, "")
             if not all(isinstance(v, str) for v in values):
-                raise UserError(f"{path}, line {line_no}: premise, hypothesis and label must be strings.")
-            yield line_no, parse(values[0]), parse(values[1]), values[2].strip()
+                return PairLine(line_no, error=f"{premise}, {hypothesis} and {label} must be strings")
+            if premise.endswith("_binary_parse"):
+                values = extract_text(values[0]), extract_text(values[1]), values[2]
+            return _pair_line(line_no, *values, strict)
+    expected = " and ".join(PAIR_COLUMNS[0][:2 + strict]) + " (or " + " and ".join(PAIR_COLUMNS[1][:2 + strict]) + ")"
+    return PairLine(line_no, error=f"expected {expected} keys")
+
+
+def _pair_line(line_no, premise, hypothesis, label, strict):
+    """A `PairLine`, or the error if a sentence is empty or the label is not one of the three (or '-')."""
+    for name, text in (("premise", premise), ("hypothesis", hypothesis)):
+        if not text.strip():
+            return PairLine(line_no, error=f"empty {name}")
+    label = label.strip()
+    if (label or strict) and label != NO_GOLD_LABEL and label not in LABEL_IDS:
+        return PairLine(line_no, error=f"label {label!r} is not one of {', '.join(LABELS)} (or '-', which is skipped)")
+    return PairLine(line_no, premise.strip(), hypothesis.strip(), label)
 
 
 def tokenize(sentence):
@@ -183,6 +231,7 @@ class EncodedPairs:
     labels: onp.ndarray
     pad_id: int  # the vocabulary's '<pad>' ('[PAD]' in WordPiece)
     max_len: int  # pairs were truncated to fit it; batches are never padded past it
+    truncation: str = "longest_first"  # the rule that cut pairs over max_len (`truncated_lengths`)
 
     def __len__(self):
         return len(self.labels)
@@ -225,7 +274,8 @@ class EncodedPairs:
             onp.concatenate([p.token_ids for p in parts], dtype=onp.int32),
             onp.concatenate([[0]] + [p.offsets[1:] + s for p, s in zip(parts, starts)], dtype=onp.int64),
             onp.concatenate([p.segment_a_lens for p in parts], dtype=onp.int32),
-            onp.concatenate([p.labels for p in parts], dtype=onp.int32), parts[0].pad_id, parts[0].max_len)
+            onp.concatenate([p.labels for p in parts], dtype=onp.int32), parts[0].pad_id, parts[0].max_len,
+            parts[0].truncation)
 
 
 def ragged(sequences):
@@ -263,7 +313,7 @@ def assemble_pairs(premise_ids, hypothesis_ids, labels, cls_id, sep_id, pad_id, 
         keep = within < onp.repeat(kept, lens)
         token_ids[onp.repeat(first, kept) + within[keep]] = onp.asarray(flat)[keep]
     return EncodedPairs(token_ids, offsets.astype(onp.int64), seg_a.astype(onp.int32),
-                        onp.asarray(labels, dtype=onp.int32), pad_id, max_len)
+                        onp.asarray(labels, dtype=onp.int32), pad_id, max_len, truncation)
 
 
 _MARKERS = [chr(c) for c in (*range(0, 9), *range(14, 28), 127)]  # caseless, and not whitespace to split()
@@ -412,7 +462,7 @@ def _read_cache(cache_path, key):
     if header.get("sha1") != _checksum(arrays):
         print(f"warning: cache {cache_path} fails its checksum; rebuilding it", file=sys.stderr)
         return None
-    return EncodedPairs(*arrays, header["pad_id"], header["max_len"])
+    return EncodedPairs(*arrays, header["pad_id"], header["max_len"], key["truncation"])
 
 
 def _write_cache(cache_path, key, encoded):
@@ -425,6 +475,6 @@ def _write_cache(cache_path, key, encoded):
             onp.savez(f, header=onp.array(header), **dict(zip(_CACHED_ARRAYS, arrays)))
     try:
         os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-        rundir.write_atomically(cache_path, write)
+        fileio.write_atomically(cache_path, write)
     except OSError as e:  # a read-only or full data dir costs speed next time, not this run
         print(f"warning: could not write the cache {cache_path} ({e}); continuing without it", file=sys.stderr)

@@ -24,9 +24,9 @@ from mxnet import autograd, gluon, npx
 from mxnet.gluon import nn
 from tqdm import tqdm
 
-from . import data, memory, rundir
+from . import data, fileio, memory, rundir
 from .errors import UserError
-from .evaluate import accuracy, predict_batches
+from .predict import accuracy, predict_batches
 from .recipe import BOOK
 from .snli import LABELS
 
@@ -62,8 +62,9 @@ def batch_seed(seed, rank, epoch, batch):
 
 
 def train_batch(net, batch, loss, devices):
-    """Gradients of one batch split over `devices`: (summed loss, correct predictions). The last array of
-    `batch` is the labels; gradients are written, or added to with grad_req 'add'.
+    """Gradients of one batch split over `devices`: each device's summed loss and correct predictions, left on that
+    device (reading them would make the host wait). The last array of `batch` is the labels; gradients are added to
+    (grad_req 'add') until `apply_update` zeroes them.
 
     Book: `train_batch_ch13`, up to its update: `apply_update` follows, once every `accumulate` batches."""
     shards = data.split_batch(batch, devices[:len(batch[-1])])
@@ -72,10 +73,8 @@ def train_batch(net, batch, loss, devices):
         losses = [loss(pred, shard[-1]) for pred, shard in zip(preds, shards)]
     for l in losses:
         l.backward()
-    loss_sum = sum(float(l.sum()) for l in losses)
-    correct = sum(int((pred.argmax(axis=1).astype("int32") == shard[-1]).sum())
-                  for pred, shard in zip(preds, shards))
-    return loss_sum, correct
+    return [(l.sum(), (pred.argmax(axis=1).astype("int32") == shard[-1]).sum())
+            for l, pred, shard in zip(losses, preds, shards)]
 
 
 def apply_update(trainer, params, devices, num_examples, max_grad_norm=None):
@@ -84,10 +83,9 @@ def apply_update(trainer, params, devices, num_examples, max_grad_norm=None):
     The gradients are sums over `num_examples` examples (of all workers): the update is that of their
     mean, and a `max_grad_norm` (0 or None: no clipping) bounds the norm of that mean, which is returned.
     Clipping scales the optimizer's gradient rescaling instead of every gradient: the same update,
-    without a pass over the weights' worth of gradients."""
+    without a pass over the weights' worth of gradients. Every operator sees the arrays of one device."""
     trainer.allreduce_grads()
     trainable = [p for p in params.values() if p.grad_req != "null"]
-    grads = [g.as_nd_ndarray() for p in trainable for g in p.list_grad()]
     norm, scale = None, 1.0
     if max_grad_norm:
         # After the all-reduce every device holds the same sums: the first device's give the norm.
@@ -100,7 +98,9 @@ def apply_update(trainer, params, devices, num_examples, max_grad_norm=None):
         for arr in p.list_data():
             arr._fresh_grad = True
     trainer.update(num_examples / scale)  # the optimizer rescales gradients by scale / num_examples
-    mx.nd.reset_arrays(*grads, num_arrays=len(grads))  # one operator for all, not one per gradient
+    for device in devices:  # one operator per device for all its gradients
+        grads = [p.grad(device).as_nd_ndarray() for p in trainable]
+        mx.nd.reset_arrays(*grads, num_arrays=len(grads))
     return norm
 
 
@@ -190,22 +190,21 @@ class Shards:
                                                 seed=self.recipe.seed, epoch=epoch)) for r in range(self.num_workers)]
         return [order[:min(map(len, orders))] for order in orders]
 
-    def epoch(self, epoch, rank):
-        """Worker `rank`'s batches of `epoch`, and for each the number of examples (of all workers) whose summed
-        gradients the update after it applies: 0 (no update) but every `accumulate` batches and at the end."""
+    def updates(self, epoch, rank, start=0):
+        """Worker `rank`'s updates of `epoch` from its batch `start` on: for each, its `accumulate` batches (number,
+        pair indices) whose gradients are summed into it, and the examples of all workers that sum covers."""
         orders = self.batches(epoch)
-        update_sizes, pending = [], 0
-        for b in range(len(orders[rank])):
-            pending += sum(len(order[b]) for order in orders)
-            update = (b + 1) % self.recipe.accumulate == 0 or b + 1 == len(orders[rank])
-            update_sizes.append(pending if update else 0)
-            pending = 0 if update else pending
-        return orders[rank], update_sizes
+        for first in range(start, len(orders[rank]), self.recipe.accumulate):
+            numbers = range(first, min(first + self.recipe.accumulate, len(orders[rank])))
+            yield [(b, orders[rank][b]) for b in numbers], sum(len(order[b]) for order in orders for b in numbers)
+
+    def num_batches(self, epoch):
+        """The batches each worker trains on in `epoch`."""
+        return len(self.batches(epoch)[0])
 
     def num_updates(self):
         """The updates of the whole run (at least one)."""
-        return max(1, sum(-(-len(self.batches(e)[0]) // self.recipe.accumulate)
-                          for e in range(1, self.recipe.epochs + 1)))
+        return max(1, sum(-(-self.num_batches(e) // self.recipe.accumulate) for e in range(1, self.recipe.epochs + 1)))
 
 
 def set_trainable(net, recipe, epoch):
@@ -253,41 +252,52 @@ def cached_features(run_dir, net, encoded, indices, devices, batch_size, progres
     def write(tmp):
         with open(tmp, "wb") as f:
             onp.save(f, features)
-    rundir.write_atomically(path, write)
+    fileio.write_atomically(path, write)
     return features
 
 
-def features_accuracy(head, features, labels, devices, batch_size):
-    """Share of pairs, given as cached `<cls>` features, whose predicted label is the gold one."""
-    if not len(labels):
-        return float("nan")
-    batches = ((indices, (features[indices],)) for indices in data.batch_order(len(labels), batch_size))
-    logits = predict_batches(head, batches, devices, (len(labels), len(LABELS)))
-    return float((logits.argmax(axis=1) == labels).mean())
+class PairsTask:
+    """What full fine-tuning (or a frozen encoder) trains: the classifier, on micro-batches of encoded pairs that fit
+    the memory plan."""
+
+    def __init__(self, net, recipe, train_set, shard, eval_sets, devices, plan, cache_dir, progress):
+        set_layer_decay(net, recipe.layer_decay)  # before the Trainer is made of its parameters
+        self.block, self.train_set, self.shard, self.plan = net, train_set, shard, plan
+        self.lengths, self.devices, self.batch_size = train_set.valid_lens[shard], devices, recipe.batch_size
+
+    def micro_batches(self, indices):
+        """The batch of the shard's pairs `indices`, cut into micro-batches that fit the memory budget."""
+        return (data.make_batch(self.train_set, self.shard[part]) for part in self.plan.split(indices, self.lengths))
+
+    def accuracy(self, encoded):
+        """Share of `encoded`'s pairs whose predicted label is the gold one."""
+        return accuracy(self.block, encoded, self.devices, self.batch_size, self.plan.split)
 
 
-def training_block(net, recipe, train_set, shard, eval_sets, devices, cache_dir, progress, plan):
-    """What the recipe's mode trains, on what: (block, the micro-batches of a batch of the shard's local indices,
-    score of an eval set). Batches of pairs are cut into the micro-batches that memory `plan` allows.
+class FeaturesTask:
+    """What `--mode features` trains: the head alone, on the encoder's pooled features of every pair, computed once
+    (and cached in the run directory); eval sets are scored on their features too."""
 
-    With `features` the block is the head, the encoder's `<cls>` features of every pair are computed
-    once (and cached in `cache_dir`), and eval sets are scored on their features too."""
-    set_trainable(net, recipe, epoch=1)
-    set_layer_decay(net, recipe.layer_decay)
-    if recipe.mode != "features":
-        lengths = train_set.valid_lens[shard]
-        return (net, lambda indices: (data.make_batch(train_set, shard[part]) for part in plan.split(indices, lengths)),
-                lambda encoded: accuracy(net, encoded, devices, recipe.batch_size, plan.split))
-    head = head_of(net)
+    def __init__(self, net, recipe, train_set, shard, eval_sets, devices, plan, cache_dir, progress):
+        self.block, self.devices, self.batch_size = head_of(net), devices, recipe.batch_size
+        self.train_features = cached_features(cache_dir, net, train_set, shard, devices, recipe.batch_size, progress,
+                                              plan.split)
+        self.train_labels = train_set.labels[shard]
+        self.eval_features = {id(s): cached_features(cache_dir, net, s, onp.arange(len(s)), devices, recipe.batch_size,
+                                                     progress, plan.split) for s in eval_sets if s is not None}
 
-    def features(encoded, indices):
-        return cached_features(cache_dir, net, encoded, indices, devices, recipe.batch_size, progress, plan.split)
-    train_features = features(train_set, shard)
-    eval_features = {id(s): features(s, onp.arange(len(s))) for s in eval_sets if s is not None}
+    def micro_batches(self, indices):
+        """The features and labels of the shard's pairs `indices`: one micro-batch, as features are small."""
+        return [(self.train_features[indices], self.train_labels[indices])]
 
-    def score(encoded):
-        return features_accuracy(head, eval_features[id(encoded)], encoded.labels, devices, recipe.batch_size)
-    return head, lambda indices: [(train_features[indices], train_set.labels[shard[indices]])], score
+    def accuracy(self, encoded):
+        """Share of `encoded`'s pairs (an eval set given at the start) whose predicted label is the gold one."""
+        features = self.eval_features[id(encoded)]
+        if not len(encoded):
+            return float("nan")
+        batches = ((indices, (features[indices],)) for indices in data.batch_order(len(encoded), self.batch_size))
+        logits = predict_batches(self.block, batches, self.devices, (len(encoded), len(LABELS)))
+        return float((logits.argmax(axis=1) == encoded.labels).mean())
 
 
 def with_memory_budget(recipe, devices):
@@ -305,6 +315,32 @@ def hold_out(encoded, fraction):
     return encoded.take(onp.arange(cut)), encoded.take(onp.arange(cut, len(encoded)))
 
 
+def devices_of(net, train_set, recipe):
+    """The devices `recipe` names, once `net` and `train_set` are checked to be what it says: a run records its
+    recipe, so a setting that the live objects contradict would be recorded wrong."""
+    devices = data.parse_devices(recipe.devices)
+    held = next(iter(net.collect_params().values())).list_ctx()
+    mismatches = [f"devices {recipe.devices!r} are {devices}, the network's weights are on {held}"] * (held != devices)
+    mismatches += [f"pooling {recipe.pooling!r}, the network pools {net.pooling!r}"] * (net.pooling != recipe.pooling)
+    mismatches += [f"max_len {recipe.max_len}, the pairs were encoded to {train_set.max_len}"] * (
+        train_set.max_len != recipe.max_len)
+    mismatches += [f"truncation {recipe.truncation!r}, the pairs were cut {train_set.truncation!r}"] * (
+        train_set.truncation != recipe.truncation)
+    mismatches += [f"dropout {recipe.dropout}, the encoder's is {net.bert_config.dropout}"] * (
+        recipe.dropout is not None and recipe.dropout != net.bert_config.dropout)
+    if mismatches:
+        raise UserError(f"The recipe says {'; '.join(mismatches)}: build them from the recipe (as `nli.run` does), or "
+                        f"change the recipe to match.")
+    return devices
+
+
+def run_config(net, encoded, recipe):
+    """config.json's entries about training, from the objects that trained: the encoding of the pairs, the network's
+    pooling, and the whole recipe."""
+    return {"max_len": encoded.max_len, "truncation": encoded.truncation, "pooling": net.pooling,
+            "recipe": dataclasses.asdict(recipe)}
+
+
 @dataclasses.dataclass
 class TrainingState:
     """Where a run is: what a checkpoint holds, besides weights and optimizer state, to resume exactly."""
@@ -316,10 +352,10 @@ class TrainingState:
     metrics: list = dataclasses.field(default_factory=list)  # every metrics.jsonl entry so far
     best_dev_acc: float = -1.0
 
-    def add(self, loss, correct, seen, seconds):
-        """Add one batch's figures to the epoch's sums and to those since the last step entry."""
+    def add(self, **figures):
+        """Add figures (loss, correct, seen, seconds) to the epoch's sums and to those since the last step entry."""
         for sums in (self.epoch_sums, self.log_sums):
-            for key, value in (("loss", loss), ("correct", correct), ("seen", seen), ("seconds", seconds)):
+            for key, value in figures.items():
                 sums[key] = sums.get(key, 0) + value
 
     def log_step(self, epoch, epoch_fraction, lr, norm):
@@ -346,6 +382,31 @@ class TrainingState:
         return entry
 
 
+class DeviceSums:
+    """Each update's losses and correct counts, left on the devices that computed them: the host reads them only to
+    log, checkpoint or end an epoch, so it does not wait for the engine between batches, and MXNet overlaps the
+    next batch's work with this one's."""
+
+    def __init__(self):
+        self.updates, self.started = [], None
+
+    def add(self, where, seen, device_sums):
+        """Keep an update's (loss, correct) arrays, one per device and micro-batch, with where it is in the run."""
+        self.updates.append((where, seen, device_sums))
+        self.started = self.started or time.perf_counter()
+
+    def read_into(self, state, run):
+        """Add what is kept to `state`'s sums (the host waits for it), with the time it took; a loss that is not
+        finite stops the run, naming its update, before anything is saved."""
+        for (step, epoch, batch), seen, device_sums in self.updates:
+            loss = sum(float(l.item()) for l, _ in device_sums)
+            check_finite("loss", loss, step, epoch, batch, run)
+            state.add(loss=loss, correct=sum(int(c.item()) for _, c in device_sums), seen=seen)
+        if self.started is not None:
+            state.add(seconds=time.perf_counter() - self.started)
+        self.updates, self.started = [], None
+
+
 def rng_states():
     """Python's and NumPy's generator states, as JSON."""
     version, state, gauss = random.getstate()
@@ -361,16 +422,29 @@ def set_rng_states(states):
     onp.random.set_state((name, onp.asarray(keys, dtype=onp.uint32), pos, has_gauss, cached))
 
 
+def carry_step_counts(optimizer, devices):
+    """Give every device in use the step counts the checkpoint saved. MXNet keeps Adam's step count per device id
+    (`Optimizer._all_index_update_counts`): a device the run did not use before would start again at step 1, its
+    bias correction would differ, and its copy of the weights would drift from the others."""
+    saved = optimizer._all_index_update_counts
+    counts = max(saved.values(), key=lambda c: sum(c.values()))  # every saved device's are the same
+    optimizer._all_index_update_counts = {d.device_id: dict(counts) for d in devices}
+    optimizer._index_update_count = optimizer._all_index_update_counts[devices[0].device_id]
+
+
 def restore(run_dir, net, trainer, devices):
-    """The TrainingState in the run's checkpoint, with its weights, optimizer state and RNG states loaded."""
+    """The TrainingState in the run's checkpoint, with its weights, optimizer state and RNG states loaded onto
+    `devices`, which may be other devices than those it was saved from."""
     if not run_dir:
         raise UserError("resuming needs the run directory that holds the checkpoint.")
     folder, saved = rundir.read_checkpoint(run_dir)
     net.load_parameters(os.path.join(folder, "model.params"), ctx=devices)
     trainer.load_states(os.path.join(folder, "trainer.states"))
+    carry_step_counts(trainer.optimizer, devices)
     set_rng_states(saved["rng"])
     state = TrainingState(**{field.name: saved[field.name] for field in dataclasses.fields(TrainingState)})
-    print(f"resuming {run_dir} at step {state.step} (epoch {state.epoch}, batch {state.batch})", flush=True)
+    print(f"resuming {run_dir} at step {state.step} (epoch {state.epoch}, batch {state.batch}) on {devices}",
+          flush=True)
     return state
 
 
@@ -398,33 +472,26 @@ def stop_requested():
 
 
 def check_finite(what, value, step, epoch, batch, run):
-    """Stop a run whose loss or gradient norm is no longer a number, before it updates the weights."""
+    """Stop a run whose loss or gradient norm is no longer a number, before its weights are saved."""
     if value is not None and not math.isfinite(value):
         raise TrainingDiverged(f"the {what} is {value} at step {step} (epoch {epoch}, batch {batch + 1}); "
-                               f"stopped before updating the weights, {run.last_checkpoint()}. Lower --lr, clip "
+                               f"stopped before saving the weights, {run.last_checkpoint()}. Lower --lr, clip "
                                f"gradients (--max-grad-norm) or check the data.")
 
 
-def show_progress(bar, sums, batches_done):
-    """Move the epoch's progress bar to `batches_done`, showing the epoch's loss, accuracy and speed."""
-    bar.update(batches_done - bar.n)
-    bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.3f}", acc=f"{sums['correct'] / sums['seen']:.3f}",
-                    ex_per_s=f"{sums['seen'] / sums['seconds']:.1f}")
+def log_step(run, state, sums, bar, epoch, lr, norm):
+    """Read the figures since the last step entry, log them in metrics.jsonl and show them on the progress bar."""
+    sums.read_into(state, run)
+    run.log(state.log_step(epoch, state.batch / bar.total, lr, norm))
+    bar.set_postfix(loss=f"{state.epoch_sums['loss'] / state.epoch_sums['seen']:.3f}",
+                    acc=f"{state.epoch_sums['correct'] / state.epoch_sums['seen']:.3f}",
+                    ex_per_s=f"{state.epoch_sums['seen'] / state.epoch_sums['seconds']:.1f}")
 
 
-def score_epoch(entry, score, test_set, dev_set, devices):
-    """Add the test (and dev) accuracy to an epoch's entry, and print the epoch's figures."""
-    entry["test_acc"] = score(test_set)
-    if dev_set is not None:
-        entry["dev_acc"] = score(dev_set)
-    print(f"epoch {entry['epoch']}: loss {entry['loss']:.3f}, train acc {entry['train_acc']:.3f}, "
-          f"test acc {entry['test_acc']:.3f}" + (f", dev acc {entry['dev_acc']:.3f}" if dev_set is not None else "")
-          + f", {entry['examples_per_sec']:.1f} examples/sec on {devices}", flush=True)
-
-
-def save_checkpoint(run, net, trainer, state, recipe, data_fingerprint):
-    """Checkpoint the run: weights, optimizer state, where it is, the RNG states, the recipe and what data it
-    trains on (`rundir.data_fingerprint`), for `--resume` to check."""
+def save_checkpoint(run, net, trainer, state, sums, recipe, data_fingerprint):
+    """Checkpoint the run: weights, optimizer state, where it is (its figures read first), the RNG states, the
+    recipe and what data it trains on (`rundir.data_fingerprint`), for `--resume` to check."""
+    sums.read_into(state, run)
     run.save_checkpoint(net, trainer, {**dataclasses.asdict(state), "rng": rng_states(),
                                        "recipe": dataclasses.asdict(recipe), "data": data_fingerprint})
 
@@ -445,76 +512,75 @@ def stop_if_requested(stop, checkpoint, run, state):
     raise KeyboardInterrupt
 
 
-def keep_best(run, state, entry, save_model):
-    """Save the model in the run's best/ if this epoch is the best on the dev set so far."""
-    if entry.get("dev_acc", -1) > state.best_dev_acc and run.save_model(save_model, "best"):
-        state.best_dev_acc = entry["dev_acc"]
-        print(f"epoch {entry['epoch']} is the best on the dev set so far: saved in {run.path}/best", flush=True)
-
-
-def finetune(net, train_set, test_set, devices, recipe=BOOK, run_dir=None, dev_set=None, resume=False,
-             save_model=None, loss=None, progress=True, data_fingerprint=None):
-    """Fine-tune `net` as `recipe` says (by default the book's: Adam at lr 1e-4); returns the per-epoch metrics.
-
-    Book: `train_ch13`. With `run_dir`, metrics, curves and checkpoints are written there (see `rundir`), `resume`
-    continues from its checkpoint, `save_model(dir)` saves the final model there, the best on `dev_set` in best/;
-    each checkpoint keeps `data_fingerprint` (`rundir.data_fingerprint`) for `--resume` to check."""
-    recipe = with_memory_budget(recipe, devices)
-    print(f"recipe {recipe.name}: {json.dumps(dataclasses.asdict(recipe))}", flush=True)
-    # How much memory the run takes, and the micro-batches that keep it under the budget
+def memory_plan(net, recipe, devices):
+    """The run's `memory.MemoryPlan`, printed: the memory the run takes, and the micro-batches that fit its budget."""
     plan = memory.plan(net, recipe.max_memory, recipe.max_len, devices, trains_encoder=recipe.mode == "full")
     print(plan.describe(recipe.batch_size), flush=True)
-    # The workers, each with its shard of the pairs; only the first writes the run directory
-    kv, rank, num_workers = kvstore_workers(recipe.kvstore)
-    shards, run = Shards(train_set.valid_lens, recipe, num_workers), rundir.RunDir(run_dir, rank)
-    # What trains (the classifier, or its head on cached features), the loss, the optimizer
-    block, micro_batches_at, score = training_block(net, recipe, train_set, shards.indices(rank),
-                                                    (test_set, dev_set), devices, run.path, progress, plan)
+    return plan
+
+
+def end_epoch(run, state, sums, task, epoch, lr, eval_sets, devices, rank, save_model):
+    """Log epoch `epoch`'s figures: its training sums, peak memory and (on rank 0; the other workers wait for it in
+    the kvstore) its test and dev accuracy; redraw the curves and keep the model in best/ if it is the best so far."""
+    sums.read_into(state, run)
+    entry = state.end_epoch(epoch, lr)
+    entry.update(memory.peak_memory(devices))  # the run's peak so far: the process's, or each GPU's
+    test_set, dev_set = eval_sets
+    if rank == 0:
+        entry["test_acc"] = task.accuracy(test_set)
+        if dev_set is not None:
+            entry["dev_acc"] = task.accuracy(dev_set)
+        print(f"epoch {epoch}: loss {entry['loss']:.3f}, train acc {entry['train_acc']:.3f}, test acc "
+              f"{entry['test_acc']:.3f}" + (f", dev acc {entry['dev_acc']:.3f}" if dev_set is not None else "")
+              + f", {entry['examples_per_sec']:.1f} examples/sec on {devices}", flush=True)
+    run.log(entry, state.metrics)
+    if entry.get("dev_acc", -1) > state.best_dev_acc and run.save_model(save_model, "best"):
+        state.best_dev_acc = entry["dev_acc"]
+        print(f"epoch {epoch} is the best on the dev set so far: saved in {run.path}/best", flush=True)
+
+
+def finetune(net, train_set, test_set, recipe=BOOK, dev_set=None, resume=False, save_model=None, loss=None,
+             progress=True, data_fingerprint=None):
+    """Fine-tune `net` as `recipe` says (the book's by default: Adam, lr 1e-4); its epochs' metrics. Book: `train_ch13`.
+    With `recipe.out`, metrics, curves and checkpoints are written there (`rundir`), `resume` continues from its
+    checkpoint, `save_model(dir)` saves the final model there and the best on `dev_set` in best/."""
+    devices = devices_of(net, train_set, recipe)
+    recipe = with_memory_budget(recipe, devices)
+    print(f"recipe {recipe.name}: {json.dumps(dataclasses.asdict(recipe))}", flush=True)
+    plan = memory_plan(net, recipe, devices)
+    kv, rank, num_workers = kvstore_workers(recipe.kvstore)  # each worker trains on its shard; rank 0 writes the run
+    shards, run = Shards(train_set.valid_lens, recipe, num_workers), rundir.RunDir(recipe.out, rank)
+    task = (FeaturesTask if recipe.mode == "features" else PairsTask)(
+        net, recipe, train_set, shards.indices(rank), (test_set, dev_set), devices, plan, run.path, progress)
     loss = loss or gluon.loss.SoftmaxCrossEntropyLoss()
     loss.hybridize()
-    trainer = make_trainer(block, recipe, kv, shards.num_updates())
-    # Where the run starts: at the beginning (a checkpoint at once), or where its checkpoint left it
-    state = restore(run_dir, net, trainer, devices) if resume else TrainingState()
-    checkpoint = functools.partial(save_checkpoint, run, net, trainer, state, recipe, data_fingerprint)
-    run.start(state.metrics, None if resume else checkpoint)
+    trainer = make_trainer(task.block, recipe, kv, shards.num_updates())
+    state, sums = restore(recipe.out, net, trainer, devices) if resume else TrainingState(), DeviceSums()
+    checkpoint = functools.partial(save_checkpoint, run, net, trainer, state, sums, recipe, data_fingerprint)
+    run.start(state.metrics, None if resume else checkpoint)  # a new run is checkpointed at once
     with stop_requested() as stop:
         for epoch in range(state.epoch, recipe.epochs + 1):
             set_trainable(net, recipe, epoch)
-            order, update_sizes = shards.epoch(epoch, rank)
-            bar = epoch_bar(len(order), state.batch, epoch, recipe.epochs, progress)
-            for b in range(state.batch, len(order)):
-                # Gradients of one batch (the book's step), dropout drawn from where the run is
-                started = time.perf_counter()
-                mx.random.seed(batch_seed(recipe.seed, rank, epoch, b), ctx="all")
-                # one batch's gradients: its micro-batches' summed, as one pass over the whole batch would give
-                loss_sum, correct = map(sum, zip(*(train_batch(block, micro_batch, loss, devices)
-                                                   for micro_batch in micro_batches_at(order[b]))))
-                check_finite("loss", loss_sum, state.step + 1, epoch, b, run)
-                # The update, of the gradients summed since the last one (every `accumulate` batches)
-                norm = apply_update(trainer, block.collect_params(), devices, update_sizes[b], recipe.max_grad_norm) \
-                    if update_sizes[b] else None
-                check_finite("gradient norm", norm, state.step + 1, epoch, b, run)
-                state.add(loss_sum, correct, len(order[b]), time.perf_counter() - started)
-                if not update_sizes[b]:
-                    continue
-                # Log it; checkpoint when asked to stop, and every `save_every` updates
-                state.step, state.batch = state.step + 1, b + 1
-                show_progress(bar, state.epoch_sums, b + 1)
-                if state.step % recipe.log_every == 0:
-                    run.log(state.log_step(epoch, (b + 1) / len(order), trainer.learning_rate, norm))
-                stop_if_requested(stop, checkpoint, run, state)
-                if recipe.save_every and state.step % recipe.save_every == 0 and b + 1 < len(order):
-                    checkpoint()
-            bar.close()
-            # The epoch's figures (rank 0 scores them; the others wait for it in the kvstore), curves, best, checkpoint
-            entry = state.end_epoch(epoch, trainer.learning_rate)
-            entry.update(memory.peak_memory(devices))  # the run's peak so far: the process's, or each GPU's
-            if rank == 0:
-                score_epoch(entry, score, test_set, dev_set, devices)
-            run.log(entry, state.metrics)
-            keep_best(run, state, entry, save_model)
+            with epoch_bar(shards.num_batches(epoch), state.batch, epoch, recipe.epochs, progress) as bar:
+                for batches, examples in shards.updates(epoch, rank, start=state.batch):
+                    device_sums = []
+                    for b, indices in batches:  # the gradients of `accumulate` batches, summed into one update
+                        mx.random.seed(batch_seed(recipe.seed, rank, epoch, b), ctx="all")  # drawn from where it is
+                        for micro_batch in task.micro_batches(indices):  # as many as fit the memory budget
+                            device_sums += train_batch(task.block, micro_batch, loss, devices)
+                    norm = apply_update(trainer, task.block.collect_params(), devices, examples, recipe.max_grad_norm)
+                    check_finite("gradient norm", norm, state.step + 1, epoch, b, run)
+                    sums.add((state.step + 1, epoch, b), sum(len(indices) for _, indices in batches), device_sums)
+                    state.step, state.batch = state.step + 1, b + 1
+                    bar.update(state.batch - bar.n)
+                    if state.step % recipe.log_every == 0:
+                        log_step(run, state, sums, bar, epoch, trainer.learning_rate, norm)
+                    stop_if_requested(stop, checkpoint, run, state)
+                    if recipe.save_every and state.step % recipe.save_every == 0 and state.batch < bar.total:
+                        checkpoint()
+            end_epoch(run, state, sums, task, epoch, trainer.learning_rate, (test_set, dev_set), devices, rank,
+                      save_model)
             checkpoint()
-    # The final model (in a distributed run, the other workers' copies, to check that they agree)
-    npx.waitall()
+    npx.waitall()  # the final model (in a distributed run, the other workers' copies, to check that they agree)
     run.save_final(net, save_model, distributed=recipe.kvstore.startswith("dist"))
     return [m for m in state.metrics if m["kind"] == "epoch"]

@@ -8,7 +8,7 @@ import pytest
 from browser import MISSING, start_chromium
 from conftest import DEV_PAIRS, RESERVED, build_vocab_tokens, run_cli
 
-from nli import attention, data, evaluate, snli
+from nli import attention, data, predict, snli
 
 SIZES = dict(num_hiddens=32, ffn_num_hiddens=64, num_heads=4, num_blks=2, max_len=64)
 PREMISE, HYPOTHESIS = "A man sleeps on a bench in the park.", "A person is awake."
@@ -28,13 +28,13 @@ def run_dir(tmp_path_factory):
     tokens = np.array([[1, 2, 3]], dtype="int32")
     net(tokens, np.zeros_like(tokens), np.array([3.0]))
     folder = str(tmp_path_factory.mktemp("run"))
-    model.save_run(folder, net, vocab, encoder.config, {"max_len": 48, "truncation": "longest_first"})
+    model.save_run(folder, net, vocab, {"max_len": 48, "truncation": "longest_first"})
     return folder
 
 
 @pytest.fixture(scope="module")
 def predictor(run_dir):
-    return evaluate.Predictor.from_run(run_dir, batch_size=8)
+    return predict.load_predictor(run_dir, batch_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_label_and_probabilities_are_the_predictions_and_the_classifier_graph_is
 
 
 def test_the_graph_sees_updated_parameters(run_dir):
-    changed = evaluate.Predictor.from_run(run_dir)
+    changed = predict.load_predictor(run_dir)
     before = changed.attention(PREMISE, HYPOTHESIS)
     queries = changed.net.encoder.blks[0].attention.W_q.weight
     queries.set_data(queries.data() * 3)  # in place, as a training step updates it

@@ -123,7 +123,7 @@ def test_no_gold_label_is_dropped_and_bad_label_names_file_and_line(tmp_path):
 def finetuned_params(model_dir, devices, steps=3):
     """Parameters after a few steps of fine-tuning with dropout 0 on `devices`, from the same seed."""
     train.seed_everything(0)
-    net, vocab, _ = model.from_pretrained(model_dir, devices, dropout=0.0)
+    net, vocab = model.from_pretrained(model_dir, devices, dropout=0.0)
     premises, hypotheses, labels = snli.read_pairs(os.path.join(SAMPLE_DIR, "snli_1.0_dev.jsonl"))
     encoded = snli.encode_pairs(premises, hypotheses, labels, vocab, 64)
     loss = mx.gluon.loss.SoftmaxCrossEntropyLoss()

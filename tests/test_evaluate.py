@@ -9,7 +9,7 @@ import pytest
 
 from conftest import DEV_PAIRS, RESERVED, SAMPLE_DIR, build_vocab_tokens, run_cli
 
-from nli import cli, evaluate, snli
+from nli import cli, evaluate, predict, snli
 
 MAX_LEN = 32  # the run's max_len; the tiny model's position table has 64 rows
 
@@ -29,13 +29,13 @@ def tiny_run(tmp_path_factory):
     tokens = np.array([[1, 2, 3]], dtype="int32")
     net(tokens, np.zeros_like(tokens), np.array([3.0]))
     run_dir = str(tmp_path_factory.mktemp("run"))
-    model.save_run(run_dir, net, vocab, encoder.config, {"max_len": MAX_LEN, "truncation": "longest_first"})
+    model.save_run(run_dir, net, vocab, {"max_len": MAX_LEN, "truncation": "longest_first"})
     return run_dir
 
 
 @pytest.fixture(scope="module")
 def predictor(tiny_run):
-    return evaluate.Predictor.from_run(tiny_run, batch_size=16)
+    return predict.load_predictor(tiny_run, batch_size=16)
 
 
 def dev_pairs(n):
@@ -98,7 +98,7 @@ def test_batched_prediction_equals_one_pair_at_a_time(tiny_run, predictor):
     assert len({r["label"] for r in batched}) > 1  # the model is not constant, so order matters
     # The book-named function answers as the API does, on raw text.
     net, vocab = predictor.net, predictor.vocab
-    book = evaluate.predict_snli(net, vocab, "A dog's toy.", "A toy.", predictor.devices, MAX_LEN)
+    book = predict.predict_snli(net, vocab, "A dog's toy.", "A toy.", predictor.devices, MAX_LEN)
     assert book == predictor.predict("A dog's toy.", "A toy.")
     assert predictor.predict("A dog's toy.", "A toy.")["unknown_share"] == 0.0
     assert predictor.predict("A dog 's toy .", "A toy .", tokenized=True) == predictor.predict("A dog's toy.",

@@ -19,7 +19,7 @@ onnx = pytest.importorskip("onnx", reason="onnx 1.23 needs numpy>=2.1 on Python 
 from conftest import DEV_PAIRS, ROOT, run_cli
 from test_hf import tiny_tensors, tiny_vocab, write_checkpoint
 
-from nli import data, evaluate, export, model, snli
+from nli import data, export, model, predict, snli
 
 MAX_LEN = 48  # the runs' max_len: some real pairs are cut, so batches mix full and short pairs
 
@@ -27,10 +27,9 @@ MAX_LEN = 48  # the runs' max_len: some real pairs are cut, so batches mix full 
 def save_classifier_run(folder, model_name, pooling="cls"):
     """A run dir of the classifier `model.from_pretrained` builds on `model_name`, untrained."""
     mx.random.seed(0)
-    net, vocab, bert_config = model.from_pretrained(model_name, [mx.cpu()], dropout=0.0, pooling=pooling)
+    net, vocab = model.from_pretrained(model_name, [mx.cpu()], dropout=0.0, pooling=pooling)
     net.output.initialize(mx.init.Normal(1.0), force_reinit=True)  # logits far enough apart to differ in label
-    model.save_run(folder, net, vocab, bert_config, {"max_len": MAX_LEN, "truncation": "longest_first",
-                                                     "pooling": pooling})
+    model.save_run(folder, net, vocab, {"max_len": MAX_LEN, "truncation": "longest_first"})
     return folder
 
 
@@ -57,9 +56,9 @@ def dev_pairs(n, start=0):
 
 def test_fp32_onnx_logits_equal_mxnet_on_batches_of_mixed_lengths(runs):
     run_dir, onnx_dir = runs
-    mxnet_side = evaluate.Predictor.from_run(run_dir, [mx.cpu()], batch_size=16)
-    onnx_side = evaluate.Predictor.from_run(onnx_dir, batch_size=16)
-    assert isinstance(onnx_side, export.OnnxPredictor) and not isinstance(mxnet_side, export.OnnxPredictor)
+    mxnet_side = predict.load_predictor(run_dir, [mx.cpu()], batch_size=16)
+    onnx_side = predict.load_predictor(onnx_dir, batch_size=16)
+    assert isinstance(onnx_side, predict.OnnxPredictor) and not isinstance(mxnet_side, predict.OnnxPredictor)
     encoded = mxnet_side.encode(*dev_pairs(300))
     assert encoded.valid_lens.min() < 16 and encoded.valid_lens.max() == MAX_LEN
     expected = mxnet_side.logits(encoded)
@@ -96,9 +95,9 @@ def test_exported_run_predicts_the_same_labels_through_the_cli_and_the_api(runs,
     pairs_file = tmp_path / "pairs.tsv"
     pairs_file.write_text("premise\thypothesis\tlabel\n" + "".join(
         f"{p}\t{h}\t{snli.LABELS[y]}\n" for p, h, y in zip(premises, hypotheses, labels)))
-    expected = [r["label"] for r in evaluate.Predictor.from_run(run_dir, [mx.cpu()]).predict_pairs(
+    expected = [r["label"] for r in predict.load_predictor(run_dir, [mx.cpu()]).predict_pairs(
         zip(premises, hypotheses), tokenized=True)]
-    api = [r["label"] for r in evaluate.Predictor.from_run(onnx_dir).predict_pairs(zip(premises, hypotheses),
+    api = [r["label"] for r in predict.load_predictor(onnx_dir).predict_pairs(zip(premises, hypotheses),
                                                                                     tokenized=True)]
     result = run_cli("predict", "--run", onnx_dir, "--file", pairs_file, "--tokenized", "--output",
                      tmp_path / "out.jsonl", "--quiet")
@@ -127,7 +126,7 @@ def test_int8_export_quantizes_the_matrix_products_and_keeps_embeddings_fp32(run
     tables = {w.name: w.data_type for w in int8.graph.initializer if "embedding" in w.name}
     assert tables and set(tables.values()) == {onnx.TensorProto.FLOAT}
     pairs = list(zip(*dev_pairs(20)[:2]))
-    predictions = evaluate.Predictor.from_run(str(tmp_path / "int8")).predict_pairs(pairs, tokenized=True)
+    predictions = predict.load_predictor(str(tmp_path / "int8")).predict_pairs(pairs, tokenized=True)
     assert all(sum(p["probabilities"].values()) == pytest.approx(1.0, abs=1e-5) for p in predictions)
 
 
@@ -158,9 +157,9 @@ def test_opsets_without_layer_normalization_are_refused_and_newer_ones_run(runs,
     result = run_cli("export", "--run", onnx_dir, "--out", tmp_path / "again")
     assert result.returncode == 2 and "already an ONNX export" in result.stderr
     export.export_run(run_dir, str(tmp_path / "opset18"), opset=18)
-    encoded = evaluate.Predictor.from_run(onnx_dir).encode(*dev_pairs(30))
-    assert onp.abs(evaluate.Predictor.from_run(str(tmp_path / "opset18")).logits(encoded)
-                   - evaluate.Predictor.from_run(onnx_dir).logits(encoded)).max() < 1e-5
+    encoded = predict.load_predictor(onnx_dir).encode(*dev_pairs(30))
+    assert onp.abs(predict.load_predictor(str(tmp_path / "opset18")).logits(encoded)
+                   - predict.load_predictor(onnx_dir).logits(encoded)).max() < 1e-5
 
 
 def readme_snippet():
@@ -181,5 +180,5 @@ def test_the_readmes_snippet_runs_the_export_without_nli_or_mxnet(runs, tmp_path
                             capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
     pairs = ast.literal_eval(re.search(r"^pairs = (.*)$", snippet, re.M).group(1))
-    expected = [r["label"] for r in evaluate.Predictor.from_run(onnx_dir).predict_pairs(pairs, tokenized=True)]
+    expected = [r["label"] for r in predict.load_predictor(onnx_dir).predict_pairs(pairs, tokenized=True)]
     assert ast.literal_eval(result.stdout.strip()) == expected

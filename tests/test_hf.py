@@ -13,7 +13,7 @@ import safetensors.numpy
 from mxnet import np, npx
 
 from conftest import DEV_PAIRS, ROOT, run_cli
-from nli import hf, model, snli
+from nli import hf, snli
 from nli.errors import UserError
 
 npx.set_np()
@@ -275,9 +275,9 @@ def test_hf_run_evaluates_and_predicts_through_the_cli(hf_run):
 
 
 def test_hf_run_shows_its_attention_over_word_pieces(hf_run):
-    from nli import evaluate
+    from nli import predict
     root, env = hf_run
-    pair = evaluate.Predictor.from_run(str(root / "run"), [mx.cpu()]).attention("A man sleeps.", "A person sleeps.")
+    pair = predict.load_predictor(str(root / "run"), [mx.cpu()]).attention("A man sleeps.", "A person sleeps.")
     assert pair.tokens == ["[CLS]", "a", "man", "sleep", "##s", ".", "[SEP]", "a", "person", "sleep", "##s", ".",
                            "[SEP]"]
     assert pair.boundary == 7 and pair.weights.shape == (TINY["num_hidden_layers"], TINY["num_attention_heads"], 13, 13)

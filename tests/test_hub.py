@@ -19,7 +19,7 @@ import zipfile
 import pytest
 
 from conftest import ROOT, closed_port, run_cli
-from nli import hub
+from nli import fileio, hub
 from nli.errors import UserError
 
 DATA = random.Random(0).randbytes(256 * 1024)
@@ -124,7 +124,7 @@ def test_dropped_connection_resumes_with_range(server, publish):
     path = publish("blob", "blob.bin", DATA, drops=1)
     assert hub.download("blob", quiet=True) == path
     assert server.gets("blob.bin") == [None, f"bytes={len(DATA) // 2}-"]
-    assert hub.sha1_of(path) == digest(DATA)
+    assert fileio.sha1_of(path) == digest(DATA)
     assert not os.path.exists(path + ".part")
 
 
@@ -132,7 +132,7 @@ def test_server_ignoring_range_restarts_from_zero(server, publish):
     path = publish("blob", "blob.bin", DATA, drops=1, ignore_range=True)
     hub.download("blob", quiet=True)
     assert server.gets("blob.bin") == [None, f"bytes={len(DATA) // 2}-"]
-    assert os.path.getsize(path) == len(DATA) and hub.sha1_of(path) == digest(DATA)
+    assert os.path.getsize(path) == len(DATA) and fileio.sha1_of(path) == digest(DATA)
 
 
 def test_wrong_bytes_fail_naming_url_and_both_sha1s_and_are_kept_aside(server, publish):
@@ -161,7 +161,7 @@ def test_http_errors_stop_after_bounded_tries(server, publish, status, tries):
 def test_reset_connections_are_retried(server, publish):
     path = publish("blob", "blob.bin", DATA, resets=2)  # NLI_HUB_RETRIES=2: the third try gets it
     assert hub.download("blob", quiet=True) == path
-    assert len(server.gets("blob.bin")) == 3 and hub.sha1_of(path) == digest(DATA)
+    assert len(server.gets("blob.bin")) == 3 and fileio.sha1_of(path) == digest(DATA)
 
 
 def test_stalled_server_times_out(server, publish, monkeypatch):
@@ -191,7 +191,7 @@ def test_cached_file_is_trusted_by_its_record_until_it_changes(server, publish, 
             hub.download("blob", quiet=True)
         assert open(path, "rb").read() == changed
         hub.download("blob", quiet=True, replace=True)
-        assert hub.sha1_of(path) == digest(DATA)
+        assert fileio.sha1_of(path) == digest(DATA)
         assert open(hub.mismatch_path(path, digest(changed)), "rb").read() == changed
     assert len(server.gets("blob.bin")) == 3
 
@@ -362,7 +362,7 @@ def test_two_processes_end_with_one_good_copy(server, publish, tmp_path):
     assert [out.strip() for out, _ in outputs] == [str(tmp_path / "data" / "pack")] * 2
     assert sum("Waiting for another process" in err for _, err in outputs) == 1
     assert len(server.gets("pack.zip")) == 1
-    assert hub.sha1_of(path) == digest(archive) and not os.path.exists(path + ".part")
+    assert fileio.sha1_of(path) == digest(archive) and not os.path.exists(path + ".part")
     assert os.path.getsize(tmp_path / "data" / "pack" / "weights.bin") == 2 << 20
 
 
@@ -418,7 +418,7 @@ def test_import_and_replace_under_another_manifest(server, publish, tmp_path):
         hub.download_extract("blob", quiet=True)
     assert file_state(path) == before and not server.requests and not os.path.exists(path + ".part")
     assert hub.import_file("blob", tmp_path / "good.bin", quiet=True, replace=True) == path
-    assert hub.sha1_of(path) == digest(DATA) and open(hub.mismatch_path(path, digest(theirs)), "rb").read() == theirs
+    assert fileio.sha1_of(path) == digest(DATA) and open(hub.mismatch_path(path, digest(theirs)), "rb").read() == theirs
     assert hub.download("blob", quiet=True) == path and not server.requests
 
 

@@ -10,7 +10,7 @@ import pytest
 from mxnet import npx
 
 from conftest import DEV_PAIRS, ROOT, SMALL, budget_for
-from nli import cli, evaluate, memory, model, snli, train
+from nli import cli, memory, model, predict, runner, snli, train
 from nli.recipe import TUNED, Recipe
 
 npx.set_np()
@@ -26,7 +26,8 @@ def pairs():
 def test_max_memory_takes_sizes_and_names_itself_when_it_cannot(capsys):
     parse = cli.build_parser().parse_args
     for text, size in (("6G", 6 * 2 ** 30), ("512M", 512 * 2 ** 20), ("1.5G", 3 * 2 ** 29), ("8GiB", 8 * 2 ** 30)):
-        assert cli.finetune_recipe(parse(["finetune", "--max-memory", text])).max_memory == size
+        assert runner.recipe_of(*cli.finetune_settings(parse(["finetune", "--max-memory", text]))).max_memory \
+            == size
     for bad in ("6Q", "0G", "lots"):
         with pytest.raises(SystemExit):
             parse(["finetune", "--max-memory", bad])
@@ -44,12 +45,12 @@ def one_update(model_dir, pairs, max_memory, monkeypatch, run_dir=None):
     calls = []
     monkeypatch.setattr(train, "train_batch", lambda *args: calls.append(len(args[1][-1])) or TRAIN_BATCH(*args))
     train.seed_everything(0)
-    net, vocab, _ = model.from_pretrained(model_dir, CPU, dropout=0.0)
+    net, vocab = model.from_pretrained(model_dir, CPU, dropout=0.0)
     train_set = snli.encode_pairs(*(c[:16] for c in pairs), vocab, 64)
     test_set = snli.encode_pairs(*(c[-8:] for c in pairs), vocab, 64)
     recipe = dataclasses.replace(TUNED, epochs=1, batch_size=16, lr=1e-3, max_len=64, warmup_ratio=0.0,
                                  max_memory=max_memory(net) if callable(max_memory) else max_memory)
-    train.finetune(net, train_set, test_set, CPU, recipe, run_dir=run_dir, progress=False)
+    train.finetune(net, train_set, test_set, dataclasses.replace(recipe, out=run_dir), progress=False)
     return {name: p.data().asnumpy().copy() for name, p in net._collect_params_with_prefix().items()}, calls
 
 
@@ -69,22 +70,22 @@ def test_micro_batches_update_as_the_whole_batch(training_bert_dir, pairs, monke
 def test_a_budget_that_cannot_hold_one_pair_stops_before_training(training_bert_dir, tmp_path, capsys):
     status = cli.main(["finetune", "--model", training_bert_dir, "--train", DEV_PAIRS, "--test", DEV_PAIRS,
                        "--limit-train", "16", "--limit-test", "8", "--max-len", "64", "--devices", "cpu",
-                       "--max-memory", "100M", "--quiet", "--out", str(tmp_path / "run")])
+                       "--batch-size", "8", "--max-memory", "100M", "--quiet", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1 and "error: --max-memory 100.0M cannot hold even one pair" in err
     assert not (tmp_path / "run" / "checkpoint").exists()  # nothing started
 
 
 def test_prediction_in_micro_batches_gives_the_same_logits(training_bert_dir, pairs):
-    net, vocab, _ = model.from_pretrained(training_bert_dir, CPU, dropout=0.0)
+    net, vocab = model.from_pretrained(training_bert_dir, CPU, dropout=0.0)
     encoded = snli.encode_pairs(*(c[:40] for c in pairs), vocab, 64)
-    whole = evaluate.Predictor(net, vocab, {"max_len": 64}, CPU, batch_size=40, max_memory=2 ** 40)
-    split = evaluate.Predictor(net, vocab, {"max_len": 64}, CPU, batch_size=40, max_memory=budget_for(net, 3, 64))
+    whole = predict.Predictor(net, vocab, {"max_len": 64}, CPU, batch_size=40, max_memory=2 ** 40)
+    split = predict.Predictor(net, vocab, {"max_len": 64}, CPU, batch_size=40, max_memory=budget_for(net, 3, 64))
     assert onp.abs(whole.logits(encoded) - split.logits(encoded)).max() < 1e-5
 
 
 def test_the_split_fits_each_batch_and_leaves_a_batch_that_fits_as_it_is(training_bert_dir):
-    net, _, _ = model.from_pretrained(training_bert_dir, CPU)
+    net, _ = model.from_pretrained(training_bert_dir, CPU)
     plan = memory.MemoryPlan(budget_for(net, 10, 64), memory.Shape.of(net), 64)
     lengths = onp.array([60, 10, 12, 64, 9, 11, 30, 31, 62, 63, 58, 61, 12, 13])
     order = onp.arange(len(lengths))[::-1]

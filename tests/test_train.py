@@ -13,7 +13,7 @@ import pytest
 from mxnet import gluon, npx
 
 from conftest import DEV_PAIRS, ROOT, budget_for, run_cli
-from nli import cli, data, model, rundir, snli, train
+from nli import cli, data, fileio, model, rundir, runner, snli, train
 from nli.errors import UserError
 from nli.recipe import BOOK, TUNED, Recipe
 
@@ -157,10 +157,12 @@ def test_resume_refuses_a_dir_without_checkpoint_or_new_settings(tmp_path):
 def test_finetune_options_are_the_recipes_fields():
     parse = cli.build_parser().parse_args
     args = parse(["finetune", "--recipe", "tuned", "--lr", "5e-5", "--extract-features", "--limit-train", "8"])
-    assert cli.finetune_recipe(args) == dataclasses.replace(TUNED, lr=5e-5, mode="features", limit_train=8)
+    assert runner.recipe_of(*cli.finetune_settings(args)) == dataclasses.replace(TUNED, lr=5e-5, mode="features",
+                                                                                  limit_train=8)
     every = [token for field in dataclasses.fields(Recipe)[1:] if getattr(TUNED, field.name) is not None
              for token in (f"--{field.name.replace('_', '-')}", str(getattr(TUNED, field.name)))]
-    assert cli.finetune_recipe(parse(["finetune", *every])) == dataclasses.replace(TUNED, name="book")
+    every_option = runner.recipe_of(*cli.finetune_settings(parse(["finetune", *every])))
+    assert every_option == dataclasses.replace(TUNED, name="book")
     with pytest.raises(SystemExit):
         parse(["finetune", "--optimizer", "sgd"])  # the choices are the Recipe's
     with pytest.raises(UserError, match="optimizer 'sgd'"):
@@ -181,12 +183,13 @@ def pairs():
 def small_run(model_dir, pairs, n_train=64, dropout=0.0, **options):
     """Fine-tune a fresh classifier from seed 0 in this process: (net, per-epoch metrics)."""
     train.seed_everything(0)
-    net, vocab, _ = model.from_pretrained(model_dir, CPU, dropout=dropout, pooling=options.get("pooling", "cls"))
+    net, vocab = model.from_pretrained(model_dir, CPU, dropout=dropout, pooling=options.get("pooling", "cls"))
     train_set = snli.encode_pairs(*(c[:n_train] for c in pairs), vocab, 64)
     test_set = snli.encode_pairs(*(c[-32:] for c in pairs), vocab, 64)
-    live = {k: options.pop(k) for k in ("run_dir", "loss") if k in options}  # the rest is the recipe
-    recipe = dataclasses.replace(BOOK, **{"epochs": 2, "batch_size": 16, "lr": 1e-3, **options})
-    return net, train.finetune(net, train_set, test_set, CPU, recipe, progress=False, **live)
+    live = {k: options.pop(k) for k in ("loss",) if k in options}  # the rest is the recipe
+    recipe = dataclasses.replace(BOOK, **{"epochs": 2, "batch_size": 16, "lr": 1e-3, "max_len": 64,
+                                          "out": options.pop("run_dir", None), **options})
+    return net, train.finetune(net, train_set, test_set, recipe, progress=False, **live)
 
 
 def weights(net):
@@ -222,14 +225,12 @@ def test_mean_pooling_averages_the_valid_tokens_and_the_run_keeps_it(training_be
     onp.testing.assert_allclose(net.pool(mx, mx.np.array(outputs), valid_lens).asnumpy(), expected, rtol=1e-5,
                                 atol=1e-6)
     logits = net(tokens, segments, valid_lens).asnumpy()
-    bert_config = model.from_pretrained(training_bert_dir, CPU)[2]
-    model.save_run(str(tmp_path / "run"), net, vocab, bert_config,
-                   dataclasses.replace(BOOK, pooling="mean").run_config())
+    model.save_run(str(tmp_path / "run"), net, vocab, train.run_config(net, encoded, BOOK))  # the net's pooling
     loaded, _, config = model.load_run(str(tmp_path / "run"), CPU)
     assert config["pooling"] == loaded.pooling == "mean"
     onp.testing.assert_allclose(loaded(tokens, segments, valid_lens).asnumpy(), logits, rtol=1e-5, atol=1e-6)
     del config["pooling"]  # as runs from before --pooling say: then the same weights read <cls>, other logits
-    rundir.write_json(str(tmp_path / "run" / "config.json"), config)
+    fileio.write_json(str(tmp_path / "run" / "config.json"), config)
     as_cls = model.load_run(str(tmp_path / "run"), CPU)[0]
     assert as_cls.pooling == "cls" and onp.abs(as_cls(tokens, segments, valid_lens).asnumpy() - logits).max() > 1e-4
 
@@ -273,7 +274,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(training_b
         small_run(training_bert_dir, pairs, run_dir=str(run_dir), save_every=2, loss=LossTurningNaN(3))
     folder, state = rundir.read_checkpoint(str(run_dir))
     assert state["step"] == 2 and state["batch"] == 2
-    net, _, _ = model.from_pretrained(training_bert_dir, CPU)
+    net, _ = model.from_pretrained(training_bert_dir, CPU)
     net.load_parameters(os.path.join(folder, "model.params"), ctx=CPU)
     assert all(onp.isfinite(w).all() for w in weights(net).values())
 
@@ -302,10 +303,8 @@ def test_adamw_decays_weights_but_not_biases_or_layernorm():
     net = gluon.nn.HybridSequential()
     net.add(gluon.nn.Dense(4, in_units=3), gluon.nn.LayerNorm(in_channels=4))
     net.initialize(mx.init.Constant(0.5))
-    for p in net.collect_params(train.NO_DECAY).values():
-        p.wd_mult = 0.0
-    optimizer = train.make_optimizer("adamw", 0.1, 0.01, "constant", 0.0, 10)
-    trainer = gluon.Trainer(net.collect_params(), optimizer)
+    trainer = train.make_trainer(net, dataclasses.replace(BOOK, optimizer="adamw", lr=0.1, weight_decay=0.01),
+                                 "device", 10)
     before = {name: p.data().asnumpy() for name, p in net.collect_params().items()}
     with mx.autograd.record():
         out = net(mx.np.ones((2, 3))).sum() * 0  # zero gradients: only the decay moves weights
@@ -341,11 +340,11 @@ def test_a_checkpoint_swap_cut_short_leaves_a_complete_checkpoint(tmp_path):
         put(folder, "model.params", "half")
         raise OSError("disk full")
     checkpoint = str(tmp_path / "checkpoint")
-    rundir.replace_dir(checkpoint, checkpoint_of(1))
+    fileio.replace_dir(checkpoint, checkpoint_of(1))
     with pytest.raises(OSError):
-        rundir.replace_dir(checkpoint, dies_while_writing)
+        fileio.replace_dir(checkpoint, dies_while_writing)
     assert rundir.read_checkpoint(str(tmp_path))[1] == {"step": 1}  # untouched
-    rundir.replace_dir(checkpoint + ".new", checkpoint_of(2))
+    fileio.replace_dir(checkpoint + ".new", checkpoint_of(2))
     os.replace(checkpoint, checkpoint + ".old")  # as if it died between replace_dir's two renames
     folder, state = rundir.read_checkpoint(str(tmp_path))
     assert folder == checkpoint and state == {"step": 2}  # the newer one, back in its place
