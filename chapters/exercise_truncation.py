@@ -36,15 +36,13 @@ import json
 import os
 import sys
 
-import matplotlib
+import numpy as onp
 
-matplotlib.use("Agg")  # figures are saved as PNG; a notebook shows the PNG
-import numpy as onp  # noqa: E402
-from matplotlib import pyplot as plt  # noqa: E402
+import nli
+from nli import chapter, errors, figures, hub, snli
+from nli.recipe import RECIPES
 
-import nli  # noqa: E402
-from nli import chapter, errors, hub, snli  # noqa: E402
-from nli.recipe import RECIPES  # noqa: E402
+plt = figures.pyplot()  # Agg in a script: figures are saved as PNG, which a notebook shows
 
 errors.report_user_errors()  # a user's mistake prints one line, `error: ...`, as in `nli`
 

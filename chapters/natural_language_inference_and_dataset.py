@@ -34,12 +34,9 @@ import argparse
 import collections
 import os
 
-import matplotlib
+from nli import chapter, errors, figures, hub, snli
 
-matplotlib.use("Agg")  # the figure is saved as a PNG; a notebook shows the PNG
-from matplotlib import pyplot as plt  # noqa: E402
-
-from nli import chapter, errors, hub, snli  # noqa: E402
+plt = figures.pyplot()  # Agg in a script: the figure is saved as a PNG, which a notebook shows
 
 errors.report_user_errors()  # a user's mistake prints one line, `error: ...`, as in `nli`
 

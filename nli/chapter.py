@@ -50,8 +50,8 @@ def parse_args(parser):
 
 
 def show(png):
-    """Show a saved figure inline in a notebook (a script leaves the file). An image, not a live figure: `nli` draws
-    with matplotlib's Agg backend, which has no inline display."""
+    """Show a saved figure inline in a notebook; a script leaves the file. The file, not the live figure: what `nli`
+    draws (curves, attention) is saved and closed, and the notebook shows what the run directory holds."""
     if in_notebook():
         from IPython.display import Image, display
         display(Image(filename=os.fspath(png)))
