@@ -8,7 +8,8 @@
 #
 # Run it as a script (`python chapters/natural_language_inference_bert.py [--quick] [--model M] [--pairs FILE]`)
 # or open its notebook, `natural_language_inference_bert.ipynb`; a notebook takes the same options from the
-# environment variable `NLI_CHAPTER_ARGS` (e.g. `"--quick --model hf:DIR"`). Without the book's downloads,
+# environment variable `NLI_CHAPTER_ARGS`, set before Jupyter starts or in a cell of its own before the options
+# are read (`%env NLI_CHAPTER_ARGS=--quick --model hf:DIR`). Without the book's downloads,
 # `--model hf:DIR` (a Hugging Face BERT) and `--pairs tests/data/snli_1.0_dev_pairs.tsv` (9,842 real SNLI pairs)
 # run offline.
 

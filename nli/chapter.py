@@ -3,7 +3,8 @@ command line, and figures shown inline.
 
 A chapter runs as a script (`python chapters/X.py --quick`) or as its notebook (chapters/X.ipynb). A Jupyter
 kernel has no command line of its own, so a notebook reads the same options from the environment variable
-`NLI_CHAPTER_ARGS`, e.g. `NLI_CHAPTER_ARGS="--quick --model hf:DIR" jupyter lab`; unset, it runs with the defaults.
+`NLI_CHAPTER_ARGS`, e.g. `NLI_CHAPTER_ARGS="--quick --model hf:DIR" jupyter lab`, or `%env NLI_CHAPTER_ARGS=--quick` in
+a cell before the options are read (Colab); unset, it runs with the defaults.
 """
 import dataclasses
 import os
