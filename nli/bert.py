@@ -307,7 +307,8 @@ def model_dir(name_or_dir):
     if name_or_dir in hub.registry():
         return hub.download_extract(name_or_dir)
     raise UserError(f"{name_or_dir!r} is neither a model directory nor a known model name "
-                    f"(known: {', '.join(sorted(PRESETS))}).")
+                    f"(known: {', '.join(sorted(PRESETS))}); a Hugging Face BERT is named hf:DIR, or "
+                    f"hf:ORG/NAME to take it from the Hub (as in hf:sentence-transformers/all-MiniLM-L6-v2).")
 
 
 def read_config(directory, vocab_size):

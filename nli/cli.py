@@ -10,6 +10,10 @@ from .errors import UserError
 from .recipe import RECIPES, Recipe, at_least, checked
 
 
+SCORING_DEVICES_HELP = ("auto (every GPU, else the CPU), cpu, cpu:N, gpu or gpu:0,1; default: one device, the first "
+                        "GPU, else the CPU")
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """`--help` that gives each option's default, when it has one, and marks the required options."""
 
@@ -58,7 +62,7 @@ def build_parser():
     add_data_arguments(evaluate)
     evaluate.add_argument("--limit-test", type=checked(int, at_least(1)), metavar="N",
                           help="evaluate on the first N pairs")
-    evaluate.add_argument("--devices", default="auto", help="auto, cpu, cpu:N, gpu or gpu:0,1")
+    evaluate.add_argument("--devices", help=SCORING_DEVICES_HELP)
     evaluate.add_argument("--batch-size", type=checked(int, at_least(1)), default=512, help="pairs per batch")
     add_memory_argument(evaluate)
     evaluate.add_argument("--errors", type=int, default=0, metavar="N",
@@ -76,7 +80,7 @@ def build_parser():
 
     predict = commands.add_parser("predict", help="labels of raw premise/hypothesis pairs: one, a file or stdin")
     predict.add_argument("--run", required=True, help="the run directory (or its best/) to predict with")
-    predict.add_argument("--devices", default="auto", help="auto, cpu, cpu:N, gpu or gpu:0,1")
+    predict.add_argument("--devices", help=SCORING_DEVICES_HELP)
     predict.add_argument("--batch-size", type=checked(int, at_least(1)), default=256, help="pairs per batch")
     add_memory_argument(predict)
     predict.add_argument("premise", nargs="?", help="one pair's premise")
@@ -93,8 +97,11 @@ def build_parser():
                               "head, or FILE.html, a page to explore them (one pair only)")
     predict.add_argument("--heads", choices=["all", "mean"], default="all",
                          help="the .png shows every head, or each layer's mean of the heads")
-    commands.add_parser("doctor", help="versions, MXNet's build, devices, OpenMP, the download cache, and the fix "
-                                       "for each known problem found")
+    doctor = commands.add_parser("doctor", help="versions, MXNet's build, devices, OpenMP, the download cache, and "
+                                                "the fix for each known problem found")
+    doctor.add_argument("--test", action="store_true",
+                        help="also fine-tune a tiny BERT for a few steps on every device, together and one by one, "
+                             "and on the CPU: the losses must agree and the devices hold the same weights")
     for command in commands.choices.values():
         command.formatter_class = HelpFormatter
     return parser
@@ -152,7 +159,8 @@ def run_finetune(args):
 
 def run_evaluate(args):
     from . import data, evaluate, predict, runner, snli
-    predictor = predict.load_predictor(args.run, data.parse_devices(args.devices), args.batch_size, args.max_memory)
+    devices = data.parse_devices(args.devices) if args.devices else None  # None: one device
+    predictor = predict.load_predictor(args.run, devices, args.batch_size, args.max_memory)
     _, test_file = runner.data_files(args.data, None, args.test, need_train=False)
     test_pairs = [column[:args.limit_test] for column in snli.read_pairs(test_file)]
     runner.require_pairs(len(test_pairs[2]), test_file, "evaluate on")
@@ -174,7 +182,8 @@ def run_predict(args):
         raise UserError("--attention draws one pair: give PREMISE HYPOTHESIS, not --file or --stdin.")
     if args.attention:
         attention.view_format(args.attention)
-    predictor = predict.load_predictor(args.run, data.parse_devices(args.devices), args.batch_size, args.max_memory)
+    devices = data.parse_devices(args.devices) if args.devices else None  # None: one device
+    predictor = predict.load_predictor(args.run, devices, args.batch_size, args.max_memory)
     if one_pair:
         result = predictor.predict(args.premise, args.hypothesis, args.tokenized)
         print(json.dumps(result, ensure_ascii=False))
@@ -218,7 +227,7 @@ def run_download(args):
 
 def run_doctor(args):
     from . import doctor
-    return doctor.main()
+    return doctor.main(args.test)
 
 
 def main(argv=None):

@@ -1,9 +1,11 @@
 """Devices, and batching encoded pairs: length buckets, dynamic padding, splitting each batch over the devices."""
+import sys
+
 import mxnet as mx
 import numpy as onp
 from mxnet import gluon, np
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 PAD_MULTIPLE = 8  # batches are padded to a multiple of 8 tokens so hybridized graphs see few shapes
 
@@ -12,24 +14,43 @@ def parse_devices(spec):
     """Devices from `auto`, `cpu`, `cpu:N`, `gpu` or `gpu:0,1`; `auto` is every GPU, else the CPU.
 
     Book: `try_all_gpus` (which gives no device at all on a machine without a GPU)."""
-    num_gpus = mx.context.num_gpus()
     kind, _, rest = spec.partition(":")
     if spec == "auto":
+        num_gpus = gpu_count()
+        if not num_gpus and mx.runtime.Features().is_enabled("CUDA"):  # e.g. no driver, or CUDA_VISIBLE_DEVICES=
+            print("note: this mxnet is a CUDA build but sees no GPU, so it runs on the CPU; `nli doctor` says why.",
+                  file=sys.stderr, flush=True)
         return [mx.gpu(i) for i in range(num_gpus)] or [mx.cpu()]
     if kind == "cpu":
         if not rest:
             return [mx.cpu()]
         if rest.isdigit() and int(rest) > 0:
             return [mx.cpu(i) for i in range(int(rest))]
+        if "," in rest:
+            raise UserError(f"--devices {spec}: cpu:N takes a number of CPU contexts (cpu:2), not a list of ids.")
     if kind == "gpu":
-        ids = list(range(num_gpus)) if not rest else [int(i) for i in rest.split(",") if i.isdigit()]
+        ids = [int(i) for i in rest.split(",") if i.isdigit()]
         if rest and len(ids) != len(rest.split(",")):
             raise UserError(f"--devices {spec}: expected gpu:0,1,... with GPU numbers.")
+        if len(set(ids)) != len(ids):  # one GPU twice would hold two copies and count its batches twice
+            raise UserError(f"--devices {spec}: each GPU may be named once.")
+        num_gpus = gpu_count()
+        ids = ids if rest else list(range(num_gpus))
         missing = [i for i in ids if i >= num_gpus]
         if not ids or missing:
             raise UserError(f"--devices {spec}: this machine has {num_gpus} GPU(s) visible to MXNet.")
         return [mx.gpu(i) for i in ids]
     raise UserError(f"--devices {spec!r}: expected auto, cpu, cpu:N, gpu or gpu:0,1.")
+
+
+def gpu_count():
+    """The GPUs MXNet sees. Some MXNet versions fail to count them under a driver too old for the build (others
+    count 0): that is said in one sentence, not a C++ stack trace."""
+    try:
+        return mx.context.num_gpus()
+    except mx.MXNetError as e:
+        raise UserError(f"MXNet cannot count the GPUs ({first_line(e)}); `nli doctor` says why, and --devices cpu "
+                        f"runs without them.") from None
 
 
 class LengthBucketSampler(gluon.data.Sampler):

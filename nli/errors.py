@@ -8,6 +8,11 @@ class UserError(Exception):
     """A problem with the user's input, files or setup, with a message saying what to do."""
 
 
+def first_line(error):
+    """The first line of an exception's message: MXNet's go on with a C++ stack trace."""
+    return (str(error).strip().splitlines() or [""])[0]
+
+
 def report_user_errors():
     """Make this script print an uncaught UserError as `python -m nli` does: `error: ...`, exit status 2.
 

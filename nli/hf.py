@@ -1,7 +1,9 @@
-"""Importing Hugging Face BERT checkpoints (config.json, vocab.txt, model.safetensors) into the Gluon BERT."""
+"""Importing Hugging Face BERT checkpoints (config.json, vocab.txt, model.safetensors) into the Gluon BERT,
+from a directory or, by name, from the Hugging Face Hub through the cache transformers shares."""
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -15,13 +17,101 @@ from .bert import ACTIVATIONS, BERTConfig, BERTModel
 from .errors import UserError
 from .snli import ragged
 
-PREFIX = "hf:"  # `--model hf:DIR` names a Hugging Face checkpoint directory
+PREFIX = "hf:"  # `--model hf:DIR` names a Hugging Face checkpoint directory, `hf:ORG/NAME` a model on the Hub
 WEIGHTS = "model.safetensors"
+NEEDED_FILES = ("config.json", "vocab.txt", WEIGHTS)
+HUB_FILES = NEEDED_FILES + ("tokenizer_config.json",)  # all nli reads of a Hub model; the lower-casing is optional
+# A Hub model: [ORG/]NAME as the Hub spells repo ids, then @REVISION (a branch, tag or commit) if pinned.
+HUB_NAME = re.compile(r"(?P<repo>(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[^@\s]+))?")
 # Tensors a classifier does not use: a position-id buffer, the pretraining heads, a previous task's head.
 IGNORED_PREFIXES = ("embeddings.position_ids", "cls.", "classifier.")
 BOOK_NAMES = {"<pad>": "[PAD]", "<unk>": "[UNK]", "<cls>": "[CLS]", "<sep>": "[SEP]", "<mask>": "[MASK]"}
 POSITIONS = "embeddings.position_embeddings.weight"
 INITIALIZER_RANGE = 0.02  # the std of new weights, as Hugging Face initializes BERT's
+
+
+def locate(name):
+    """The checkpoint directory `hf:NAME` names, and what a run records of it: (directory, source).
+
+    An existing directory wins. Otherwise NAME is a model on the Hugging Face Hub, [ORG/]NAME[@REVISION], taken
+    from the Hugging Face cache and downloaded into it first when it is not there (see `from_hub`).
+    """
+    if os.path.isdir(name):
+        return name, {"model": PREFIX + name}
+    match = HUB_NAME.fullmatch(name)
+    if match is None or "--" in match["repo"] or ".." in match["repo"]:  # the Hub allows neither in a name
+        raise UserError(f"{PREFIX}{name}: there is no such directory, and it is not the name of a Hugging Face "
+                        f"model either (ORG/NAME or ORG/NAME@REVISION, as hf:sentence-transformers/all-MiniLM-L6-v2).")
+    directory = from_hub(match["repo"], match["revision"])
+    return directory, {"model": PREFIX + name, "repo": match["repo"], "revision": match["revision"] or "main",
+                       "commit": os.path.basename(directory)}  # the cache names a snapshot by its commit
+
+
+def from_hub(repo, revision=None):
+    """The snapshot directory of Hub model `repo` at `revision` (default: main) in the Hugging Face cache, with
+    the files nli reads downloaded into it unless they are there.
+
+    huggingface_hub reads HF_ENDPOINT, HF_HOME / HF_HUB_CACHE and HF_HUB_OFFLINE when it is first imported, and
+    HF_TOKEN on each request; it is imported here, on first use, so a notebook may set them before.
+    """
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+    name = PREFIX + repo + (f"@{revision}" if revision else "")
+    offline = huggingface_hub.is_offline_mode()
+    cache = f"the Hugging Face cache (HF_HUB_CACHE={constants.HF_HUB_CACHE})"
+    try:
+        directory = huggingface_hub.snapshot_download(repo, revision=revision, allow_patterns=list(HUB_FILES),
+                                                      local_files_only=offline)
+    except errors.IncompleteSnapshotError as e:
+        why = "HF_HUB_OFFLINE=1 forbids downloading" if offline else f"{constants.ENDPOINT} could not be reached for"
+        raise UserError(f"The copy of {name} in {e.snapshot_path} lacks files and {why} the rest: run once online "
+                        f"to complete it.") from None
+    except errors.LocalEntryNotFoundError as e:
+        if offline:
+            raise UserError(f"{name} is not a directory here, nor in {cache}, and HF_HUB_OFFLINE=1 forbids "
+                            f"downloading it: run once online, set HF_HUB_CACHE to a cache that holds it, or give "
+                            f"its files as hf:DIR.") from None
+        cause = e.__cause__ or e
+        problem = (f"{constants.ENDPOINT} answered {_http_answer(cause)}" if isinstance(cause, errors.HfHubHTTPError)
+                   else f"{constants.ENDPOINT} could not be reached ({_first_line(cause)})")
+        raise UserError(f"Could not download {name}: {problem}, and the model is not in {cache}; check the "
+                        f"connection and HF_ENDPOINT, or give its files as hf:DIR.") from None
+    except errors.GatedRepoError:
+        raise UserError(f"{name} is gated on {constants.ENDPOINT}: accept its conditions on the model's page, then "
+                        f"set HF_TOKEN to a token of that account.") from None
+    except errors.RepositoryNotFoundError as e:
+        raise UserError(f"{name} is not a directory here, and {constants.ENDPOINT} has no model {repo} this machine "
+                        f"may see (HTTP {e.response.status_code}): check the name, or for a private model set "
+                        f"HF_TOKEN to a token with access.") from None
+    except errors.RevisionNotFoundError:
+        raise UserError(f"{constants.ENDPOINT} has the model {repo} but no revision {revision!r}: name a branch, "
+                        f"tag or commit it has.") from None
+    except errors.HfHubHTTPError as e:
+        if e.response is not None and e.response.status_code == 401:
+            raise UserError(f"{constants.ENDPOINT} refused the token for {name} (HTTP 401): set HF_TOKEN to a valid "
+                            f"token, or unset it (and `hf auth logout`) for a public model.") from None
+        raise UserError(f"Could not download {name}: {constants.ENDPOINT} answered {_http_answer(e)}.") from None
+    except errors.HFValidationError as e:
+        raise UserError(f"{name} is not a Hugging Face model name: {_first_line(e)}") from None
+    missing = [f for f in NEEDED_FILES if not os.path.exists(os.path.join(directory, f))]
+    if missing:
+        where = (f"its copy in {directory}, and HF_HUB_OFFLINE=1 forbids fetching them" if offline
+                 else f"commit {os.path.basename(directory)}")
+        raise UserError(f"{name} has no {', '.join(missing)} at {where}; nli reads a BERT's config.json, vocab.txt "
+                        f"and {WEIGHTS} (no PyTorch): choose a revision that has them, or convert the model and "
+                        f"give it as hf:DIR.")
+    return directory
+
+
+def _http_answer(error):
+    """"HTTP 500 Internal Server Error", say, of an error of huggingface_hub's that holds the server's answer."""
+    response = getattr(error, "response", None)
+    return f"HTTP {response.status_code} {response.reason_phrase}" if response is not None else _first_line(error)
+
+
+def _first_line(error):
+    """The first non-empty line of an error's message, or its type when it has none."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
 def read_config(directory):

@@ -20,6 +20,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import tomllib
 import urllib.parse
 import urllib.request
 import zipfile
@@ -33,12 +34,14 @@ from .errors import UserError
 from .fileio import sha1_of, write_json
 
 DATA_URL = "http://d2l-data.s3-accelerate.amazonaws.com/"  # d2l.DATA_URL
+DEV_PAIRS = os.path.join("tests", "data", "snli_1.0_dev_pairs.tsv")  # SNLI's dev split, in the repository
 
 # Each is overridden by its environment variable, read on every download.
 RETRIES = 5  # NLI_HUB_RETRIES: failed attempts in a row (without new bytes) allowed after the first
 TIMEOUT = 30.0  # NLI_HUB_TIMEOUT: seconds to connect, and to wait for the next bytes
 BACKOFF = 1.0  # NLI_HUB_BACKOFF: seconds before the first retry, doubled after each failure
 MAX_BACKOFF = 60.0
+REACH_TIMEOUT = 3.0  # seconds `nli doctor` waits for a download host
 CHUNK_SIZE = 1 << 16
 ZIP_SUFFIXES = (".zip",)
 TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".gz")  # d2l extracts .tar and .gz with tarfile too
@@ -77,8 +80,31 @@ BUILTIN = {
 
 
 def data_dir():
-    """The download cache: `NLI_DATA_DIR`, or `data/` in the working directory."""
-    return os.path.abspath(os.environ.get("NLI_DATA_DIR", "data"))
+    """The download cache, the same from any working directory: `NLI_DATA_DIR`; else the checkout's `data/` when nli
+    runs from a source checkout, as the book keeps its data beside its code; else the user's cache directory."""
+    if os.environ.get("NLI_DATA_DIR"):
+        return os.path.abspath(os.environ["NLI_DATA_DIR"])
+    checkout = source_checkout()
+    if checkout:
+        return os.path.join(checkout, "data")
+    cache = os.environ.get("XDG_CACHE_HOME", "")
+    return os.path.join(cache if os.path.isabs(cache) else os.path.expanduser("~/.cache"), "nli")  # XDG's rule
+
+
+def source_checkout():
+    """The nli repository this package is imported from (a clone, or `pip install -e`), or None when installed.
+
+    A checkout is the package's parent folder holding the repository's own pyproject.toml, one that names the
+    project nli, and data/README.md: an installed nli sits in site-packages, which holds neither, and a project
+    that merely vendors nli beside its own pyproject.toml names another project.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+            project = tomllib.load(f).get("project", {})
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    return root if project.get("name") == "nli" and os.path.isfile(os.path.join(root, "data", "README.md")) else None
 
 
 def registry():
@@ -235,6 +261,27 @@ def status(folder=None):
     return rows
 
 
+def download_hosts():
+    """{host: one of its URLs} for each host the registry in force downloads from over HTTP."""
+    urls = {}
+    for e in registry().values():
+        parts = urllib.parse.urlsplit(e.url)
+        if parts.scheme in ("http", "https"):
+            urls.setdefault(parts.netloc, e.url)
+    return urls
+
+
+def reach(url, timeout=REACH_TIMEOUT):
+    """Whether the host of `url` answers a HEAD of it, in a few words: "reachable", or why it is not."""
+    try:
+        answer = requests.head(url, timeout=(timeout, timeout), allow_redirects=False)
+    except requests.RequestException as err:
+        return f"unreachable: {_network_reason(err, _root_cause(err), timeout)}"
+    if answer.status_code >= 400:
+        return f"reachable, but {url} answers HTTP {answer.status_code} {answer.reason}"
+    return "reachable"
+
+
 def mismatch_path(path, sha1):
     """Where a file that is not the entry's is moved aside: `NAME.mismatch-` and the start of its SHA-1."""
     return f"{path}.mismatch-{sha1[:12]}"
@@ -355,14 +402,30 @@ def _network_reason(err, cause, timeout):
 
 
 def _unreachable(name, e, part, what):
-    """The error for a download that could not be done, with the three ways to get the file anyway."""
+    """The error for a download that could not be done, with the three ways to get the file anyway, and the
+    routes that do without it."""
     kept = f"; the {_size(part):,} bytes received are kept in {part} for the next try" if _size(part) else ""
     return UserError(
         f"Could not download {name}: {what}{kept}. If this machine is offline or the host is blocked, "
         f"there are three ways out: set NLI_MIRROR=http://host/path/ to a server holding {e.file_name}; "
         f"set NLI_HUB_MANIFEST=manifest.json to a JSON file naming another URL and SHA-1 for {name}; "
         f"or fetch {e.file_name} by other means and run `python -m nli download {name} --from FILE`, "
-        f"which imports it after checking its SHA-1 ({e.sha1}).")
+        f"which imports it after checking its SHA-1 ({e.sha1}).{_without(name)}")
+
+
+def _without(name):
+    """How to go on without entry `name`: a Hugging Face BERT for the book's, the repository's SNLI pairs for SNLI."""
+    if name in ("bert.small", "bert.base"):
+        return (" Or do without it: fine-tune a Hugging Face BERT, --model hf:DIR (a checkpoint directory) or "
+                "--model hf:ORG/NAME from the Hugging Face cache (as hf:sentence-transformers/all-MiniLM-L6-v2, "
+                "with HF_HUB_OFFLINE=1 when it is cached).")
+    if name == "SNLI":
+        checkout = source_checkout()
+        pairs = (os.path.join(checkout, DEV_PAIRS) if checkout
+                 else f"{DEV_PAIRS} of a clone of the nli repository")
+        return (f" Or do without it: {pairs} holds 9,842 real SNLI pairs; give them as --pairs FILE to the "
+                f"chapter script, or as --train FILE --test-fraction 0.2 to `nli finetune`.")
+    return ""
 
 
 def _install(name, e, path, source, keep_mismatch, replace=False, quiet=True):

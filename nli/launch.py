@@ -1,10 +1,11 @@
 """`python -m nli.launch ...`: MXNet's own distributed launcher (mxnet/tools/launch.py), made to run here.
 
 It takes launch.py's arguments unchanged, e.g. `-n 2 -s 1 --launcher local python -m nli finetune ...`
-or `-n 4 -s 4 -H hosts --launcher ssh python -m nli finetune ...`. Three repairs, nothing else:
+or `-n 4 -s 4 -H hosts --launcher ssh python -m nli finetune ...`. Four repairs, nothing else:
 - the dmlc_tracker that mxnet 1.9.1 ships calls `Thread.isAlive`, which Python 3.9 removed;
 - with `--launcher local` every process is on this machine, so the scheduler listens on the loopback
   address instead of whatever address the tracker would guess for the host;
+- with `--launcher local` each worker is shown its own share of the GPUs (CUDA_VISIBLE_DEVICES);
 - with `--launcher local` a process that fails stops the job: the tracker would raise in a thread
   (printing a traceback with the whole environment) and wait forever for the scheduler, which waits
   for the dead worker. Instead the other processes are ended and the launcher exits with one line.
@@ -56,14 +57,38 @@ class LocalJob:
         self.stopped.set()
 
     def exec_cmd(self, cmd, num_attempt, role, taskid, pass_env):
-        """dmlc_tracker.local.exec_cmd's contract (a worker or server), without its retries."""
+        """dmlc_tracker.local.exec_cmd's contract (a worker or server), without its retries; each worker is
+        shown its own share of this machine's GPUs."""
         env = {**os.environ, **{k: str(v) for k, v in pass_env.items()},
                "DMLC_TASK_ID": str(taskid), "DMLC_ROLE": role, "DMLC_JOB_CLUSTER": "local"}
+        if role == "worker" and (gpus := worker_gpus(visible_gpus(), taskid, int(env["DMLC_NUM_WORKER"]))):
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         self.run(" ".join(cmd), env, role)
 
     def check_call(self, cmdline, env, **_):
         """The scheduler's `subprocess.check_call` in dmlc_tracker.tracker.PSTracker."""
         self.run(cmdline, env, "scheduler")
+
+
+def visible_gpus():
+    """The GPUs this machine shows, as CUDA_VISIBLE_DEVICES names them (its own list, when it is set)."""
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        return [gpu for gpu in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if gpu.strip()]
+    import mxnet as mx
+    return [str(i) for i in range(mx.context.num_gpus())]
+
+
+def worker_gpus(gpus, rank, num_workers):
+    """The GPUs worker `rank` of `num_workers` is shown: an even share of `gpus`, or one of them (shared) when workers
+    outnumber them (GPUs left over by an even share stay idle). Without it every worker would take every GPU, and
+    plan its memory as if alone on each.
+    Not verified on a GPU (the project's machines have none)."""
+    if not gpus:
+        return []
+    if num_workers > len(gpus):
+        return [gpus[rank % len(gpus)]]
+    share = len(gpus) // num_workers
+    return gpus[rank * share:(rank + 1) * share]
 
 
 def free_port():

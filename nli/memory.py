@@ -23,6 +23,9 @@ GPU_SHARE = 0.85  # of each GPU's free memory: CUDA's and cuDNN's workspaces tak
 # its weights, gradients and moments (MiniLM and bert.small, one pair of 8 tokens); the CLI's data and evaluation
 # take more, so 600 MiB. On a GPU the same room stands for CUDA's context and workspaces (not measured).
 RUNTIME_BYTES = 600 * 2 ** 20
+# On each GPU, beside MXNet's pool: cuBLAS's and cuDNN's handles and workspaces, and MXNet's temporary space, which
+# grows to the largest request an operator makes. A margin, not measured: this project has no GPU.
+GPU_WORKSPACE_BYTES = 512 * 2 ** 20
 FLOAT_BYTES = 4  # float32 weights, gradients, moments and activations
 OPTIMIZER_MOMENTS = 2  # Adam's and AdamW's mean and variance, per trainable parameter
 # Calibration of the activation count below against the peak resident memory of training steps of one shape,
@@ -67,13 +70,20 @@ def available_bytes(devices):
     return int(CPU_SHARE * ram_available())
 
 
+GPU_PEAKS = {}  # GPU id -> the most memory seen in use on it by `peak_memory`, as the kernel keeps RSS's peak
+
+
 def peak_memory(devices):
-    """metrics.jsonl's figure of the memory taken: the process's peak resident set size on the CPU, or the memory
-    in use on each GPU (MXNet's pool holds what it ever allocated, so in use is close to the peak; not run here)."""
+    """metrics.jsonl's figure of the memory taken so far: the process's peak resident set size on the CPU, or the
+    most memory seen in use on each GPU (`gpu_memory_info`, read at each call: MXNet's pool keeps what it allocated,
+    so in use stays near the peak between calls; it counts other processes on that GPU too).
+    The GPU branch was not verified on a GPU."""
     gpus = [d for d in devices if d.device_type == "gpu"]
     if gpus:
-        return {"gpu_memory_used_bytes": [int(total - free) for free, total in
-                                          (mx.context.gpu_memory_info(d.device_id) for d in gpus)]}
+        for gpu in gpus:
+            free, total = mx.context.gpu_memory_info(gpu.device_id)
+            GPU_PEAKS[gpu.device_id] = max(GPU_PEAKS.get(gpu.device_id, 0), int(total - free))
+        return {"peak_gpu_memory_bytes": [GPU_PEAKS[gpu.device_id] for gpu in gpus]}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"peak_rss_bytes": peak if sys.platform == "darwin" else peak * 1024}  # macOS counts bytes, Linux KiB
 
@@ -129,10 +139,19 @@ class MemoryPlan:
         return FLOAT_BYTES * self.shape.trainable * (1 + OPTIMIZER_MOMENTS)
 
     @property
+    def reduce_bytes(self):
+        """The kvstore's buffers that sum the gradients over devices, per device: none on one device, else about a
+        copy of the gradients (MXNet's CommDevice merges each gradient on one device, into a buffer and one copy
+        buffer per other device, and spreads the gradients over the devices)."""
+        return FLOAT_BYTES * self.shape.trainable if self.num_devices > 1 else 0
+
+    @property
     def fixed_bytes(self):
-        """What a run holds whatever the batch: the runtime, and weights, gradients and moments (on each device)."""
+        """What a run holds whatever the batch: the runtime, weights, gradients, moments and the kvstore's reduce
+        buffers (on each device), and on a GPU a margin for workspaces (GPU_WORKSPACE_BYTES, not verified)."""
         copies = self.num_devices if self.shared else 1
-        return RUNTIME_BYTES + copies * (self.parameter_bytes + self.optimizer_bytes)
+        workspace = 0 if self.shared else GPU_WORKSPACE_BYTES
+        return RUNTIME_BYTES + workspace + copies * (self.parameter_bytes + self.optimizer_bytes + self.reduce_bytes)
 
     def pairs_per_micro_batch(self, length):
         """The most pairs padded to `length` whose activations fit the budget (over all devices)."""
@@ -145,8 +164,8 @@ class MemoryPlan:
         if self.pairs_per_micro_batch(self.max_len) < 1:
             need = self.expected_peak(1, self.max_len)
             raise UserError(f"--max-memory {format_size(self.max_memory)} cannot hold even one pair of {self.max_len} "
-                            f"tokens: this model needs about {format_size(need)} for it (weights, gradients and "
-                            f"optimizer state {format_size(self.fixed_bytes - RUNTIME_BYTES)}); give more memory, "
+                            f"tokens: this model needs about {format_size(need)} for it (weights, gradients, optimizer "
+                            f"state and buffers {format_size(self.fixed_bytes - RUNTIME_BYTES)}); give more memory, "
                             f"a lower --max-len or a smaller model.")
         return self
 
@@ -166,7 +185,11 @@ class MemoryPlan:
         per_token = self.shape.activation_bytes_per_token(self.max_len)
         return (f"memory: --max-memory {format_size(self.max_memory)}; parameters {self.shape.parameters:,} "
                 f"({format_size(self.parameter_bytes)}), gradients and optimizer state "
-                f"{format_size(self.optimizer_bytes)}, activations {format_size(per_token)} per token at "
+                f"{format_size(self.optimizer_bytes)}"
+                + (f", reduce buffers {format_size(self.reduce_bytes)}" if self.reduce_bytes else "")
+                + ("" if self.shared else f", workspaces {format_size(GPU_WORKSPACE_BYTES)}")
+                + (f" (on each of {self.num_devices} devices)" if self.num_devices > 1 else "")
+                + f", activations {format_size(per_token)} per token at "
                 f"{self.max_len} tokens (room kept for {RETAINED}x); batches of {batch_size} pairs at {self.max_len} "
                 f"tokens train in micro-batches of {micro} (at most {pairs} fit), expected peak "
                 f"{format_size(self.expected_peak(micro, self.max_len))}")

@@ -27,6 +27,7 @@ class BERTClassifier(nn.HybridBlock):
     def __init__(self, bert, dropout=0.0, pooling="cls"):
         super().__init__()
         self.pooling, self.bert_config = pooling, bert.config
+        self.pretrained = None  # {"model": the name it was built from, ...}, when `from_pretrained` built it
         self.encoder = bert.encoder
         self.hidden = bert.hidden
         self.dropout = nn.Dropout(dropout)
@@ -48,11 +49,14 @@ def from_pretrained(name_or_dir, devices, dropout=None, max_len=None, pooling="c
     """A classifier on a pretrained BERT, its output layer freshly initialized: (net, vocab); `net.bert_config` is
     the BERT's sizes.
 
-    `name_or_dir` is the book's model (bert.small, bert.base, a directory) or `hf:DIR`, a Hugging Face
-    checkpoint, whose position table `max_len` may grow (see `hf.load`); the book's position table cannot.
+    `name_or_dir` is the book's model (bert.small, bert.base, a directory) or a Hugging Face checkpoint:
+    `hf:DIR`, or `hf:ORG/NAME[@REVISION]` from the Hub (see `hf.locate`), whose position table `max_len`
+    may grow (see `hf.load`); the book's position table cannot. `net.pretrained` says where it came from.
     """
+    source = {"model": name_or_dir}
     if name_or_dir.startswith(hf.PREFIX):  # as BertForSequenceClassification builds its head
-        bert, vocab = hf.load(name_or_dir[len(hf.PREFIX):], devices, dropout, max_len)
+        directory, source = hf.locate(name_or_dir[len(hf.PREFIX):])
+        bert, vocab = hf.load(directory, devices, dropout, max_len)
         net = BERTClassifier(bert, dropout=bert.config.dropout, pooling=pooling)
         net.output.initialize(init.Normal(hf.INITIALIZER_RANGE), ctx=devices)
     else:
@@ -62,18 +66,21 @@ def from_pretrained(name_or_dir, devices, dropout=None, max_len=None, pooling="c
                             f"positions; expected {MIN_MAX_LEN} to {bert.config.max_len}.")
         net = BERTClassifier(bert, pooling=pooling)
         net.output.initialize(init.Xavier(), ctx=devices)
+    net.pretrained = source
     net.hybridize(static_alloc=True)
     return net, vocab
 
 
 def save_run(run_dir, net, vocab, settings):
-    """Write what rebuilds the classifier into `run_dir`: config.json (the network's BERT and pooling, `settings`),
-    the vocabulary, model.params."""
+    """Write what rebuilds the classifier into `run_dir`: config.json (the network's BERT and pooling, what it was
+    fine-tuned from, `settings`), the vocabulary, model.params."""
     os.makedirs(run_dir, exist_ok=True)
     wordpiece = isinstance(vocab, hf.WordPieceTokenizer)
     tokenizer = vocab.describe() if wordpiece else BOOK_TOKENIZER
     config = {"bert": dataclasses.asdict(net.bert_config), "tokenizer": tokenizer, "labels": list(LABELS),
               **settings, "pooling": net.pooling}
+    if net.pretrained:  # the model as named, and for a Hub model the commit that name resolved to
+        config["pretrained"] = net.pretrained
     fileio.write_json(os.path.join(run_dir, "config.json"), config)
     fileio.write_atomically(os.path.join(run_dir, tokenizer["vocab"]),
                             vocab.save if wordpiece else lambda path: bert_lib.save_vocab(vocab, path))

@@ -115,7 +115,8 @@ class Recipe:
     devices: str = option("auto", "auto, cpu, cpu:N, gpu or gpu:0,1")
     kvstore: str = option("device", "how gradients are summed: over this machine's devices, or over the "
                                     "workers that `python -m nli.launch` starts", choices=KVSTORES)
-    dtype: str = option("float32", "float16: mixed precision, on GPUs only", choices=DTYPES)
+    dtype: str = option("float32", "float16 is refused on every device: MXNet 1.9.1's AMP lists hold no operator of "
+                                   "the numpy interface this BERT uses, so it would stay float32", choices=DTYPES)
     max_memory: int = option(None, "memory the run may take, e.g. 6G or 512M: each batch trains in micro-batches "
                                    "that fit, their gradients summed into the batch's one update; default: 60%% of "
                                    "the RAM available (85%% of each GPU's free memory)", size, check=at_least(1))
@@ -123,9 +124,10 @@ class Recipe:
                              check=at_least(1))
     log_every: int = option(10, "a step entry in metrics.jsonl every N updates", check=at_least(1))
     # The model and the data it is fine-tuned on, and where the run is written
-    model: str = option(None, "bert.small, bert.base, a model directory, or hf:DIR (a Hugging Face BERT "
-                              "checkpoint: config.json, vocab.txt, model.safetensors); required but with --resume",
-                        str)
+    model: str = option(None, "bert.small, bert.base, a model directory, hf:DIR (a Hugging Face BERT checkpoint: "
+                              "config.json, vocab.txt, model.safetensors) or hf:ORG/NAME[@REVISION] (one on the "
+                              "Hugging Face Hub, downloaded into its cache; an existing directory DIR wins); required "
+                              "but with --resume", str)
     data: str = option(None, "SNLI: download the dataset and use its splits", str)
     train: str = option(None, "a .tsv/.jsonl/.txt file of training pairs", str)
     test: str = option(None, "a .tsv/.jsonl/.txt file of test pairs", str)

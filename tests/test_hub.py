@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import shutil
 import socket
 import stat
 import struct
@@ -280,17 +281,68 @@ def test_real_layouts_extract_where_d2l_puts_them(hub_env):
 SLOW_RETRIES = {"NLI_HUB_RETRIES": "3", "NLI_HUB_BACKOFF": "3"}  # 3 + 6 + 9 s of waiting, were they spent
 
 
-def test_offline_cli_prints_the_ways_out_at_once_without_traceback(tmp_path):
+@pytest.mark.parametrize("name, without", [
+    ("bert.small", ["--model hf:DIR", "--model hf:ORG/NAME from the Hugging Face cache", "HF_HUB_OFFLINE=1"]),
+    ("SNLI", [f"{os.path.join(ROOT, 'tests', 'data', 'snli_1.0_dev_pairs.tsv')} holds 9,842 real SNLI pairs",
+              "--pairs FILE to the chapter script", "--train FILE --test-fraction 0.2 to `nli finetune`"])])
+def test_offline_cli_prints_the_ways_out_at_once_without_traceback(tmp_path, name, without):
     mirror = f"http://127.0.0.1:{closed_port()}/"
     env = {**os.environ, **SLOW_RETRIES, "NLI_MIRROR": mirror, "NLI_DATA_DIR": str(tmp_path / "data")}
     env.pop("NLI_HUB_MANIFEST", None)
-    result = run_cli("download", "bert.small", env=env)
+    result = run_cli("download", name, env=env)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     [message] = result.stderr.strip().splitlines()  # one paragraph, and no retry notes before it
-    assert message.startswith("error: Could not download bert.small")
-    for needed in (mirror + "bert.small.zip: Connection refused", "NLI_MIRROR", "NLI_HUB_MANIFEST",
-                   "python -m nli download bert.small --from FILE", hub.BUILTIN["bert.small"].sha1):
+    assert message.startswith(f"error: Could not download {name}")
+    file = hub.BUILTIN[name].file_name
+    for needed in (mirror + f"{file}: Connection refused", "NLI_MIRROR", "NLI_HUB_MANIFEST",
+                   f"python -m nli download {name} --from FILE", hub.BUILTIN[name].sha1, *without):
         assert needed in message
+    assert os.path.exists(os.path.join(ROOT, "tests", "data", "snli_1.0_dev_pairs.tsv"))  # the pairs it names
+
+
+def data_dir_from(tmp_path, package_root, **env):
+    """`hub.data_dir()` as a Python started in an empty directory sees it, importing nli from `package_root`."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("NLI_DATA_DIR", "XDG_CACHE_HOME")}
+    (tmp_path / "elsewhere").mkdir(exist_ok=True)
+    result = subprocess.run([sys.executable, "-c", "from nli import hub; print(hub.data_dir())"],
+                            capture_output=True, text=True, cwd=tmp_path / "elsewhere", timeout=120,
+                            env={**clean, "PYTHONPATH": str(package_root), **env})
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def installed_copy(tmp_path, pyproject=None):
+    """The nli package copied into a folder of its own, as pip installs it (with `pyproject` beside it if given)."""
+    site = tmp_path / "site"
+    shutil.copytree(os.path.join(ROOT, "nli"), site / "nli", ignore=shutil.ignore_patterns("__pycache__"))
+    if pyproject:
+        (site / "pyproject.toml").write_text(pyproject)
+        (site / "data").mkdir()
+        (site / "data" / "README.md").write_text("another project's data\n")
+    return site
+
+
+def test_the_data_dir_is_nli_data_dir_from_any_directory(tmp_path):
+    assert data_dir_from(tmp_path, ROOT, NLI_DATA_DIR=str(tmp_path / "mine")) == str(tmp_path / "mine")
+    assert data_dir_from(tmp_path, ROOT, NLI_DATA_DIR="relative") == str(tmp_path / "elsewhere" / "relative")
+
+
+def test_the_data_dir_of_a_checkout_is_its_data_folder_from_any_directory(tmp_path):
+    assert hub.source_checkout() == ROOT
+    assert data_dir_from(tmp_path, ROOT, XDG_CACHE_HOME=str(tmp_path / "xdg")) == os.path.join(ROOT, "data")
+
+
+def test_the_data_dir_of_an_installed_nli_is_the_users_cache(tmp_path):
+    site = installed_copy(tmp_path)
+    assert data_dir_from(tmp_path, site, XDG_CACHE_HOME=str(tmp_path / "xdg")) == str(tmp_path / "xdg" / "nli")
+    assert data_dir_from(tmp_path, site, HOME=str(tmp_path / "home")) == str(tmp_path / "home" / ".cache" / "nli")
+    assert data_dir_from(tmp_path, site, HOME=str(tmp_path / "home"), XDG_CACHE_HOME="relative/xdg") == \
+        str(tmp_path / "home" / ".cache" / "nli")  # XDG: a relative path is ignored
+
+
+def test_nli_vendored_beside_another_projects_pyproject_is_not_a_checkout(tmp_path):
+    site = installed_copy(tmp_path, pyproject='[project]\nname = "other"\n')
+    assert data_dir_from(tmp_path, site, XDG_CACHE_HOME=str(tmp_path / "xdg")) == str(tmp_path / "xdg" / "nli")
 
 
 @pytest.mark.parametrize("url, reason", [

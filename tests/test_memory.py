@@ -137,3 +137,42 @@ def test_the_estimate_covers_training_steps_without_wasting_half(pairs):
     # Steps of one shape: the estimate without the room for other shapes must hold them, and not be twice too much.
     peak, estimate = peak_of_steps(pairs, 128)
     assert 0.5 * estimate < peak <= estimate, (peak, estimate)
+
+
+def test_the_plan_counts_reduce_buffers_over_devices_and_a_workspace_on_each_gpu(training_bert_dir):
+    net, _, _ = model.from_pretrained(training_bert_dir, CPU)
+    shape = memory.Shape.of(net)
+    gradients = memory.FLOAT_BYTES * shape.trainable
+    one = memory.MemoryPlan(2 ** 32, shape, 64)
+    state = one.parameter_bytes + one.optimizer_bytes  # weights, gradients and moments of one copy
+    assert one.reduce_bytes == 0 and one.fixed_bytes == memory.RUNTIME_BYTES + state
+    cpus = memory.plan(net, 2 ** 32, 64, [mx.cpu(0), mx.cpu(1)])  # one memory: both copies and their buffers
+    assert cpus.shared and cpus.fixed_bytes == memory.RUNTIME_BYTES + 2 * (state + gradients)
+    gpus = memory.plan(net, 2 ** 32, 64, [mx.gpu(0), mx.gpu(1)])  # a budget per GPU: no GPU is touched to plan
+    assert not gpus.shared
+    assert gpus.fixed_bytes == memory.RUNTIME_BYTES + memory.GPU_WORKSPACE_BYTES + state + gradients
+    head_only = memory.plan(net, 2 ** 32, 64, [mx.cpu(0), mx.cpu(1)], trains_encoder=False)
+    assert head_only.reduce_bytes == memory.FLOAT_BYTES * head_only.shape.trainable < gradients
+    assert "reduce buffers" in cpus.describe(32) and "workspaces 512.0M" in gpus.describe(32)
+    assert "reduce buffers" not in one.describe(32) and "workspaces" not in cpus.describe(32)
+
+
+def resident_bytes():
+    """This process's resident set size now (Linux)."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_peak_memory_is_the_process_peak_on_cpu_contexts_and_each_gpu_peak_on_gpus(monkeypatch):
+    for devices in (CPU, [mx.cpu(0), mx.cpu(1)]):
+        now = resident_bytes()
+        [(key, peak)] = memory.peak_memory(devices).items()
+        # at least the RSS now, but for what the kernel's per-thread counters have not summed yet (a few pages)
+        assert key == "peak_rss_bytes" and peak >= 0.99 * now > 50 * 2 ** 20
+    # gpu_memory_info as MXNet gives it, (free, total), fed: the pool released memory between the two readings
+    readings = {0: [(6, 16), (10, 16)], 1: [(12, 16), (2, 16)]}
+    monkeypatch.setattr(mx.context, "gpu_memory_info", lambda device_id: readings[device_id].pop(0))
+    monkeypatch.setattr(memory, "GPU_PEAKS", {})
+    gpus = [mx.gpu(0), mx.gpu(1)]
+    assert memory.peak_memory(gpus) == {"peak_gpu_memory_bytes": [10, 4]}
+    assert memory.peak_memory(gpus) == {"peak_gpu_memory_bytes": [10, 14]}  # gpu 0 keeps its peak, as RSS does
