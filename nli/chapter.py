@@ -25,7 +25,7 @@ def in_notebook():
 def add_run_arguments(parser, model="bert.small"):
     """The options of a chapter that fine-tunes: --model, --pairs, --test-fraction, --devices and --quick."""
     parser.add_argument("--model", default=model, help="bert.small, bert.base, a model directory, hf:DIR (a Hugging "
-                                                       "Face BERT checkpoint) or hf:ORG/NAME")
+                                                       "Face BERT checkpoint) or hf:ORG/NAME[@REVISION] (from the Hub)")
     parser.add_argument("--pairs", help="a .tsv/.jsonl/.txt file of labelled pairs to split into training and test "
                                         "pairs (default: download SNLI and use its train and test splits)")
     parser.add_argument("--test-fraction", type=float, default=0.2,
