@@ -5,28 +5,44 @@
 # feed-forward layers, 12 heads, 12 blocks: about as big as the original BERT base) and, with more
 # epochs and other hyperparameters, reach a test accuracy above 0.86.
 #
-# Run it as a script (`python chapters/exercise_bert_base.py [--quick]`) or open it as a notebook.
+# Run it as a script (`python chapters/exercise_bert_base.py [--quick] [--model M] [--pairs FILE]`) or open its
+# notebook, `exercise_bert_base.ipynb`, which takes the same options from `NLI_CHAPTER_ARGS`.
+
+# %% [markdown]
+# **Set-up.** On Colab, the next cell installs what Colab lacks: MXNet 1.9.1, `nli`, and numpy 1.26 in place of
+# Colab's numpy 2 (MXNet 1.9.1 needs numpy<2). Colab must then restart its runtime once: **Runtime → Restart
+# session, then run from the next cell**. Anywhere else the cell does nothing (`pip install -r requirements.txt`
+# installed all of it).
+
+# %%
+import sys
+
+if "google.colab" in sys.modules:
+    import importlib.metadata
+    import importlib.util
+    import subprocess
+    NLI_SOURCE = "git+https://github.com/OWNER/nli"  # the repository this notebook comes from
+    if importlib.util.find_spec("nli") is None:
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "mxnet==1.9.1", "numpy==1.26.4",
+                        f"nli @ {NLI_SOURCE}"], check=True)
+    if "numpy" in sys.modules and sys.modules["numpy"].__version__ != importlib.metadata.version("numpy"):
+        print("Installed numpy 1.26 in place of Colab's numpy 2, which is still loaded: "
+              "Runtime → Restart session, then run from the next cell.")
 
 # %%
 import argparse
-import dataclasses
+import json
 import os
-import sys
-import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import nli
+from nli import chapter, errors
 
-from nli import data, errors, hub, model, rundir, snli, train  # noqa: E402
-from nli.recipe import RECIPES  # noqa: E402
-
-errors.report_user_errors()  # a user's mistake prints one line, `error: ...`, as in `python -m nli`
+errors.report_user_errors()  # a user's mistake prints one line, `error: ...`, as in `nli`
 
 parser = argparse.ArgumentParser(description="Exercise 1: bert.base with a tuned recipe.")
-parser.add_argument("--model", default="bert.base", help="bert.base (the exercise), or another model to try it on")
-parser.add_argument("--devices", default="auto", help="auto (every GPU, else the CPU), cpu, cpu:N, gpu:0,1")
-parser.add_argument("--quick", action="store_true", help="a few hundred pairs, one epoch")
-parser.add_argument("--out", default="runs/exercise_bert_base")
-args, _ = parser.parse_known_args()  # notebooks pass their own arguments
+chapter.add_run_arguments(parser, model="bert.base")
+parser.add_argument("--out", default="runs/exercise_bert_base", help="where the fine-tuned run is saved (replaced)")
+args = chapter.parse_args(parser)
 
 # %% [markdown]
 # ## The Recipe, and Why
@@ -43,44 +59,27 @@ args, _ = parser.parse_known_args()  # notebooks pass their own arguments
 #   the deeper network tolerates, with gradients **clipped** to norm 1 against rare spikes;
 # * **more epochs** (8 instead of 5), since decay to zero makes late epochs safe.
 #
-# It starts from the `tuned` recipe and changes what bert.base needs; `finetune` prints all of it when
-# it starts, and it is saved in the run's `config.json`.
+# It starts from the `tuned` recipe and changes what bert.base needs; the run prints all of it when
+# it starts, and saves it in the run's `config.json`.
 
 # %%
-recipe = dataclasses.replace(RECIPES["tuned"], lr=5e-5, batch_size=128, epochs=8,
-                             model=args.model, data="SNLI", devices=args.devices, out=args.out)  # for --resume
-if args.quick:
-    recipe = dataclasses.replace(recipe, epochs=1, batch_size=64, limit_train=512, limit_test=256)
-
-# %% [markdown]
-# ## Loading bert.base and SNLI
-#
-# bert.base's download is about 400 MB; it is resumed after an interruption and checked by SHA-1.
-
-# %%
-devices = data.parse_devices(args.devices)
-train.seed_everything(0)
-net, vocab, bert_config = model.from_pretrained(args.model, devices)
-print(f"{args.model}: {bert_config}")
-data_dir = hub.download_extract("SNLI")
-start = time.perf_counter()  # the run's wall time: reading and encoding SNLI, training, testing each epoch
-train_pairs, test_pairs = snli.read_snli(data_dir, True), snli.read_snli(data_dir, False)
-train_pairs, test_pairs = [c[:recipe.limit_train] for c in train_pairs], [c[:recipe.limit_test] for c in test_pairs]
-train_set, test_set = (snli.encode_pairs(*pairs, vocab, recipe.max_len) for pairs in (train_pairs, test_pairs))
+recipe = {"lr": 5e-5, "batch_size": 128, "epochs": 8} | (chapter.QUICK if args.quick else {})
 
 # %% [markdown]
 # ## Fine-Tuning
 #
-# Each epoch writes a checkpoint; if the run is interrupted, `python -m nli finetune --resume`
-# continues it. The best epoch on the test pairs is not picked here: that would tune on the test set.
+# bert.base's download is about 400 MB; it is resumed after an interruption and checked by SHA-1. Each epoch
+# writes a checkpoint; if the run is interrupted, `nli finetune --resume RUN_DIR` continues it. The best epoch
+# on the test pairs is not picked here: that would tune on the test set.
 
 # %%
-epochs = train.finetune(net, train_set, test_set, devices, recipe, run_dir=args.out)
-model.save_run(args.out, net, vocab, bert_config, recipe.run_config())
-rundir.save_results(os.path.join(args.out, "results.json"), epochs, time.perf_counter() - start, model=args.model,
-                    recipe=dataclasses.asdict(recipe), quick=args.quick, train_pairs=len(train_set),
-                    test_pairs=len(test_set))
-print(f"saved the run in {args.out}; curves.png shows loss and accuracies per epoch, results.json the figures")
+run_dir = nli.run("tuned", overwrite=True, model=args.model, devices=args.devices, out=args.out,
+                  **chapter.data_settings(args), **recipe)
+chapter.show(os.path.join(run_dir, "curves.png"))
+with open(os.path.join(run_dir, "results.json")) as f:
+    results = json.load(f)
+print(f"test accuracy {results['test_accuracy']:.4f}, {results['examples_per_sec']:.1f} examples/sec; "
+      f"the run is in {run_dir}")
 
 # %% [markdown]
 # bert.base takes hours per epoch on a CPU; on a GPU workstation `--devices auto` uses every GPU.

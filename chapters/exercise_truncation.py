@@ -6,61 +6,70 @@
 # sentence in proportion to its length (`ratio`), and to weigh the two. Here we count what each rule
 # cuts, then fine-tune the same model with each rule and compare test accuracy.
 #
-# Run it as a script (`python chapters/exercise_truncation.py [--quick]`) or open it as a notebook.
+# Run it as a script (`python chapters/exercise_truncation.py [--quick] [--model M] [--pairs FILE]`) or open its
+# notebook, `exercise_truncation.ipynb`, which takes the same options from `NLI_CHAPTER_ARGS`.
+
+# %% [markdown]
+# **Set-up.** On Colab, the next cell installs what Colab lacks: MXNet 1.9.1, `nli`, and numpy 1.26 in place of
+# Colab's numpy 2 (MXNet 1.9.1 needs numpy<2). Colab must then restart its runtime once: **Runtime → Restart
+# session, then run from the next cell**. Anywhere else the cell does nothing (`pip install -r requirements.txt`
+# installed all of it).
+
+# %%
+import sys
+
+if "google.colab" in sys.modules:
+    import importlib.metadata
+    import importlib.util
+    import subprocess
+    NLI_SOURCE = "git+https://github.com/OWNER/nli"  # the repository this notebook comes from
+    if importlib.util.find_spec("nli") is None:
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "mxnet==1.9.1", "numpy==1.26.4",
+                        f"nli @ {NLI_SOURCE}"], check=True)
+    if "numpy" in sys.modules and sys.modules["numpy"].__version__ != importlib.metadata.version("numpy"):
+        print("Installed numpy 1.26 in place of Colab's numpy 2, which is still loaded: "
+              "Runtime → Restart session, then run from the next cell.")
 
 # %%
 import argparse
-import dataclasses
 import json
 import os
 import sys
-import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import numpy as onp
 
-import matplotlib  # noqa: E402
+import nli
+from nli import chapter, errors, figures, hub, snli
+from nli.recipe import RECIPES
 
-matplotlib.use("Agg")  # scripts have no display: figures are saved as PNG
-import numpy as onp  # noqa: E402
-from matplotlib import pyplot as plt  # noqa: E402
+plt = figures.pyplot()  # Agg in a script: figures are saved as PNG, which a notebook shows
 
-from nli import data, errors, hub, model, predict, rundir, snli, train  # noqa: E402
-from nli.recipe import RECIPES  # noqa: E402
-
-errors.report_user_errors()  # a user's mistake prints one line, `error: ...`, as in `python -m nli`
+errors.report_user_errors()  # a user's mistake prints one line, `error: ...`, as in `nli`
 
 parser = argparse.ArgumentParser(description="The book's truncation against the ratio rule.")
-parser.add_argument("--model", default="bert.small", help="bert.small, bert.base, a directory, hf:DIR or hf:ORG/NAME")
-parser.add_argument("--pairs", help="a file of labelled pairs, split 80/20 (default: SNLI's train and test)")
+chapter.add_run_arguments(parser)
 parser.add_argument("--max-len", type=int, default=24, help="short enough that truncation matters")
 parser.add_argument("--recipe", default="tuned", choices=sorted(RECIPES))
 parser.add_argument("--epochs", type=int)
 parser.add_argument("--batch-size", type=int)
 parser.add_argument("--lr", type=float)
-parser.add_argument("--devices", default="auto")
-parser.add_argument("--quick", action="store_true", help="a few hundred pairs, one epoch")
-parser.add_argument("--out", default="runs/exercise_truncation")
-args, _ = parser.parse_known_args()  # notebooks pass their own arguments
+parser.add_argument("--out", default="runs/exercise_truncation", help="where the figure and runs are saved")
+args = chapter.parse_args(parser)
 os.makedirs(args.out, exist_ok=True)
 
 # %% [markdown]
 # ## The Data
 #
-# SNLI's train and test splits, or a file of labelled pairs split 80/20 by a fixed permutation.
+# SNLI's training pairs, or the pairs of `--pairs FILE`: what the rules are counted on.
 
 # %%
 if args.pairs:
     pairs = snli.read_pairs(args.pairs)
-    order = onp.random.RandomState(0).permutation(len(pairs[2]))
-    cut = int(0.8 * len(order))
-    train_pairs, test_pairs = ([[column[i] for i in order[part]] for column in pairs]
-                               for part in (slice(None, cut), slice(cut, None)))
 else:
-    data_dir = hub.download_extract("SNLI")
-    train_pairs, test_pairs = snli.read_snli(data_dir, True), snli.read_snli(data_dir, False)
+    pairs = snli.read_snli(hub.download_extract("SNLI"), True)
 if args.quick:
-    train_pairs, test_pairs = [c[:512] for c in train_pairs], [c[:256] for c in test_pairs]
-print(f"{len(train_pairs[2])} training pairs, {len(test_pairs[2])} test pairs")
+    pairs = [column[:chapter.QUICK["limit_train"]] for column in pairs]
+print(f"{len(pairs[2])} pairs")
 
 # %% [markdown]
 # ## What Each Rule Cuts
@@ -71,8 +80,8 @@ print(f"{len(train_pairs[2])} training pairs, {len(test_pairs[2])} test pairs")
 # proportion, so a short hypothesis (often the part that decides the label) loses tokens too.
 
 # %%
-p_lens = onp.array([len(snli.tokenize(s)) for s in train_pairs[0]])
-h_lens = onp.array([len(snli.tokenize(s)) for s in train_pairs[1]])
+p_lens = onp.array([len(snli.tokenize(s)) for s in pairs[0]])
+h_lens = onp.array([len(snli.tokenize(s)) for s in pairs[1]])
 cuts = {}
 for rule in snli.TRUNCATION_RULES:
     for max_len in (16, 24, 32, 48, 128):
@@ -93,36 +102,35 @@ ax.set_ylabel("tokens cut")
 ax.legend()
 fig.tight_layout()
 fig.savefig(os.path.join(args.out, "tokens_cut.png"))
+plt.close(fig)
+chapter.show(os.path.join(args.out, "tokens_cut.png"))
 
 # %% [markdown]
 # ## Accuracy of Each Rule
 #
-# The same model, recipe and seed, fine-tuned once per rule at the short `max_len`, then evaluated
-# on the test pairs encoded with the same rule.
+# The same model, recipe and seed, fine-tuned once per rule at the short `max_len`, then tested on the
+# test pairs encoded with the same rule: one run each, in `OUT/longest_first` and `OUT/ratio`.
 
 # %%
-overrides = dict(epochs=1 if args.quick else args.epochs, batch_size=64 if args.quick else args.batch_size,
-                 lr=args.lr, max_len=args.max_len, devices=args.devices)
-recipe = dataclasses.replace(RECIPES[args.recipe], **{k: v for k, v in overrides.items() if v is not None})
-devices = data.parse_devices(recipe.devices)
+given = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr}
+overrides = {name: value for name, value in given.items() if value is not None} | (chapter.QUICK if args.quick else {})
 accuracy, training = {}, {}
 for rule in snli.TRUNCATION_RULES:
-    start = time.perf_counter()  # wall time as `nli finetune` spends it: loading, encoding, training, evaluating
-    train.seed_everything(0)
-    net, vocab = model.from_pretrained(args.model, devices, max_len=args.max_len)
-    train_set, test_set = (snli.encode_pairs(*pairs, vocab, args.max_len, rule) for pairs in (train_pairs, test_pairs))
-    epochs = train.finetune(net, train_set, test_set, dataclasses.replace(recipe, truncation=rule,
-                                                                          out=os.path.join(args.out, rule)))
-    seconds, speed = rundir.training_speed(epochs)
-    training[rule] = {"seconds": seconds, "wall_seconds": time.perf_counter() - start, "examples_per_sec": speed}
-    accuracy[rule] = predict.accuracy(net, test_set, devices, 256)
+    run_dir = nli.run(args.recipe, overwrite=True, model=args.model, devices=args.devices,
+                      out=os.path.join(args.out, rule), max_len=args.max_len, truncation=rule,
+                      **chapter.data_settings(args), **overrides)
+    with open(os.path.join(run_dir, "results.json")) as f:
+        results = json.load(f)
+    accuracy[rule] = results["test_accuracy"]
+    training[rule] = {"seconds": results["train_seconds"], "wall_seconds": results["wall_seconds"],
+                      "examples_per_sec": results["examples_per_sec"]}
     print(f"{rule}: test accuracy {accuracy[rule]:.4f}, {training[rule]['examples_per_sec']:.1f} examples/sec")
 
 with open(os.path.join(args.out, "truncation.json"), "w") as f:
     json.dump({"command": " ".join([sys.executable] + sys.argv), "model": args.model, "max_len": args.max_len,
-               "recipe": dataclasses.asdict(recipe),
-               "train_pairs": len(train_pairs[2]), "test_pairs": len(test_pairs[2]), "cuts": cuts,
-               "test_accuracy": accuracy, "training": training}, f, indent=1)
+               "recipe": args.recipe, "settings": overrides, "train_pairs": results["train_pairs"],
+               "test_pairs": results["test_pairs"], "cuts": cuts, "test_accuracy": accuracy, "training": training},
+              f, indent=1)
 
 # %% [markdown]
 # **Pros and cons.** `longest_first` keeps the hypothesis whole as long as it is the shorter side,

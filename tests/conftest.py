@@ -135,6 +135,16 @@ def training_bert_dir(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_hf_bert(tmp_path_factory):
+    """A tiny random BERT checkpoint in Hugging Face's layout (tests/test_hf.py's), for `hf:DIR` runs in seconds."""
+    import numpy as onp
+    from test_hf import tiny_tensors, tiny_vocab, write_checkpoint
+    vocab = tiny_vocab()
+    tensors = tiny_tensors(len(vocab), onp.random.RandomState(0))
+    return write_checkpoint(str(tmp_path_factory.mktemp("hf") / "tiny"), tensors, vocab)
+
+
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass

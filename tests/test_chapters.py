@@ -1,4 +1,5 @@
 """Every chapter script runs in --quick mode, offline, and leaves its outputs."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -7,7 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT, closed_port
-from nli import rundir
+from nli import chapter
 from nli.recipe import Recipe
 
 CHAPTER_OUTPUTS = {  # script -> files it must leave under --out
@@ -17,16 +18,19 @@ CHAPTER_OUTPUTS = {  # script -> files it must leave under --out
     "exercise_bert_base.py": ["config.json", "model.params", "metrics.jsonl", "curves.png", "results.json"],
     "exercise_truncation.py": ["tokens_cut.png", "truncation.json", "ratio/metrics.jsonl"],
 }
-# bert.base's real shape weighs 400 MB: the test runs the exercise's recipe on the served bert.small.
-EXTRA_ARGS = {"exercise_bert_base.py": ["--model", "bert.small"]}
+# The chapters that fine-tune run on the CPU. bert.base's real shape weighs 400 MB: the test runs the exercise's
+# recipe on the served bert.small.
+EXTRA_ARGS = {"natural_language_inference_bert.py": ["--devices", "cpu"],
+              "exercise_bert_base.py": ["--devices", "cpu", "--model", "bert.small"],
+              "exercise_truncation.py": ["--devices", "cpu"]}
 
 
 @pytest.mark.parametrize("script", sorted(CHAPTER_OUTPUTS))
 def test_chapter_runs_quick(script, hub_env, tmp_path):
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "chapters", script), "--quick", "--devices", "cpu",
-                             "--out", str(out), *EXTRA_ARGS.get(script, [])], capture_output=True, text=True, env=hub_env, cwd=tmp_path,
-                            timeout=600)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "chapters", script), "--quick", "--out", str(out),
+                             *EXTRA_ARGS.get(script, [])], capture_output=True, text=True,
+                            env={**hub_env, "PYTHONPATH": ROOT}, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     for name in CHAPTER_OUTPUTS[script]:
         assert os.path.getsize(out / name) > 0, name
@@ -34,16 +38,23 @@ def test_chapter_runs_quick(script, hub_env, tmp_path):
         results = json.loads((out / "results.json").read_text())
         with open(out / "metrics.jsonl") as f:
             epochs = [m for m in map(json.loads, f) if m["kind"] == "epoch"]
-        assert results["quick"] is True and results["test_accuracy"] == epochs[-1]["test_acc"]
+        assert results["test_accuracy"] == epochs[-1]["test_acc"]
         assert results["train_pairs"] == epochs[-1]["examples"]
         assert 0 < results["train_seconds"] < results["wall_seconds"]
         assert results["examples_per_sec"] == pytest.approx(results["train_pairs"] / results["train_seconds"])
-        assert results["command"].endswith(f"{script} --quick --devices cpu --out {out}" + "".join(
-            " " + a for a in EXTRA_ARGS.get(script, [])))
-        # The checkpoint names the model and data, so `nli finetune --resume OUT` can continue the run alone
-        recipe = Recipe.from_checkpoint(rundir.read_checkpoint(str(out))[1])
+        assert results["command"].endswith(" ".join([script, "--quick", "--out", str(out), *EXTRA_ARGS[script]]))
+        # The run records the model, data and --quick's settings it ran with
+        recipe = Recipe(**json.loads((out / "config.json").read_text())["recipe"])
         assert (recipe.model, recipe.data, recipe.devices, recipe.out) == ("bert.small", "SNLI", "cpu", str(out))
-        assert (recipe.limit_train, recipe.limit_test) == (512, 256)  # --quick's
+        assert {name: getattr(recipe, name) for name in chapter.QUICK} == chapter.QUICK
+        assert results["recipe"] == dataclasses.asdict(recipe)
+    if script == "exercise_truncation.py":  # one run per rule; the summary (a results table's source) holds theirs
+        summary = json.loads((out / "truncation.json").read_text())
+        for rule in ("longest_first", "ratio"):
+            run = json.loads((out / rule / "results.json").read_text())
+            assert json.loads((out / rule / "config.json").read_text())["truncation"] == rule
+            assert summary["test_accuracy"][rule] == run["test_accuracy"]
+            assert summary["training"][rule]["examples_per_sec"] == run["examples_per_sec"]
 
 
 def test_every_chapter_is_tested():
@@ -51,17 +62,62 @@ def test_every_chapter_is_tested():
     assert scripts == set(CHAPTER_OUTPUTS)
 
 
-@pytest.mark.parametrize("script", sorted(CHAPTER_OUTPUTS))
-def test_chapter_reports_a_user_error_in_one_line(script, tmp_path):
+def refusing_hub_env(tmp_path):
+    """An environment whose every download is refused at once (the hub's files on a closed loopback port)."""
     port = closed_port()
     manifest = {name: {"url": f"http://127.0.0.1:{port}/{name}.zip", "sha1": "0" * 40}
                 for name in ("bert.small", "bert.base", "SNLI")}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    env = {**os.environ, "NLI_HUB_MANIFEST": str(tmp_path / "manifest.json"), "NLI_DATA_DIR": str(tmp_path / "data")}
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "chapters", script), "--quick", "--devices", "cpu",
-                             "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, cwd=tmp_path,
-                            timeout=600)
+    return {**os.environ, "NLI_HUB_MANIFEST": str(tmp_path / "manifest.json"), "NLI_DATA_DIR": str(tmp_path / "data"),
+            "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}, port
+
+
+@pytest.mark.parametrize("script", sorted(CHAPTER_OUTPUTS))
+def test_chapter_reports_a_user_error_in_one_line(script, tmp_path):
+    env, port = refusing_hub_env(tmp_path)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "chapters", script), "--quick",
+                             "--out", str(tmp_path / "out"), *EXTRA_ARGS.get(script, [])], capture_output=True,
+                            text=True, env=env, cwd=tmp_path, timeout=600)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     [message] = result.stderr.strip().splitlines()
     assert message.startswith("error: Could not download ") and f"127.0.0.1:{port}" in message
+
+
+def in_a_checkout(tmp_path):
+    """`tmp_path` laid out as the checkout for the README's commands (chapters/, tests/data/), written into alone."""
+    for folder in ("chapters", "tests"):
+        os.symlink(os.path.join(ROOT, folder), tmp_path / folder)
+    return tmp_path
+
+
+def test_main_chapter_runs_offline_on_a_hugging_face_bert_and_the_in_repo_pairs(tiny_hf_bert, tmp_path):
+    env, _ = refusing_hub_env(tmp_path)
+    command = ["chapters/natural_language_inference_bert.py", "--model", f"hf:{tiny_hf_bert}",
+               "--pairs", "tests/data/snli_1.0_dev_pairs.tsv", "--quick"]  # the README's, with DIR a tiny BERT
+    result = subprocess.run([sys.executable, *command], capture_output=True, text=True, env=env,
+                            cwd=in_a_checkout(tmp_path), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "runs" / "chapter_bert"
+    for name in CHAPTER_OUTPUTS["natural_language_inference_bert.py"]:
+        assert os.path.getsize(out / name) > 0, name
+    recipe = json.loads((out / "config.json").read_text())["recipe"]
+    assert (recipe["model"], recipe["train"], recipe["test"], recipe["test_fraction"]) == (
+        f"hf:{tiny_hf_bert}", command[4], None, 0.2)  # --pairs split by the default --test-fraction
+    assert {name: recipe[name] for name in chapter.QUICK} == chapter.QUICK
+    results = json.loads((out / "results.json").read_text())
+    assert results["command"].endswith(" ".join(command))
+    assert (results["train_pairs"], results["test_pairs"]) == (512, 256)  # of 7,874 and 1,968 after the split
+    assert "before fine-tuning: predicted" in result.stdout and "after: predicted" in result.stdout
+
+
+def test_dataset_chapter_reads_a_pair_file_offline(tmp_path):
+    env, _ = refusing_hub_env(tmp_path)
+    result = subprocess.run([sys.executable, "chapters/natural_language_inference_and_dataset.py",
+                             "--pairs", "tests/data/snli_1.0_dev_pairs.tsv"], capture_output=True, text=True, env=env,
+                            cwd=in_a_checkout(tmp_path), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # SNLI's dev split: 9,842 gold-labelled pairs (tests/data/README.md)
+    assert "snli_1.0_dev_pairs.tsv:    9842 pairs  entailment 3329  contradiction 3278  neutral 3235" in result.stdout
+    assert os.path.getsize(tmp_path / "runs" / "chapter_dataset" / "lengths.png") > 0
+
