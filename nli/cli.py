@@ -73,6 +73,7 @@ def build_parser():
     export.add_argument("--int8", action="store_true",
                         help="quantize the matrix products' weights to int8 (dynamic, per channel)")
     export.add_argument("--opset", type=int, help="ONNX opset (default 17, the first with LayerNormalization)")
+    export.add_argument("--overwrite", action="store_true", help="replace the run or export that --out holds")
 
     predict = commands.add_parser("predict", help="labels of raw premise/hypothesis pairs: one, a file or stdin")
     predict.add_argument("--run", required=True, help="the run directory (or its best/) to predict with")
@@ -91,8 +92,9 @@ def build_parser():
     predict.add_argument("--attention", metavar="FILE",
                          help="also draw the pair's attention weights: FILE.png, a figure of every layer and "
                               "head, or FILE.html, a page to explore them (one pair only)")
-    predict.add_argument("--heads", choices=["all", "mean"], default="all",
-                         help="the .png shows every head, or each layer's mean of the heads")
+    predict.add_argument("--heads", choices=["all", "mean"],
+                         help="with --attention FILE.png: the figure shows every head (the default: all), or each "
+                              "layer's mean of the heads")
     commands.add_parser("doctor", help="versions, MXNet's build, devices, OpenMP, the download cache, and the fix "
                                        "for each known problem found")
     for command in commands.choices.values():
@@ -281,8 +283,12 @@ def run_predict(args):
         raise UserError("Give one pair (PREMISE HYPOTHESIS), or --file FILE, or --stdin.")
     if args.attention and not one_pair:
         raise UserError("--attention draws one pair: give PREMISE HYPOTHESIS, not --file or --stdin.")
+    if args.heads and (not args.attention or attention.view_format(args.attention) != ".png"):
+        raise UserError("--heads chooses what the --attention FILE.png figure shows (the .html page has a menu "
+                        "for it): add --attention FILE.png, or drop --heads.")
     if args.attention:
         attention.view_format(args.attention)
+        check_can_draw_attention(args.run)
     predictor = evaluate.Predictor.from_run(args.run, data.parse_devices(args.devices), args.batch_size,
                                             args.max_memory)
     if one_pair:
@@ -292,7 +298,7 @@ def run_predict(args):
             print(warning, file=sys.stderr)
         if args.attention:
             view = predictor.attention(args.premise, args.hypothesis, args.tokenized)
-            attention.save_view(view, args.attention, args.heads)
+            attention.save_view(view, args.attention, args.heads or "all")
             print(f"wrote {args.attention}: attention of {view.weights.shape[0]} layers x {view.weights.shape[1]} "
                   f"heads over {len(view.tokens)} tokens", file=sys.stderr)
     else:
@@ -300,9 +306,17 @@ def run_predict(args):
         print(evaluate.describe_summary(summary), file=sys.stderr)
 
 
+def check_can_draw_attention(run_dir):
+    """Refuse --attention for an ONNX export before predicting: its graph returns only the logits."""
+    from . import export
+    if export.is_exported(run_dir):
+        raise UserError(f"--attention needs MXNet's model, and {run_dir} is an ONNX export, whose graph gives only "
+                        f"the logits: draw it with --run {export.read_config(run_dir)['onnx']['source_run']}.")
+
+
 def run_export(args):
     from . import export
-    config = export.export_run(args.run, args.out, args.int8, args.opset or export.OPSET)
+    config = export.export_run(args.run, args.out, args.int8, args.opset or export.OPSET, args.overwrite)
     print(f"wrote {args.out}/{config['onnx']['file']} (opset {config['onnx']['opset']}, "
           f"{'int8' if args.int8 else 'fp32'}); evaluate and predict take --run {args.out}")
 

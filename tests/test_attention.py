@@ -8,7 +8,7 @@ import pytest
 from browser import MISSING, start_chromium
 from conftest import DEV_PAIRS, RESERVED, build_vocab_tokens, run_cli
 
-from nli import attention, data, evaluate, snli
+from nli import attention, cli, data, evaluate, snli
 
 SIZES = dict(num_hiddens=32, ffn_num_hiddens=64, num_heads=4, num_blks=2, max_len=64)
 PREMISE, HYPOTHESIS = "A man sleeps on a bench in the park.", "A person is awake."
@@ -199,3 +199,12 @@ def test_cli_writes_the_views_and_refuses_what_it_cannot_draw(run_dir, tmp_path)
     result = run_cli("predict", "--run", run_dir, "--file", DEV_PAIRS, "--attention", png)
     assert result.returncode == 2 and "--attention draws one pair" in result.stderr
     assert not os.path.exists(str(png) + ".tmp")
+
+
+def test_heads_without_a_figure_to_draw_is_refused(run_dir, tmp_path, capsys):
+    for drawing in ([], ["--attention", str(tmp_path / "a.html")]):  # was: ignored, then the prediction
+        assert cli.main(["predict", "--run", run_dir, PREMISE, HYPOTHESIS, "--heads", "mean", *drawing]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err == "error: --heads chooses what the --attention FILE.png figure shows (the .html " \
+                                    "page has a menu for it): add --attention FILE.png, or drop --heads.\n"
+    assert not os.path.exists(tmp_path / "a.html")
