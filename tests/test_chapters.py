@@ -65,3 +65,21 @@ def test_chapter_reports_a_user_error_in_one_line(script, tmp_path):
     assert "Traceback" not in result.stderr
     [message] = result.stderr.strip().splitlines()
     assert message.startswith("error: Could not download ") and f"127.0.0.1:{port}" in message
+
+
+@pytest.mark.parametrize("data_dir", ["under-a-file/data", "/proc/nli-data", "/proc"])
+def test_a_data_folder_that_cannot_be_written_is_one_sentence(data_dir, tmp_path):
+    """Read-only without chmod (root writes anyway): a path through a regular file, and /proc, where nothing can be
+    created (there filelock took the lock file it could not create for one held elsewhere, and waited for ever)."""
+    (tmp_path / "under-a-file").write_text("a file, not a folder")
+    env = {**os.environ, "NLI_DATA_DIR": data_dir}
+    env.pop("NLI_HUB_MANIFEST", None)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "chapters", "natural_language_inference_and_dataset.py"),
+                             "--quick", "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    [message] = result.stderr.strip().splitlines()  # was: OSError's traceback, or no end at all under /proc
+    folder = os.path.join(tmp_path, data_dir)
+    assert message == (f"error: Cannot write to the data folder {folder} "
+                       f"({'Not a directory' if 'file' in data_dir else 'No such file or directory'}): set NLI_DATA_DIR "
+                       f"to a folder this user can write (the default is data/ in the working directory).")
