@@ -222,6 +222,9 @@ def encoded_sets(recipe, vocab, train_file, test_file, progress):
     require_pairs(len(test_set), test_file, "test on")
     if recipe.dev:
         require_pairs(len(dev_set), recipe.dev, "choose the best epoch on")
+    if recipe.batch_size > len(train_set):
+        print(f"warning: batches of {recipe.batch_size} pairs hold more than the {len(train_set)} training pairs, so "
+              f"each epoch is one update; a smaller --batch-size gives more.", file=sys.stderr, flush=True)
     return train_set, test_set, dev_set
 
 

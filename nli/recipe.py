@@ -115,7 +115,8 @@ class Recipe:
     devices: str = option("auto", "auto, cpu, cpu:N, gpu or gpu:0,1")
     kvstore: str = option("device", "how gradients are summed: over this machine's devices, or over the "
                                     "workers that `python -m nli.launch` starts", choices=KVSTORES)
-    dtype: str = option("float32", "float16: mixed precision, on GPUs only", choices=DTYPES)
+    dtype: str = option("float32", "float16 (mixed precision) is refused on every device in this version",
+                        choices=DTYPES)
     max_memory: int = option(None, "memory the run may take, e.g. 6G or 512M: each batch trains in micro-batches "
                                    "that fit, their gradients summed into the batch's one update; default: 60%% of "
                                    "the RAM available (85%% of each GPU's free memory)", size, check=at_least(1))

@@ -5,7 +5,8 @@ import os
 import numpy as onp
 import pytest
 
-from browser import MISSING, start_chromium
+import browser
+from browser import missing, start_chromium
 from conftest import DEV_PAIRS, RESERVED, build_vocab_tokens, run_cli
 
 from nli import attention, cli, data, evaluate, snli
@@ -146,7 +147,7 @@ def test_html_page_renders_in_a_real_browser(pair, tmp_path):
     attention.save_view(pair, str(path))
     driver = start_chromium(tmp_path / "profile")
     if driver is None:
-        pytest.skip(MISSING)
+        pytest.skip(missing())
     try:
         driver.get(path.as_uri())
         layers, heads = SIZES["num_blks"], SIZES["num_heads"]
@@ -208,3 +209,14 @@ def test_heads_without_a_figure_to_draw_is_refused(run_dir, tmp_path, capsys):
         assert out == "" and err == "error: --heads chooses what the --attention FILE.png figure shows (the .html " \
                                     "page has a menu for it): add --attention FILE.png, or drop --heads.\n"
     assert not os.path.exists(tmp_path / "a.html")
+
+
+def test_the_browser_tests_skip_reason_names_what_is_missing(monkeypatch):
+    installed = {"chromium"}  # Chromium is, its driver is not: was "Chromium is not installed"
+    monkeypatch.setattr(browser.shutil, "which", lambda program: f"/usr/bin/{program}" if program in installed else None)
+    assert missing() == "chromedriver not installed (Debian package chromium-driver; .ci/run installs them)"
+    installed = set()
+    assert missing() == ("chromium and chromedriver not installed (Debian packages chromium and chromium-driver; "
+                         ".ci/run installs them)")
+    installed = {"chromium", "chromedriver"}
+    assert missing() is None
