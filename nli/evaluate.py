@@ -305,6 +305,8 @@ def _json_line(line_no, text):
             values = obj[premise], obj[hypothesis], obj.get(label, "")
             if not all(isinstance(v, str) for v in values):
                 return InputLine(line_no, error=f"{premise}, {hypothesis} and {label} must be strings")
+            if not snli.is_text("".join(values)):
+                return InputLine(line_no, error="a \\u escape of half a surrogate pair, which is not text")
             return _input_line(line_no, *values)
     return InputLine(line_no, error="expected premise and hypothesis (or sentence1 and sentence2) keys")
 
@@ -322,6 +324,9 @@ def read_input_lines(byte_lines, source, fmt):
             text = text.lstrip("\ufeff")  # a byte-order mark some editors write
         if fmt == "jsonl":
             yield _json_line(line_no, text)
+            continue
+        if "\r" in text:  # lines ended by \r alone (old Macs) would be read as one, the header swallowing the rest
+            yield InputLine(line_no, error="a carriage return (\\r) inside the line: end lines with \\n or \\r\\n")
             continue
         fields = text.split("\t")
         if line_no == 1 and (header := _tsv_header(fields, source)):

@@ -68,12 +68,20 @@ def read_pairs(path):
     return premises, hypotheses, labels
 
 
-def _check_utf8(path, line_no, text):
-    """Fail naming the line when it held bytes that are not UTF-8 (read as surrogate escapes)."""
+def is_text(text):
+    """Whether `text` holds no surrogate: bytes that were not UTF-8 (read as surrogate escapes), or a JSON \\ud800
+    escape, which decodes to half a surrogate pair; such a string cannot be written as UTF-8."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise UserError(f"{path}, line {line_no}: not UTF-8 text.") from None
+        return False
+    return True
+
+
+def _check_utf8(path, line_no, text):
+    """Fail naming the line when it held bytes that are not UTF-8 (read as surrogate escapes)."""
+    if not is_text(text):
+        raise UserError(f"{path}, line {line_no}: not UTF-8 text.")
 
 
 # Column (or key) names of premise, hypothesis and label in pair files: ours, and SNLI's own.
@@ -92,33 +100,41 @@ def _columns(path, names):
 
 def _read_tsv(path):
     """Yield (line number, premise, hypothesis, label) from a tab-separated file with a header."""
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:  # -sig: a byte-order mark
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader, None)
-        if header is None:
-            raise UserError(f"{path} is empty; expected a header line.")
-        _check_utf8(path, reader.line_num, "\t".join(header))
-        p, h, l = (header.index(c) for c in _columns(path, header))
-        parse = extract_text if header[p].endswith("_binary_parse") else str.strip
-        for row in reader:
-            if not row:
-                continue
-            _check_utf8(path, reader.line_num, "\t".join(row))
-            if len(row) != len(header):
-                raise UserError(f"{path}, line {reader.line_num}: {len(row)} tab-separated fields, "
-                                f"expected {len(header)} as in the header.")
-            yield reader.line_num, parse(row[p]), parse(row[h]), row[l].strip()
+        try:
+            yield from _read_tsv_rows(path, reader)
+        except csv.Error as e:  # a field past csv's size limit (a megabyte line, a binary file)
+            raise UserError(f"{path}, line {reader.line_num}: not a line of tab-separated sentences ({e}).") from None
+
+
+def _read_tsv_rows(path, reader):
+    """Yield (line number, premise, hypothesis, label) from the rows of a `csv.reader` over a pair file."""
+    header = next(reader, None)
+    if header is None:
+        raise UserError(f"{path} is empty; expected a header line.")
+    _check_utf8(path, reader.line_num, "\t".join(header))
+    p, h, l = (header.index(c) for c in _columns(path, header))
+    parse = extract_text if header[p].endswith("_binary_parse") else str.strip
+    for row in reader:
+        if not "".join(row).strip():  # a blank line, or one of spaces and tabs
+            continue
+        _check_utf8(path, reader.line_num, "\t".join(row))
+        if len(row) != len(header):
+            raise UserError(f"{path}, line {reader.line_num}: {len(row)} tab-separated fields, "
+                            f"expected {len(header)} as in the header.")
+        yield reader.line_num, parse(row[p]), parse(row[h]), row[l].strip()
 
 
 def _read_jsonl(path):
     """Yield (line number, premise, hypothesis, label) from a file of one JSON object per line."""
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:  # -sig: a byte-order mark, as editors write
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
             _check_utf8(path, line_no, line)
             try:
-                obj = json.loads(line)
+                obj = json.loads(line, strict=False)  # a raw tab inside a string is kept, as predict keeps it
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}, line {line_no}: not valid JSON ({e.msg}).") from None
             if not isinstance(obj, dict):
@@ -128,6 +144,8 @@ def _read_jsonl(path):
             values = [obj[p], obj[h], obj[l]]
             if not all(isinstance(v, str) for v in values):
                 raise UserError(f"{path}, line {line_no}: premise, hypothesis and label must be strings.")
+            if not is_text("".join(values)):
+                raise UserError(f"{path}, line {line_no}: a \\u escape of half a surrogate pair, which is not text.")
             yield line_no, parse(values[0]), parse(values[1]), values[2].strip()
 
 

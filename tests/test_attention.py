@@ -213,7 +213,7 @@ def test_heads_without_a_figure_to_draw_is_refused(run_dir, tmp_path, capsys):
 
 def test_the_browser_tests_skip_reason_names_what_is_missing(monkeypatch):
     installed = {"chromium"}  # Chromium is, its driver is not: was "Chromium is not installed"
-    monkeypatch.setattr(browser.shutil, "which", lambda program: f"/usr/bin/{program}" if program in installed else None)
+    monkeypatch.setattr(browser.shutil, "which", lambda name: f"/usr/bin/{name}" if name in installed else None)
     assert missing() == "chromedriver not installed (Debian package chromium-driver; .ci/run installs them)"
     installed = set()
     assert missing() == ("chromium and chromedriver not installed (Debian packages chromium and chromium-driver; "

@@ -74,12 +74,12 @@ def test_a_data_folder_that_cannot_be_written_is_one_sentence(data_dir, tmp_path
     (tmp_path / "under-a-file").write_text("a file, not a folder")
     env = {**os.environ, "NLI_DATA_DIR": data_dir}
     env.pop("NLI_HUB_MANIFEST", None)
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "chapters", "natural_language_inference_and_dataset.py"),
-                             "--quick", "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env,
-                            cwd=tmp_path, timeout=120)
+    script = os.path.join(ROOT, "chapters", "natural_language_inference_and_dataset.py")
+    result = subprocess.run([sys.executable, script, "--quick", "--out", str(tmp_path / "out")], capture_output=True,
+                            text=True, env=env, cwd=tmp_path, timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]
     [message] = result.stderr.strip().splitlines()  # was: OSError's traceback, or no end at all under /proc
     folder = os.path.join(tmp_path, data_dir)
-    assert message == (f"error: Cannot write to the data folder {folder} "
-                       f"({'Not a directory' if 'file' in data_dir else 'No such file or directory'}): set NLI_DATA_DIR "
-                       f"to a folder this user can write (the default is data/ in the working directory).")
+    reason = "Not a directory" if "file" in data_dir else "No such file or directory"
+    assert message == (f"error: Cannot write to the data folder {folder} ({reason}): set NLI_DATA_DIR to a folder "
+                       f"this user can write (the default is data/ in the working directory).")
