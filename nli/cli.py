@@ -6,7 +6,7 @@ import os
 import sys
 
 from . import __version__, rundir
-from .errors import UserError
+from .errors import OS_ERROR_STATUS, UserError, describe_os_error
 from .recipe import RECIPES, Recipe, at_least, checked
 
 
@@ -359,8 +359,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a refused permission, a path through a file: the system's sentence
-        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
-        return 1
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        return OS_ERROR_STATUS
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

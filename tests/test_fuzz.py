@@ -35,6 +35,13 @@ def snli_row(premise, hypothesis, label, rng):
                                        *votes]))
 
 
+def snli_json(row, rng):
+    """An SNLI .jsonl object of `row`: the .txt line's fields, but the votes in one list, annotator_labels."""
+    fields = snli_row(*row[:3], rng)
+    return {**{k: v for k, v in fields.items() if not k.startswith("label")},
+            "annotator_labels": [v for k, v in fields.items() if k.startswith("label")]}
+
+
 def txt_line(row, rng):
     """An SNLI .txt line of `row`: its fields past the third appended, or as many of the last dropped as it lacks."""
     fields = list(snli_row(*(list(row[:3]) + [""] * (3 - len(row[:3]))), rng).values())
@@ -44,7 +51,7 @@ def txt_line(row, rng):
 def render(ext, rows, rng, header=True):
     """The text of a pair file of `rows` (premise, hypothesis, label, then any extra fields) in format `ext`."""
     if ext == ".jsonl":
-        objects = [snli_row(*row[:3], rng) if rng.random() < 0.5 else dict(zip(("premise", "hypothesis", "label"), row))
+        objects = [snli_json(row, rng) if rng.random() < 0.5 else dict(zip(("premise", "hypothesis", "label"), row))
                    for row in rows]
         return "".join(json.dumps(obj, ensure_ascii=rng.random() < 0.5) + "\n" for obj in objects)
     if ext == ".txt":
@@ -174,34 +181,24 @@ CASES = generated_cases()
 def trained(training_bert_dir, tmp_path_factory):
     """A run fine-tuned on 16 real pairs (to evaluate and predict with) and a valid file of 16 pairs."""
     root = tmp_path_factory.mktemp("fuzz")
-    os.environ["NLI_DATA_DIR"] = str(root / "data")  # restored by `restore_data_dir`
     valid = root / "valid.tsv"
     valid.write_text(render(".tsv", real_pairs()[:16], random.Random(SEED)), encoding="utf-8")
-    assert cli.main(["finetune", "--model", training_bert_dir, "--train", str(valid), "--test", str(valid),
-                     "--out", str(root / "run"), *FINETUNE]) == 0
-    return training_bert_dir, str(root / "run"), str(valid)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def restore_data_dir():
-    before = os.environ.get("NLI_DATA_DIR")
-    yield
-    if before is None:
-        os.environ.pop("NLI_DATA_DIR", None)
-    else:
-        os.environ["NLI_DATA_DIR"] = before
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NLI_DATA_DIR", str(root / "data"))  # the encoded-pairs cache
+        assert cli.main(["finetune", "--model", training_bert_dir, "--train", str(valid), "--test", str(valid),
+                         "--out", str(root / "run"), *FINETUNE]) == 0
+        yield training_bert_dir, str(root / "run"), str(valid)
 
 
 def run(argv, capsys):
-    """(status, stdout, stderr, traceback or None) of `nli ARGV` called in this process."""
+    """(exit status, stderr, traceback or None) of `nli ARGV` called in this process."""
     try:
         status, escaped = cli.main(argv), None
     except SystemExit as e:
         status, escaped = e.code, None
-    except BaseException:  # noqa: B902  (anything else escaping main is what this test hunts)
+    except Exception:  # anything else escaping main is what this test hunts
         status, escaped = None, traceback.format_exc(limit=-4)
-    out, err = capsys.readouterr()
-    return status, out, err, escaped
+    return status, capsys.readouterr().err, escaped
 
 
 def input_lines(content):
@@ -209,7 +206,24 @@ def input_lines(content):
     return len(content.split(b"\n")) - content.endswith(b"\n")
 
 
-def problems(command, status, err, escaped, outputs, works, must_work):
+def unanswered(output, content):
+    """What a successful `predict --file` left unanswered: it must answer every line after a header line."""
+    with open(output, encoding="utf-8") as f:
+        numbers = [json.loads(line)["line"] for line in f]
+    first = numbers[0] if numbers else 2
+    # No answer at all is right only for a file of one line, its header (\r ends a line too, for splitlines)
+    if first in (1, 2) and numbers == list(range(first, input_lines(content) + 1)) and \
+            (numbers or len(content.splitlines()) <= 1):
+        return []
+    return [f"answered lines {numbers[:5]}... of {input_lines(content)}"]
+
+
+def missing(folder, name):
+    """['no NAME'] unless `folder` holds the file `name`, which a successful command writes."""
+    return [] if os.path.exists(os.path.join(folder, name)) else [f"no {name}"]
+
+
+def problems(command, status, err, escaped, output, works, must_work):
     """What is wrong with how one command ended; an empty list when it worked or failed as it should."""
     if escaped:
         return [f"{command}: traceback\n{escaped}"]
@@ -221,8 +235,21 @@ def problems(command, status, err, escaped, outputs, works, must_work):
     found = []
     if not lines or not lines[-1].startswith("error: ") or sum(line.startswith("error:") for line in lines) != 1:
         found.append(f"{command}: status {status}, stderr not one `error:` line: {err[-600:]!r}")
-    found += [f"{command}: failed and left {path}" for path in outputs if os.path.lexists(path)]
+    if os.path.lexists(output):
+        found.append(f"{command}: failed and left {output}")
     return found
+
+
+def write_case(folder, ext, content):
+    """The path of the case's pair file, written into a new `folder` (a directory of that name if no content)."""
+    folder.mkdir()
+    path = str(folder / f"pairs{ext}")
+    if content is None:
+        os.mkdir(path)
+    else:
+        with open(path, "wb") as f:
+            f.write(content)
+    return path
 
 
 def test_broken_pair_files_work_or_fail_in_one_sentence_leaving_nothing(trained, tmp_path, capsys):
@@ -231,46 +258,23 @@ def test_broken_pair_files_work_or_fail_in_one_sentence_leaving_nothing(trained,
     found, outcomes = [], {"finetune": [0, 0], "evaluate": [0, 0], "predict": [0, 0]}
     for i, (name, ext, content) in enumerate(CASES):
         folder = tmp_path / str(i)
-        folder.mkdir()
-        path = str(folder / f"pairs{ext}")
-        if content is None:
-            os.mkdir(path)
-        else:
-            with open(path, "wb") as f:
-                f.write(content)
+        path = write_case(folder, ext, content)
         train, test = [(path, valid), (valid, path), (path, path)][i % 3]  # the last: the same file given twice
-        must_work = name.rstrip(" 0123456789") in MUST_WORK
-        out = str(folder / "run")
-        status, _, err, escaped = run(["finetune", "--model", model_dir, "--train", train, "--test", test,
-                                       "--out", out, *FINETUNE], capsys)
-        found += problems(f"{i} {name} ({ext}): finetune", status, err, escaped, [out],
-                          lambda: [] if os.path.exists(os.path.join(out, "model.params")) else ["no model.params"],
-                          must_work)
-        outcomes["finetune"][status != 0] += 1
-
-        out = str(folder / "eval")
-        status, _, err, escaped = run(["evaluate", "--run", run_dir, "--test", path, "--out", out, "--errors", "3",
-                                       "--quiet"], capsys)
-        found += problems(f"{i} {name} ({ext}): evaluate", status, err, escaped, [out],
-                          lambda: [] if os.path.exists(os.path.join(out, "eval.json")) else ["no eval.json"], must_work)
-        outcomes["evaluate"][status != 0] += 1
-
-        output = str(folder / "predicted.jsonl")
-        status, _, err, escaped = run(["predict", "--run", run_dir, "--file", path, "--output", output, "--quiet"],
-                                      capsys)
-
-        def answered_every_line():
-            with open(output, encoding="utf-8") as f:
-                numbers = [json.loads(line)["line"] for line in f]
-            first = numbers[0] if numbers else 2  # after a header line
-            if numbers == list(range(first, input_lines(content) + 1)) and first in (1, 2) and \
-                    (numbers or len(content.splitlines()) <= 1):  # no answer: no line but a header (\r ends lines too)
-                return []
-            return [f"answered lines {numbers[:5]}... of {input_lines(content)}"]
-        found += problems(f"{i} {name} ({ext}): predict", status, err, escaped, [output], answered_every_line,
-                          must_work)
-        outcomes["predict"][status != 0] += 1
-        leftovers = sorted(set(os.listdir(folder)) - {f"pairs{ext}", "run", "eval", "predicted.jsonl"})
+        run_out, eval_out, predicted = (str(folder / file) for file in ("run", "eval", "predicted.jsonl"))
+        for command, argv, output, works in [
+            ("finetune", ["--model", model_dir, "--train", train, "--test", test, "--out", run_out, *FINETUNE],
+             run_out, lambda: missing(run_out, "model.params")),
+            ("evaluate", ["--run", run_dir, "--test", path, "--out", eval_out, "--errors", "3", "--quiet"],
+             eval_out, lambda: missing(eval_out, "eval.json")),
+            ("predict", ["--run", run_dir, "--file", path, "--output", predicted, "--quiet"],
+             predicted, lambda: unanswered(predicted, content)),
+        ]:
+            status, err, escaped = run([command, *argv], capsys)
+            found += problems(f"{i} {name} ({ext}): {command}", status, err, escaped, output, works,
+                              must_work=name.rstrip(" 0123456789") in MUST_WORK)
+            outcomes[command][status != 0] += 1
+        leftovers = sorted(set(os.listdir(folder)) - {os.path.basename(p) for p in (path, run_out, eval_out,
+                                                                                    predicted)})
         found += [f"{i} {name} ({ext}): left {leftovers}"] if leftovers else []
     assert not found, f"{len(found)} problems:\n" + "\n".join(found)
     # Both ends are exercised: some files work and some are refused, by each command
