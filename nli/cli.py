@@ -286,11 +286,11 @@ def run_predict(args):
         raise UserError("Give one pair (PREMISE HYPOTHESIS), or --file FILE, or --stdin.")
     if args.attention and not one_pair:
         raise UserError("--attention draws one pair: give PREMISE HYPOTHESIS, not --file or --stdin.")
-    if args.heads and (not args.attention or attention.view_format(args.attention) != ".png"):
+    view_format = attention.view_format(args.attention) if args.attention else None
+    if args.heads and view_format != ".png":
         raise UserError("--heads chooses what the --attention FILE.png figure shows (the .html page has a menu "
                         "for it): add --attention FILE.png, or drop --heads.")
     if args.attention:
-        attention.view_format(args.attention)
         check_can_draw_attention(args.run)
     predictor = evaluate.Predictor.from_run(args.run, data.parse_devices(args.devices), args.batch_size,
                                             args.max_memory)
