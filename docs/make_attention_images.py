@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from PIL import Image  # noqa: E402
 
-from browser import MISSING, start_chromium  # noqa: E402
+from browser import missing, start_chromium  # noqa: E402
 from nli import attention, data, predict  # noqa: E402
 
 PREMISE = "A person on a horse jumps over a broken down airplane."  # the book's example pair
@@ -41,7 +41,7 @@ def screenshot(page, layer, head, hover):
     with tempfile.TemporaryDirectory() as profile:
         driver = start_chromium(profile, width=WIDTH, height=900)
         if driver is None:
-            raise SystemExit(MISSING)
+            raise SystemExit(missing())
         try:
             driver.get("file://" + os.path.abspath(page))
             Select(driver.find_element(By.ID, "layer")).select_by_value(str(layer - 1))

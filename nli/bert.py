@@ -1,6 +1,7 @@
 """The book's BERT (parameter layout of `d2l.BERTModel`), hybridizable, and loading pretrained files."""
 import collections
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -306,9 +307,12 @@ def model_dir(name_or_dir):
         return name_or_dir
     if name_or_dir in hub.registry():
         return hub.download_extract(name_or_dir)
+    close = difflib.get_close_matches(name_or_dir, hub.registry(), n=1)
     raise UserError(f"{name_or_dir!r} is neither a model directory nor a known model name "
-                    f"(known: {', '.join(sorted(PRESETS))}); a Hugging Face BERT is named hf:DIR, or "
-                    f"hf:ORG/NAME to take it from the Hub (as in hf:sentence-transformers/all-MiniLM-L6-v2).")
+                    f"(known: {', '.join(sorted(PRESETS))})" + (f"; did you mean {close[0]}?" if close else
+                                                                 "; a Hugging Face BERT is named hf:DIR, or hf:ORG/NAME "
+                                                                 "to take it from the Hub (as in "
+                                                                 "hf:sentence-transformers/all-MiniLM-L6-v2)."))
 
 
 def read_config(directory, vocab_size):

@@ -6,7 +6,7 @@ import os
 import sys
 
 from . import __version__
-from .errors import UserError
+from .errors import OS_ERROR_STATUS, UserError, describe_os_error
 from .recipe import RECIPES, Recipe, at_least, checked
 
 
@@ -77,6 +77,7 @@ def build_parser():
     export.add_argument("--int8", action="store_true",
                         help="quantize the matrix products' weights to int8 (dynamic, per channel)")
     export.add_argument("--opset", type=int, help="ONNX opset (default 17, the first with LayerNormalization)")
+    export.add_argument("--overwrite", action="store_true", help="replace the run or export that --out holds")
 
     predict = commands.add_parser("predict", help="labels of raw premise/hypothesis pairs: one, a file or stdin")
     predict.add_argument("--run", required=True, help="the run directory (or its best/) to predict with")
@@ -95,8 +96,9 @@ def build_parser():
     predict.add_argument("--attention", metavar="FILE",
                          help="also draw the pair's attention weights: FILE.png, a figure of every layer and "
                               "head, or FILE.html, a page to explore them (one pair only)")
-    predict.add_argument("--heads", choices=["all", "mean"], default="all",
-                         help="the .png shows every head, or each layer's mean of the heads")
+    predict.add_argument("--heads", choices=["all", "mean"],
+                         help="with --attention FILE.png: the figure shows every head (the default: all), or each "
+                              "layer's mean of the heads")
     doctor = commands.add_parser("doctor", help="versions, MXNet's build, devices, OpenMP, the download cache, and "
                                                 "the fix for each known problem found")
     doctor.add_argument("--test", action="store_true",
@@ -179,17 +181,20 @@ def run_predict(args):
         raise UserError("Give one pair (PREMISE HYPOTHESIS), or --file FILE, or --stdin.")
     if args.attention and not one_pair:
         raise UserError("--attention draws one pair: give PREMISE HYPOTHESIS, not --file or --stdin.")
-    if args.attention:
-        attention.view_format(args.attention)
+    view_format = attention.view_format(args.attention) if args.attention else None
+    if args.heads and view_format != ".png":
+        raise UserError("--heads chooses what the --attention FILE.png figure shows (the .html page has a menu "
+                        "for it): add --attention FILE.png, or drop --heads.")
     predictor = predict.load_predictor(args.run, data.scoring_devices(args.devices), args.batch_size, args.max_memory)
     if one_pair:
+        # the attention first: an export, which cannot draw it, refuses before anything is printed
+        view = args.attention and predictor.attention(args.premise, args.hypothesis, args.tokenized)
         result = predictor.predict(args.premise, args.hypothesis, args.tokenized)
         print(json.dumps(result, ensure_ascii=False))
         if warning := predict.unknown_warning(result["unknown_share"]):
             print(warning, file=sys.stderr)
-        if args.attention:
-            view = predictor.attention(args.premise, args.hypothesis, args.tokenized)
-            attention.save_view(view, args.attention, args.heads)
+        if view:
+            attention.save_view(view, args.attention, args.heads or "all")
             print(f"wrote {args.attention}: attention of {view.weights.shape[0]} layers x {view.weights.shape[1]} "
                   f"heads over {len(view.tokens)} tokens", file=sys.stderr)
     else:
@@ -199,7 +204,7 @@ def run_predict(args):
 
 def run_export(args):
     from . import export
-    config = export.export_run(args.run, args.out, args.int8, args.opset or export.OPSET)
+    config = export.export_run(args.run, args.out, args.int8, args.opset or export.OPSET, args.overwrite)
     print(f"wrote {args.out}/{config['onnx']['file']} (opset {config['onnx']['opset']}, "
           f"{'int8' if args.int8 else 'fp32'}); evaluate and predict take --run {args.out}")
 
@@ -239,8 +244,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a refused permission, a path through a file: the system's sentence
-        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
-        return 1
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        return OS_ERROR_STATUS
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

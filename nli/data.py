@@ -38,7 +38,9 @@ def parse_devices(spec):
         ids = ids if rest else list(range(num_gpus))
         missing = [i for i in ids if i >= num_gpus]
         if not ids or missing:
-            raise UserError(f"--devices {spec}: this machine has {num_gpus} GPU(s) visible to MXNet.")
+            build = "" if mx.runtime.Features().is_enabled("CUDA") else " (this mxnet is built for CPUs only)"
+            raise UserError(f"--devices {spec}: this machine has {num_gpus} GPU(s) visible to MXNet{build}; "
+                            f"`nli doctor` tells why, and which mxnet to install for a GPU.")
         return [mx.gpu(i) for i in ids]
     raise UserError(f"--devices {spec!r}: expected auto, cpu, cpu:N, gpu or gpu:0,1.")
 

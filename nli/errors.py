@@ -2,6 +2,7 @@
 import sys
 
 EXIT_STATUS = 2  # what `python -m nli` and argparse exit with on a user's mistake
+OS_ERROR_STATUS = 1  # and on the machine's refusal: a full disk, a read-only folder, a path through a file
 
 
 class UserError(Exception):
@@ -13,8 +14,14 @@ def first_line(error):
     return (str(error).strip().splitlines() or [""])[0]
 
 
+def describe_os_error(error):
+    """The system's own sentence for an OSError, after the path it concerns: `data/x: Read-only file system`."""
+    return f"{error.filename + ': ' if error.filename else ''}{error.strerror or error}"
+
+
 def report_user_errors():
-    """Make this script print an uncaught UserError as `python -m nli` does: `error: ...`, exit status 2.
+    """Make this script print an uncaught UserError or OSError as `python -m nli` does: `error: ...`, exit status
+    2 (or 1 for the OSError).
 
     Chapter scripts run top to bottom like a notebook, so there is no main() to wrap; the hook sees
     what escapes the script. Other exceptions keep their traceback, and Jupyter, which does not call
@@ -23,10 +30,11 @@ def report_user_errors():
     previous = sys.excepthook
 
     def excepthook(kind, error, traceback):
-        if not issubclass(kind, UserError):
+        if not issubclass(kind, (UserError, OSError)):
             return previous(kind, error, traceback)
         sys.stdout.flush()
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(EXIT_STATUS)  # Python exits with it, as if the script had raised it
+        user_error = issubclass(kind, UserError)
+        print(f"error: {error if user_error else describe_os_error(error)}", file=sys.stderr)
+        raise SystemExit(EXIT_STATUS if user_error else OS_ERROR_STATUS)  # as if the script had raised it
 
     sys.excepthook = excepthook

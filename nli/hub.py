@@ -295,7 +295,13 @@ def _cache_path(e, folder):
 @contextlib.contextmanager
 def _locked(path, quiet):
     """Hold `PATH.lock`, so two processes fetching the same file end with one good copy."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    folder = os.path.dirname(path)
+    try:  # filelock takes a lock file it cannot create for one another process holds, and would wait for ever
+        os.makedirs(folder, exist_ok=True)
+        open(path + ".lock", "a").close()
+    except OSError as e:
+        raise UserError(f"Cannot write to the data folder {folder} ({e.strerror}): set NLI_DATA_DIR to a folder "
+                        f"this user can write (the default is the checkout's data/, else ~/.cache/nli).") from None
     lock = filelock.FileLock(path + ".lock")
     try:
         lock.acquire(timeout=0)

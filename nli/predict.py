@@ -174,16 +174,16 @@ def inference_session(path, threads=None):
 class OnnxPredictor(PairPredictor):
     """An exported run's model.onnx, run by ONNX Runtime on the CPU: predictions without MXNet."""
 
-    def __init__(self, session, vocab, config, batch_size=256):
+    def __init__(self, session, vocab, config, batch_size=256, run_dir="this run"):
         super().__init__(vocab, config, batch_size)
-        self.session = session
+        self.session, self.run_dir = session, run_dir
 
     @classmethod
     def from_export(cls, run_dir, batch_size=256, threads=None):
         """Load the run dir written by `export.export_run`: its tokenizer and an ONNX Runtime session."""
         config = read_run_config(run_dir)
         session = inference_session(os.path.join(run_dir, config["onnx"]["file"]), threads)
-        return cls(session, model.load_tokenizer(run_dir, config), config, batch_size)
+        return cls(session, model.load_tokenizer(run_dir, config), config, batch_size, run_dir)
 
     def run_batch(self, tokens, segments, valid_lens):
         """Logits of one padded batch (NumPy arrays)."""
@@ -196,9 +196,9 @@ class OnnxPredictor(PairPredictor):
                                (len(encoded), len(LABELS)), progress)
 
     def attention(self, premise, hypothesis, tokenized=False):
-        """Refused: the ONNX graph gives logits only (its fused Attention keeps the weights inside)."""
-        raise UserError(f"{self.config['onnx'].get('source_run', 'the MXNet run')} draws attention, not its ONNX "
-                        f"export: the exported graph gives logits only. Pass the MXNet run as --run.")
+        """Refused: the ONNX graph gives the logits only (its fused Attention keeps the weights inside)."""
+        raise UserError(f"--attention needs MXNet's model, and {self.run_dir} is an ONNX export, whose graph gives only "
+                        f"the logits: draw it with --run {self.config['onnx']['source_run']}.")
 
 
 def load_predictor(run_dir, devices=None, batch_size=256, max_memory=None):

@@ -176,10 +176,9 @@ def encoded_sets(recipe, vocab, train_file, test_file, progress):
 
 
 def warn_if_one_update_an_epoch(recipe, num_pairs):
-    """Say so when a batch holds every training pair: each epoch is then a single update."""
-    if recipe.batch_size * recipe.accumulate >= num_pairs > 1:
-        print(f"warning: --batch-size {recipe.batch_size}" + (f" x --accumulate {recipe.accumulate}"
-                                                              if recipe.accumulate > 1 else "")
-              + f" holds all {num_pairs} training pairs: one update an epoch. A smaller batch gives more updates.",
+    """Say so when a batch holds more than every training pair: each epoch is then a single update."""
+    if recipe.batch_size * recipe.accumulate > num_pairs:
+        print(f"warning: batches of {recipe.batch_size * recipe.accumulate} pairs hold more than the {num_pairs} "
+              f"training pairs, so each epoch is one update; a smaller --batch-size gives more.",
               file=sys.stderr, flush=True)
 

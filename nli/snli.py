@@ -110,9 +110,11 @@ def pair_lines(byte_lines, source, fmt, strict=False):
             yield PairLine(line_no, error=f"not UTF-8 text ({e.reason} at byte {e.start})")
             continue
         text = text.lstrip("\ufeff") if line_no == 1 else text  # a byte-order mark some editors write
-        if strict and not text.strip():
+        if strict and not text.strip():  # a blank line, or one of spaces and tabs
             continue
-        if fmt == "jsonl":
+        if "\r" in text:  # lines ended by \r alone (old Macs) would be read as one, the header swallowing the rest
+            yield PairLine(line_no, error="a carriage return (\\r) inside the line: end lines with \\n or \\r\\n")
+        elif fmt == "jsonl":
             yield _json_line(line_no, text, names, strict)
         elif line_no == 1 and (header := _tsv_header(text.split("\t"), source, names, strict)):
             columns, width = header, len(text.split("\t"))
@@ -161,11 +163,23 @@ def _json_line(line_no, text, names, strict):
             values = obj[premise], obj[hypothesis], obj.get(label, "")
             if not all(isinstance(v, str) for v in values):
                 return PairLine(line_no, error=f"{premise}, {hypothesis} and {label} must be strings")
+            if not is_text("".join(values)):
+                return PairLine(line_no, error="a \\u escape of half a surrogate pair, which is not text")
             if premise.endswith("_binary_parse"):
                 values = extract_text(values[0]), extract_text(values[1]), values[2]
             return _pair_line(line_no, *values, strict)
     expected = " and ".join(PAIR_COLUMNS[0][:2 + strict]) + " (or " + " and ".join(PAIR_COLUMNS[1][:2 + strict]) + ")"
     return PairLine(line_no, error=f"expected {expected} keys")
+
+
+def is_text(text):
+    """Whether `text` holds no surrogate: a JSON \\ud800 escape decodes to half a surrogate pair, which no UTF-8
+    file can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _pair_line(line_no, premise, hypothesis, label, strict):

@@ -5,14 +5,23 @@ import shutil
 # What Chromium needs to run as root in a container without a display, and to stay off the network.
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage")
-MISSING = "Chromium is not installed (Debian packages chromium and chromium-driver; .ci/run installs them)"
+PACKAGES = {"chromium": "chromium", "chromedriver": "chromium-driver"}  # program -> the Debian package with it
+
+
+def missing():
+    """Why Chromium cannot be driven here, naming the programs not on PATH and their packages; None if both are."""
+    absent = [program for program in PACKAGES if not shutil.which(program)]
+    if not absent:
+        return None
+    return (f"{' and '.join(absent)} not installed (Debian package{'s' * (len(absent) > 1)} "
+            f"{' and '.join(PACKAGES[p] for p in absent)}; .ci/run installs them)")
 
 
 def start_chromium(profile_dir, width=1400, height=1000):
-    """A selenium driver of a fresh headless Chromium (its profile in `profile_dir`), or None when none is installed."""
-    binary, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    if not binary or not driver_path:
+    """A selenium driver of a fresh headless Chromium (its profile in `profile_dir`), or None when `missing()`."""
+    if missing():
         return None
+    binary, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
     from selenium import webdriver
     options = webdriver.ChromeOptions()
     options.binary_location = binary

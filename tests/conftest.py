@@ -4,6 +4,7 @@ import hashlib
 import http.server
 import json
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -15,6 +16,33 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import nli  # noqa: E402,F401  (before any test imports mxnet: it repairs numpy for mxnet on Python 3.12+)
+
+
+ONEDNN_ISA_FLAGS = ("avx2", "avx512", "vnni", "amx")  # the instruction sets oneDNN chooses its kernels by
+
+
+def cpu_description():
+    """This CPU's model name and the instruction-set flags oneDNN picks kernels by, from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            info = f.read()
+    except OSError:
+        return f"{platform.machine()} (no /proc/cpuinfo)"
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = sorted(flag for flag in fields.get("flags", "").split() if any(isa in flag for isa in ONEDNN_ISA_FLAGS))
+    return f"{fields.get('model name', platform.machine())}; {' '.join(flags) or 'no AVX2, AVX-512, VNNI or AMX'}"
+
+
+def pytest_report_header(config):
+    """Name the CPU in the log: floats computed elsewhere differ in their last bits, and a failure reads by it."""
+    return f"cpu: {cpu_description()}"
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """Under -q (as .ci/run calls pytest), which prints no header, the CPU line ends the log instead."""
+    if config.get_verbosity() < 0:
+        terminalreporter.write_line(f"cpu: {cpu_description()}")
 
 
 def import_d2l():

@@ -5,10 +5,11 @@ import os
 import numpy as onp
 import pytest
 
-from browser import MISSING, start_chromium
+import browser
+from browser import missing, start_chromium
 from conftest import DEV_PAIRS, RESERVED, build_vocab_tokens, run_cli
 
-from nli import attention, data, predict, snli
+from nli import attention, cli, data, predict, snli
 
 SIZES = dict(num_hiddens=32, ffn_num_hiddens=64, num_heads=4, num_blks=2, max_len=64)
 PREMISE, HYPOTHESIS = "A man sleeps on a bench in the park.", "A person is awake."
@@ -146,7 +147,7 @@ def test_html_page_renders_in_a_real_browser(pair, tmp_path):
     attention.save_view(pair, str(path))
     driver = start_chromium(tmp_path / "profile")
     if driver is None:
-        pytest.skip(MISSING)
+        pytest.skip(missing())
     try:
         driver.get(path.as_uri())
         layers, heads = SIZES["num_blks"], SIZES["num_heads"]
@@ -199,3 +200,23 @@ def test_cli_writes_the_views_and_refuses_what_it_cannot_draw(run_dir, tmp_path)
     result = run_cli("predict", "--run", run_dir, "--file", DEV_PAIRS, "--attention", png)
     assert result.returncode == 2 and "--attention draws one pair" in result.stderr
     assert not os.path.exists(str(png) + ".tmp")
+
+
+def test_heads_without_a_figure_to_draw_is_refused(run_dir, tmp_path, capsys):
+    for drawing in ([], ["--attention", str(tmp_path / "a.html")]):  # was: ignored, then the prediction
+        assert cli.main(["predict", "--run", run_dir, PREMISE, HYPOTHESIS, "--heads", "mean", *drawing]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err == "error: --heads chooses what the --attention FILE.png figure shows (the .html " \
+                                    "page has a menu for it): add --attention FILE.png, or drop --heads.\n"
+    assert not os.path.exists(tmp_path / "a.html")
+
+
+def test_the_browser_tests_skip_reason_names_what_is_missing(monkeypatch):
+    installed = {"chromium"}  # Chromium is, its driver is not: was "Chromium is not installed"
+    monkeypatch.setattr(browser.shutil, "which", lambda name: f"/usr/bin/{name}" if name in installed else None)
+    assert missing() == "chromedriver not installed (Debian package chromium-driver; .ci/run installs them)"
+    installed = set()
+    assert missing() == ("chromium and chromedriver not installed (Debian packages chromium and chromium-driver; "
+                         ".ci/run installs them)")
+    installed = {"chromium", "chromedriver"}
+    assert missing() is None

@@ -121,3 +121,21 @@ def test_dataset_chapter_reads_a_pair_file_offline(tmp_path):
     assert "snli_1.0_dev_pairs.tsv:    9842 pairs  entailment 3329  contradiction 3278  neutral 3235" in result.stdout
     assert os.path.getsize(tmp_path / "runs" / "chapter_dataset" / "lengths.png") > 0
 
+
+
+@pytest.mark.parametrize("data_dir", ["under-a-file/data", "/proc/nli-data", "/proc"])
+def test_a_data_folder_that_cannot_be_written_is_one_sentence(data_dir, tmp_path):
+    """Read-only without chmod (root writes anyway): a path through a regular file, and /proc, where nothing can be
+    created (there filelock took the lock file it could not create for one held elsewhere, and waited for ever)."""
+    (tmp_path / "under-a-file").write_text("a file, not a folder")
+    env = {**os.environ, "NLI_DATA_DIR": data_dir}
+    env.pop("NLI_HUB_MANIFEST", None)
+    script = os.path.join(ROOT, "chapters", "natural_language_inference_and_dataset.py")
+    result = subprocess.run([sys.executable, script, "--quick", "--out", str(tmp_path / "out")], capture_output=True,
+                            text=True, env=env, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    [message] = result.stderr.strip().splitlines()  # was: OSError's traceback, or no end at all under /proc
+    folder = os.path.join(tmp_path, data_dir)
+    reason = "Not a directory" if "file" in data_dir else "No such file or directory"
+    assert message == (f"error: Cannot write to the data folder {folder} ({reason}): set NLI_DATA_DIR to a folder "
+                       f"this user can write (the default is the checkout's data/, else ~/.cache/nli).")

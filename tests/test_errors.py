@@ -27,3 +27,9 @@ def test_any_other_error_keeps_its_traceback():
     result = run_script('ValueError("a bug")')
     assert result.returncode == 1
     assert "Traceback" in result.stderr and result.stderr.strip().endswith("ValueError: a bug")
+
+
+def test_the_machines_refusal_is_one_line_and_status_1():
+    result = run_script('OSError(30, "Read-only file system", "/mnt/ro/out")')  # as a chapter's --out would raise
+    assert result.returncode == 1 and result.stdout == "before\n"
+    assert result.stderr == "error: /mnt/ro/out: Read-only file system\n"  # was: OSError's traceback

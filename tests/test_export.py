@@ -2,6 +2,7 @@
 CLI and the API, broken exports fail in one sentence, and the guide's plain-onnxruntime snippet runs."""
 import ast
 import json
+import logging
 import os
 import re
 import shutil
@@ -19,7 +20,7 @@ onnx = pytest.importorskip("onnx", reason="onnx 1.23 needs numpy>=2.1 on Python 
 from conftest import DEV_PAIRS, ROOT, run_cli
 from test_hf import tiny_tensors, tiny_vocab, write_checkpoint
 
-from nli import data, export, model, predict, snli
+from nli import cli, data, export, model, predict, snli
 
 MAX_LEN = 48  # the runs' max_len: some real pairs are cut, so batches mix full and short pairs
 
@@ -128,6 +129,38 @@ def test_int8_export_quantizes_the_matrix_products_and_keeps_embeddings_fp32(run
     pairs = list(zip(*dev_pairs(20)[:2]))
     predictions = predict.load_predictor(str(tmp_path / "int8")).predict_pairs(pairs, tokenized=True)
     assert all(sum(p["probabilities"].values()) == pytest.approx(1.0, abs=1e-5) for p in predictions)
+
+
+def test_int8_export_logs_no_advice_users_cannot_act_on(runs, tmp_path, caplog, capsys):
+    caplog.set_level(logging.WARNING)
+    assert cli.main(["export", "--run", runs[0], "--out", str(tmp_path / "int8"), "--int8"]) == 0
+    assert [r.getMessage() for r in caplog.records] == []  # was: "Please consider pre-processing ..."
+    assert "pre-processing" not in capsys.readouterr().err
+
+
+def test_export_refuses_to_replace_an_export_unless_told(runs, tmp_path, capsys):
+    run_dir, _ = runs
+    out = tmp_path / "export"
+    assert cli.main(["export", "--run", run_dir, "--out", str(out), "--int8"]) == 0
+    int8_model = (out / "model.onnx").read_bytes()
+    capsys.readouterr()
+    assert cli.main(["export", "--run", run_dir, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: {out} holds a finished run: choose another --out, or replace it with " \
+                                      f"--overwrite.\n"
+    assert (out / "model.onnx").read_bytes() == int8_model and json.load(open(out / "config.json"))["onnx"]["int8"]
+    assert cli.main(["export", "--run", run_dir, "--out", str(out), "--overwrite"]) == 0
+    assert json.load(open(out / "config.json"))["onnx"]["int8"] is False
+    assert (out / "model.onnx").read_bytes() != int8_model
+
+
+def test_attention_of_an_export_is_refused_before_any_prediction(runs, tmp_path, capsys):
+    run_dir, onnx_dir = runs
+    page = tmp_path / "a.html"
+    assert cli.main(["predict", "--run", onnx_dir, "A man sleeps .", "A man is awake .", "--attention", str(page)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and not page.exists()  # was: the prediction, then an IndexError
+    assert err == f"error: --attention needs MXNet's model, and {onnx_dir} is an ONNX export, whose graph gives only " \
+                  f"the logits: draw it with --run {run_dir}.\n"
 
 
 @pytest.mark.parametrize("damage, message", [

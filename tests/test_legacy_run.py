@@ -1,5 +1,6 @@
 """A run directory written by the code before the training engine was rebuilt (issue 17) still works:
-its finished model evaluates and predicts as it did then, and its checkpoint resumes bit for bit."""
+its finished model evaluates and predicts as it did then, and its checkpoint resumes to the uninterrupted run
+(bit for bit on the CPU that wrote it; within the rounding of another CPU's kernels elsewhere)."""
 import json
 import os
 import shutil
@@ -16,10 +17,21 @@ import make_legacy_run  # noqa: E402  (the script that wrote tests/data/legacy_r
 
 npx.set_np()
 LEGACY_RUN = os.path.join(DATA, "legacy_run", "run")
-# What the old code answered for this pair with the legacy run's best/ (`python -m nli predict`).
+# What the old code answered for this pair with the legacy run's best/ (`python -m nli predict`), on an AMD EPYC
+# (AVX2). Compared within rel 1e-5: on an Intel Xeon (AVX-512, VNNI, AMX) other kernels move them by 1.8e-7 relative.
 PAIR = ["A man plays a guitar on stage.", "A person makes music."]
 OLD_PROBABILITIES = {"entailment": 0.33827725052833557, "contradiction": 0.44666001200675964,
                      "neutral": 0.2150627225637436}
+# How far the resumed weights may lie from the uninterrupted run's. Bit equality is a same-machine promise (kept in
+# tests/test_train.py); the checkpoint's first 12 steps were computed on an AMD EPYC (AVX2 only), and oneDNN picks
+# its kernels (vector width, blocking by cache size) per CPU, so its floats differ elsewhere in the last bits, and
+# 6 more steps carry that on. Measured on an Intel Xeon (AVX-512, VNNI, AMX): 7.3e-6 to 1.0e-5 in W_k.bias, whose
+# gradient is zero in exact arithmetic (a bias on every key shifts all of a query's scores alike, which softmax
+# ignores), so AdamW's normalised steps make rounding noise its whole value; at most 1.4e-6 in every other weight
+# (scales 0.005 to 1). A faulty resume lands 6e-4 to 8e-4 away (measured: another seed for the dropout and shuffle
+# after step 12, 6.2e-4; one batch skipped, 7.7e-4), as AdamW moves a weight by about the learning rate (1e-3,
+# decaying to 0 over 18 steps) each step. 1e-4 lies 10x above the one and 6x below the other.
+CROSS_CPU_ATOL = 1e-4
 
 
 @pytest.fixture
@@ -59,7 +71,8 @@ def test_a_legacy_checkpoint_resumes_to_the_uninterrupted_run(legacy_copy, tmp_p
     assert uninterrupted.returncode == 0, uninterrupted.stderr
     reference, got = params_of(tmp_path / "uninterrupted" / "model.params"), params_of(legacy_copy / "model.params")
     assert reference.keys() == got.keys()
-    assert all(onp.array_equal(reference[k], got[k]) for k in reference)  # bit for bit
+    distance = {k: float(onp.abs(reference[k] - got[k]).max()) for k in reference}
+    assert max(distance.values()) <= CROSS_CPU_ATOL, sorted(distance.items(), key=lambda kv: -kv[1])[:3]
     config = json.loads((legacy_copy / "config.json").read_text())
     assert config["recipe"]["optimizer"] == "adamw" and config["recipe"]["dev_fraction"] == 0.25
     assert os.path.exists(legacy_copy / "best" / "model.params")
