@@ -62,14 +62,14 @@ def test_local_workers_share_the_gpus_out():
 
 
 def started_environments(monkeypatch, visible):
-    """The environment LocalJob gives the workers and the server of a 2-worker job, with CUDA_VISIBLE_DEVICES
+    """The environment a local `launch.Job` gives the workers and the server of a 2-worker job, with CUDA_VISIBLE_DEVICES
     `visible` (None: unset, on this machine without a GPU)."""
     if visible is None:
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     else:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-    job, started = launch.LocalJob(), {}
-    monkeypatch.setattr(job, "run", lambda cmdline, env, role: started.update({env["DMLC_TASK_ID"]: env}))
+    job, started = launch.Job(), {}
+    monkeypatch.setattr(job, "run", lambda cmdline, env, who: started.update({env["DMLC_TASK_ID"]: env}))
     for role, taskid in (("worker", 0), ("worker", 1), ("server", 2)):
         job.exec_cmd(["python", "-m", "nli"], 0, role, taskid, {"DMLC_NUM_WORKER": 2, "DMLC_NUM_SERVER": 1})
     return started
