@@ -22,13 +22,14 @@ import os
 BOOK_ENV = dict(os.environ)  # the environment the book's code runs in, before nli sets OMP_NUM_THREADS
 
 import argparse  # noqa: E402
-import dataclasses  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from unittest import mock  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -39,7 +40,6 @@ import numpy as onp  # noqa: E402
 from mxnet import init  # noqa: E402
 
 from nli import bert, data, model, snli, train  # noqa: E402
-from nli.recipe import BOOK  # noqa: E402
 from results_file import write_results  # noqa: E402
 
 DATA = os.path.join(ROOT, "tests", "data", "snli_1.0_dev_pairs.tsv")
@@ -68,10 +68,33 @@ def small_classifier(setup, hybridize=True):
     return net
 
 
-def recipe(setup, **changes):
-    """The book's recipe (Adam at 1e-4, batch 512, max_len 128) with this run's seed and `changes`."""
-    return dataclasses.replace(BOOK, batch_size=BATCH_SIZE, max_len=MAX_LEN, lr=LR, seed=setup["seed"], devices="cpu",
-                               **changes)
+def small_model_dir(setup, folder):
+    """A bert.small-shaped BERT of random weights, saved in the book's layout (vocab.json, pretrained.params, its
+    sizes in config.json) for `nli.run` to load as it loads bert.small."""
+    mx.random.seed(setup["seed"])
+    encoder = bert.BERTModel(len(setup["vocab"]), **SMALL, pretraining_heads=False)
+    encoder.initialize(init.Xavier())
+    os.makedirs(folder, exist_ok=True)
+    encoder.save_parameters(os.path.join(folder, "pretrained.params"))
+    bert.save_vocab(setup["vocab"], os.path.join(folder, "vocab.json"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({**SMALL, "pretraining_heads": False}, f)
+    return folder
+
+
+def run_nli(setup, hybridize=True, **changes):
+    """`nli.run` on the real pairs (the first 512 as the test set too, as the book's test loop scores), with the
+    bert.small-shaped BERT and the book's recipe: its epochs' metrics."""
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as changes_for_this_run:
+        os.environ["NLI_DATA_DIR"] = os.path.join(tmp, "data")  # the encoding cache, as a first run builds it
+        if not hybridize:  # the classifier `nli.run` builds stays imperative: what hybridization buys
+            changes_for_this_run.enter_context(mock.patch.object(model.BERTClassifier, "hybridize",
+                                                                 lambda self, **kwargs: None))
+        out = nli.run("book", model=small_model_dir(setup, os.path.join(tmp, "bert.small")), train=DATA, test=DATA,
+                      limit_test=512, batch_size=BATCH_SIZE, max_len=MAX_LEN, lr=LR, seed=setup["seed"],
+                      devices="cpu", out=os.path.join(tmp, "run"), quiet=True, **changes)
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            return [m for m in map(json.loads, f) if m["kind"] == "epoch"]
 
 
 def run_book(steps, env, label):
@@ -106,13 +129,12 @@ def section_book_all_cores(setup, args):
 
 
 def section_nli(setup, args, hybridize=True):
-    """nli's loop (`train.finetune`, as `python -m nli finetune` runs it): length-bucketed batches padded
-    to a multiple of 8, a hybridized model, all cores. Epoch 1 includes building a graph for each new
-    batch shape; epoch 2 is the steady state, and the figure compared."""
+    """nli's loop (`nli.run`, as `nli finetune` runs it): length-bucketed batches padded to a multiple of 8, a
+    hybridized model, all cores. Epoch 1 includes building a graph for each new batch shape; epoch 2 is the
+    steady state, and the figure compared."""
     encoded = setup["encoded"]
     started = time.perf_counter()
-    metrics = train.finetune(small_classifier(setup, hybridize), encoded, encoded.head(512), recipe(setup, epochs=2),
-                             progress=False)
+    metrics = run_nli(setup, hybridize, epochs=2)
     wall = time.perf_counter() - started
     epochs = [{"epoch": m["epoch"], "examples_per_sec": m["examples_per_sec"]}
               for m in metrics if "examples_per_sec" in m]
@@ -141,8 +163,7 @@ def section_features(setup, args):
     extraction = time.perf_counter() - start
     epoch_seconds = {}
     for mode, epochs in (("full", 1), ("features", 5)):
-        metrics = train.finetune(small_classifier(setup), encoded, encoded.head(512),
-                                 recipe(setup, epochs=epochs, mode=mode), progress=False)
+        metrics = run_nli(setup, epochs=epochs, mode=mode)
         epoch_seconds[mode] = [len(encoded) / m["examples_per_sec"] for m in metrics]
         print(f"[features] {mode}: {epoch_seconds[mode]} s per epoch", flush=True)
     full, features = epoch_seconds["full"][0], onp.mean(epoch_seconds["features"])

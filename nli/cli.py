@@ -10,8 +10,8 @@ from .errors import OS_ERROR_STATUS, UserError, describe_os_error
 from .recipe import RECIPES, Recipe, at_least, checked
 
 
-SCORING_DEVICES_HELP = ("auto (every GPU, else the CPU), cpu, cpu:N, gpu or gpu:0,1; default: one device, the first "
-                        "GPU, else the CPU")
+SCORING_DEVICES_HELP = ("the devices to score on, named as `finetune --devices` names them; default: one device, the "
+                        "first GPU, else the CPU")
 
 
 class HelpFormatter(argparse.HelpFormatter):

@@ -112,7 +112,8 @@ class Recipe:
     dropout: float = option(None, "default: the model's own (0.1)", float, check=fraction)
     # The run
     seed: int = option(0, "seeds every random draw: a run can be repeated")
-    devices: str = option("auto", "auto, cpu, cpu:N, gpu or gpu:0,1")
+    devices: str = option("auto", "auto (every GPU, else the CPU), cpu, cpu:N (N CPU contexts, as several devices), "
+                                  "gpu (every GPU) or gpu:0,1 (those GPUs)")
     kvstore: str = option("device", "how gradients are summed: over this machine's devices, or over the "
                                     "workers that `python -m nli.launch` starts", choices=KVSTORES)
     dtype: str = option("float32", "float16 is refused on every device: MXNet 1.9.1's AMP lists hold no operator of "

@@ -77,11 +77,13 @@ def run_recipe(recipe, settings, resume):
         return train.with_memory_budget(recipe, devices), devices  # config.json records the budget chosen
     if changed := [name for name in settings if name not in RESUME_MAY_CHANGE] + ["recipe"] * (recipe is not None):
         raise UserError(f"--resume continues a run as it was set; drop --{changed[0].replace('_', '-')}.")
-    recorded = Recipe.from_checkpoint(rundir.read_checkpoint(resume)[1])
-    recipe = dataclasses.replace(recorded, out=resume, **settings)
+    state = rundir.read_checkpoint(resume)[1]
+    recipe = dataclasses.replace(Recipe.from_checkpoint(state), out=resume, **settings)
     devices = data.parse_devices(recipe.devices)
-    if "max_memory" not in settings and recipe.devices != recorded.devices:
-        # The recorded budget was this share of another device's memory: choose it again where the run now is
+    moved = state.get("devices", [str(d) for d in devices]) != [str(d) for d in devices]  # older runs: not recorded
+    if moved and "max_memory" not in settings:
+        # The budget recorded was a share of the memory where the run was (60% of a CPU's RAM, 85% of a GPU's):
+        # choose it again where the run now is.
         recipe = train.with_memory_budget(dataclasses.replace(recipe, max_memory=None), devices)
     return recipe, devices
 

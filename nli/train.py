@@ -488,9 +488,10 @@ def log_step(run, state, sums, bar, epoch, lr, norm):
 
 def save_checkpoint(run, net, trainer, state, sums, recipe, data_fingerprint):
     """Checkpoint the run: weights, optimizer state, where it is (its figures read first), the RNG states, the
-    recipe and what data it trains on (`rundir.data_fingerprint`), for `--resume` to check."""
+    recipe, the devices it ran on and what data it trains on (`rundir.data_fingerprint`), for `--resume` to check."""
     sums.read_into(state, run)
-    run.save_checkpoint(net, trainer, {**dataclasses.asdict(state), "rng": rng_states(),
+    devices = [str(d) for d in next(iter(net.collect_params().values())).list_ctx()]
+    run.save_checkpoint(net, trainer, {**dataclasses.asdict(state), "rng": rng_states(), "devices": devices,
                                        "recipe": dataclasses.asdict(recipe), "data": data_fingerprint})
 
 

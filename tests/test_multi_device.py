@@ -1,6 +1,7 @@
 """Several devices, on CPU contexts: a run resumes on more devices than it started on, every device's copy of the
 weights stays the same after every update, and no operator is handed the arrays of two devices (across GPUs that
 would be a cross-device call)."""
+import json
 import shutil
 
 import mxnet as mx
@@ -66,6 +67,9 @@ def test_a_run_started_on_one_device_resumes_on_two(training_bert_dir, tmp_path,
     # The same updates, their gradients summed in another order (half the batch on each device): within rounding.
     # Had the second device restarted Adam's step count, its copy would differ from the first after one update.
     assert max(float(onp.abs(one[k] - two[k]).max()) for k in one) < 1e-4
+    # The memory budget was a share of where the run was: the same devices keep it, others choose it again.
+    budgets = [json.load(open(tmp_path / run / "config.json"))["recipe"]["max_memory"] for run in ("one", "two")]
+    assert budgets[0] == RUN["max_memory"] != budgets[1]
 
 
 def test_no_operator_is_given_the_arrays_of_two_devices(training_bert_dir, tmp_path, monkeypatch):
