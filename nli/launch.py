@@ -41,9 +41,10 @@ class Job:
     """The processes the tracker starts for one job (the scheduler; the servers and workers, or the ssh or mpirun
     commands that start them), so that the first to fail ends the rest."""
 
-    def __init__(self):
+    def __init__(self, gpus=()):
+        self.gpus = list(gpus)  # this machine's, as CUDA_VISIBLE_DEVICES names them, for local workers to share
         self.processes, self.failure, self.lock = [], None, threading.Lock()
-        self.threads = []  # those that run the ssh and mpirun commands, to wait for before the launcher returns
+        self.threads = []  # those that start the processes (local, ssh, mpirun), to wait for before the launcher returns
         self.stopped = threading.Event()  # set once a failure has ended every other process
 
     def run(self, cmdline, env, who, over_ssh=False):
@@ -76,9 +77,11 @@ class Job:
     def exec_cmd(self, cmd, num_attempt, role, taskid, pass_env):
         """dmlc_tracker.local.exec_cmd's contract (a worker or server), without its retries; each worker is
         shown its own share of this machine's GPUs."""
+        with self.lock:  # the tracker's own thread, a daemon: the launcher waits for it before it exits
+            self.threads.append(threading.current_thread())
         env = {**os.environ, **{k: str(v) for k, v in pass_env.items()},
                "DMLC_TASK_ID": str(taskid), "DMLC_ROLE": role, "DMLC_JOB_CLUSTER": "local"}
-        if role == "worker" and (gpus := worker_gpus(visible_gpus(), taskid, int(env["DMLC_NUM_WORKER"]))):
+        if role == "worker" and (gpus := worker_gpus(self.gpus, taskid, int(env["DMLC_NUM_WORKER"]))):
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         self.run(" ".join(cmd), env, f"a {role} (task {taskid})")
 
@@ -141,14 +144,15 @@ def free_port():
 def main(argv):
     """Run mxnet's tools/launch.py with `argv` as its arguments."""
     threading.Thread.isAlive = threading.Thread.is_alive
-    job = Job()
+    launcher = next((b for a, b in zip(argv, argv[1:]) if a == "--launcher"), None)
+    local_job = launcher == "local" or "--launcher=local" in argv
+    job = Job(visible_gpus() if local_job else ())
     tracker.subprocess = job  # the tracker starts the scheduler with `subprocess.check_call`, nothing else
     local.exec_cmd = job.exec_cmd
     ssh.Thread, mpi.Thread = job.ssh_thread, job.mpi_thread
     get_env = ssh.get_env  # the `export NAME=value;` lines that begin each remote command
     ssh.get_env = lambda pass_envs: f"{get_env(pass_envs)} {LIFELINE}"
-    launcher = next((b for a, b in zip(argv, argv[1:]) if a == "--launcher"), None)
-    if launcher == "local" or "--launcher=local" in argv:
+    if local_job:
         tracker.get_host_ip = lambda host_ip=None: "127.0.0.1"
         port = free_port()
         tracker.PSTracker.__init__.__defaults__ = (port, port + 1, None)  # (port, port_end, envs)

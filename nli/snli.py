@@ -48,7 +48,8 @@ def read_pairs(path):
     premises, hypotheses, labels = [], [], []
     no_gold = 0
     with open(path, "rb") as f:
-        for line in pair_lines(f, path, input_format(path, (".txt", ".tsv", ".jsonl")), strict=True):
+        lines = (line for raw in f for line in raw.splitlines())  # a lone \r ends a line too, as editors may save
+        for line in pair_lines(lines, path, input_format(path, (".txt", ".tsv", ".jsonl")), strict=True):
             if line.error:
                 raise UserError(f"{path}, line {line.line}: {line.error}.")
             if line.label == NO_GOLD_LABEL:

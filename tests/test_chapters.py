@@ -128,7 +128,7 @@ def test_a_data_folder_that_cannot_be_written_is_one_sentence(data_dir, tmp_path
     """Read-only without chmod (root writes anyway): a path through a regular file, and /proc, where nothing can be
     created (there filelock took the lock file it could not create for one held elsewhere, and waited for ever)."""
     (tmp_path / "under-a-file").write_text("a file, not a folder")
-    env = {**os.environ, "NLI_DATA_DIR": data_dir}
+    env = {**os.environ, "NLI_DATA_DIR": data_dir, "PYTHONPATH": ROOT}
     env.pop("NLI_HUB_MANIFEST", None)
     script = os.path.join(ROOT, "chapters", "natural_language_inference_and_dataset.py")
     result = subprocess.run([sys.executable, script, "--quick", "--out", str(tmp_path / "out")], capture_output=True,

@@ -68,7 +68,7 @@ def started_environments(monkeypatch, visible):
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     else:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-    job, started = launch.Job(), {}
+    job, started = launch.Job(launch.visible_gpus()), {}
     monkeypatch.setattr(job, "run", lambda cmdline, env, who: started.update({env["DMLC_TASK_ID"]: env}))
     for role, taskid in (("worker", 0), ("worker", 1), ("server", 2)):
         job.exec_cmd(["python", "-m", "nli"], 0, role, taskid, {"DMLC_NUM_WORKER": 2, "DMLC_NUM_SERVER": 1})

@@ -172,7 +172,7 @@ def test_finetune_options_are_the_recipes_fields():
 def test_float16_fails_clearly_without_a_gpu(capsys):
     assert cli.main(["finetune", "--model", "bert.small", "--data", "SNLI", "--devices", "cpu",
                      "--dtype", "float16", "--out", "unused"]) == 2
-    assert "float16 is mixed precision for GPUs" in capsys.readouterr().err
+    assert "--dtype float16 is refused on every device" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
