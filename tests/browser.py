@@ -8,11 +8,17 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 MISSING = "Chromium is not installed (Debian packages chromium and chromium-driver; .ci/run installs them)"
 
 
+def missing():
+    """Why Chromium cannot be driven here: which of chromium and chromedriver is not on PATH; None if both are."""
+    absent = [program for program in ("chromium", "chromedriver") if not shutil.which(program)]
+    return f"{' and '.join(absent)} not on PATH: {MISSING}" if absent else None
+
+
 def start_chromium(profile_dir, width=1400, height=1000):
     """A selenium driver of a fresh headless Chromium (its profile in `profile_dir`), or None when none is installed."""
-    binary, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    if not binary or not driver_path:
+    if missing():
         return None
+    binary, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
     from selenium import webdriver
     options = webdriver.ChromeOptions()
     options.binary_location = binary
