@@ -100,8 +100,9 @@ def build_parser():
     serve.add_argument("--port", default=8000, help="port to listen on; 0 takes any free one",
                        type=checked(int, lambda port: None if 0 <= port <= 65535 else "expected a port, 0 to 65535"))
     serve.add_argument("--devices", default="auto", help="auto, cpu, cpu:N, gpu or gpu:0,1")
-    serve.add_argument("--batch-size", type=checked(int, at_least(1)), default=256,
-                       help="most pairs in one forward pass: requests that arrive together share one")
+    serve.add_argument("--batch-size", type=checked(int, at_least(1)), default=8,
+                       help="pairs in one forward pass: requests that arrive together are sorted by length and run "
+                            "in passes of this many (on a CPU, short passes pad least)")
     add_memory_argument(serve)
     commands.add_parser("doctor", help="versions, MXNet's build, devices, OpenMP, the download cache, and the fix "
                                        "for each known problem found")

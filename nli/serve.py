@@ -2,7 +2,8 @@
 
 Starlette routes the requests and uvicorn speaks HTTP. The model runs in one worker thread (MXNet's
 inference is not thread-safe), fed by an asyncio queue: requests that arrive together, while the model is
-busy or within `MAX_WAIT` of each other, share one forward pass of at most `--batch-size` pairs.
+busy or within `MAX_WAIT` of each other, go to it as one batch of at most `MAX_PAIRS` pairs, which it sorts
+by length and runs in forward passes of `--batch-size` pairs, as `predict --file` runs a file.
 """
 import asyncio
 import concurrent.futures
@@ -25,10 +26,11 @@ from starlette.routing import Route
 from . import attention, data, evaluate
 from .errors import UserError
 
-MAX_TEXT_CHARS = 2000  # a premise or hypothesis; SNLI's longest premise has 400 characters
-MAX_PAIRS = 256  # pairs in one request
+MAX_TEXT_CHARS = 2000  # a premise or hypothesis; the longest in SNLI's dev split has 310 characters
+MAX_PAIRS = 256  # pairs in one request, and in one batch of requests
 MAX_BODY_BYTES = 16 * 2 ** 20  # above MAX_PAIRS pairs of MAX_TEXT_CHARS characters, each escaped as \uXXXX
-MAX_WAIT = 0.005  # seconds a request may wait for others to share its forward pass
+MAX_WAIT = 0.005  # seconds a request may wait for others to share its batch
+BACKLOG = 2048  # connections waiting to be accepted, as uvicorn's default
 PAIR_FIELDS = ("premise", "hypothesis")
 OPTIONAL_FIELDS = ("tokenized",)
 JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
@@ -55,6 +57,13 @@ def attention_refusal(predictor):
             f"came from ({onnx['source_run']}) to see them.")
 
 
+def warm_up(predictor):
+    """One batch of the longest pairs before the first request: the tokenizer is imported, the graph built and
+    the memory later passes reuse taken, so the first user does not wait for them and memory stays flat under load."""
+    text = " ".join(["a"] * predictor.config["max_len"])
+    predictor.predict_pairs([(text, text)] * predictor.batch_size)
+
+
 @dataclasses.dataclass
 class Job:
     """Pairs waiting for the model (or one pair's attention), with the future their request awaits."""
@@ -66,13 +75,13 @@ class Job:
 
 
 class Batcher:
-    """The model's one worker thread and its queue: predictions that arrive together run as one batch."""
+    """The model's one worker thread and its queue: predictions that arrive together go to it as one batch."""
 
     def __init__(self, predictor, executor, max_pairs, max_wait=MAX_WAIT):
         self.predictor, self.executor = predictor, executor
         self.max_pairs, self.max_wait = max_pairs, max_wait
         self.queue = asyncio.Queue()
-        self.served = {"requests": 0, "pairs": 0, "forward_passes": 0}  # predictions: how much batching shares
+        self.served = {"requests": 0, "pairs": 0, "batches": 0}  # of predictions: how much requests share
 
     async def submit(self, pairs, tokenized, want_attention=False):
         """Queue a job and wait for its result: a list of predictions, or one pair's attention data."""
@@ -99,7 +108,7 @@ class Batcher:
         return batch, None
 
     def compute(self, batch):
-        """In the worker thread: each job's result, in order (one forward pass for a batch of predictions)."""
+        """In the worker thread: each job's result, in order (one `predict_pairs` call for a batch of predictions)."""
         if batch[0].attention:
             return [attention.view_data(self.predictor.attention(*batch[0].pairs[0], batch[0].tokenized))]
         predictions = iter(self.predictor.predict_pairs([p for job in batch for p in job.pairs], batch[0].tokenized))
@@ -125,7 +134,7 @@ class Batcher:
             if not first.attention:
                 self.served["requests"] += len(batch)
                 self.served["pairs"] += sum(len(job.pairs) for job in batch)
-                self.served["forward_passes"] += 1
+                self.served["batches"] += 1
             for job, result in zip(batch, results):
                 if not job.future.done():
                     job.future.set_result(result)
@@ -136,7 +145,7 @@ async def read_json(request):
     content_type = request.headers.get("content-type", "")
     if content_type.split(";")[0].strip().lower() != "application/json":
         raise HTTPException(415, f"Send the body as JSON with Content-Type: application/json, not "
-                          f"{content_type or 'no Content-Type'}.")
+                                 f"{content_type or 'no Content-Type'}.")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
@@ -223,7 +232,7 @@ def create_app(predictor, executor, run_name):
     @contextlib.asynccontextmanager
     async def lifespan(app):
         nonlocal batcher
-        batcher = Batcher(predictor, executor, predictor.batch_size)
+        batcher = Batcher(predictor, executor, MAX_PAIRS)
         worker = asyncio.create_task(batcher.run())
         yield
         worker.cancel()
@@ -289,7 +298,8 @@ def is_loopback(host):
 
 
 def bind(host, port):
-    """A socket bound to host:port, before the model loads: a port in use fails at once, in one sentence."""
+    """A socket bound to host:port before the model loads (a port in use fails at once, in one sentence); it
+    listens once the model is loaded."""
     try:
         family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind)
@@ -318,9 +328,11 @@ def serve(args):
     try:  # the model is loaded in the thread that will run it
         predictor = executor.submit(load_predictor, args.run, data.parse_devices(args.devices), args.batch_size,
                                     args.max_memory).result()
+        executor.submit(warm_up, predictor).result()
         app = create_app(predictor, executor, os.path.basename(os.path.normpath(args.run)))
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, ws="none",
                                                timeout_graceful_shutdown=5))
+        sock.listen(BACKLOG)  # from now on a client waits for an answer: none is refused while uvicorn starts
         print(f"serving {args.run} ({describe_model(predictor)}) at {url_of(sock)} (Ctrl-C stops)", flush=True)
         with contextlib.suppress(KeyboardInterrupt):  # uvicorn shuts down gracefully, then re-raises Ctrl-C
             server.run(sockets=[sock])
