@@ -5,13 +5,14 @@ import shutil
 # What Chromium needs to run as root in a container without a display, and to stay off the network.
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage")
-MISSING = "Chromium is not installed (Debian packages chromium and chromium-driver; .ci/run installs them)"
+PACKAGES = "Debian packages chromium and chromium-driver; .ci/run installs them"
+MISSING = f"Chromium is not installed ({PACKAGES})"
 
 
 def missing():
     """Why Chromium cannot be driven here: which of chromium and chromedriver is not on PATH; None if both are."""
     absent = [program for program in ("chromium", "chromedriver") if not shutil.which(program)]
-    return f"{' and '.join(absent)} not on PATH: {MISSING}" if absent else None
+    return f"{' and '.join(absent)} not found on PATH ({PACKAGES})" if absent else None
 
 
 def start_chromium(profile_dir, width=1400, height=1000):

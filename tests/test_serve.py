@@ -344,10 +344,10 @@ def test_a_port_in_use_or_a_missing_run_is_one_sentence_and_other_hosts_are_warn
 
 
 def test_the_page_predicts_a_typed_pair_and_draws_its_attention_in_a_real_browser(server, tmp_path):
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
     if reason := browser.missing():
         pytest.skip(reason)
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
     driver = browser.start_chromium(tmp_path / "profile")
     wait = WebDriverWait(driver, 60)
     try:
