@@ -86,14 +86,16 @@ def predict_file(args, run_dir, pairs_file, name):
         command = [sys.executable, "-m", "nli", "predict", "--run", run_dir, "--devices", "cpu", "--file", path,
                    "--output", os.path.join(args.work, f"{name}_{label}.jsonl"), "--quiet"]
         cpu_before = children_cpu_seconds()
-        seconds[label] = run(command, os.path.join(args.work, f"{name}_predict_{label}.log"), {"PYTHONPATH": ROOT})[0]
+        seconds[label], before, after = run(command, os.path.join(args.work, f"{name}_predict_{label}.log"),
+                                            {"PYTHONPATH": ROOT})
         cpu_seconds[label] = children_cpu_seconds() - cpu_before
     with open(os.path.join(args.work, f"{name}_all.jsonl"), encoding="utf-8") as f:
         predicted = sum(1 for line in f if '"label"' in line)
     return {"command": shown(command, args), "pairs": predicted, "seconds": seconds["all"],
             "startup_seconds": seconds["one_pair"], "pairs_per_sec_end_to_end": predicted / seconds["all"],
             "pairs_per_sec": (predicted - 1) / (seconds["all"] - seconds["one_pair"]),
-            "pairs_per_cpu_sec": (predicted - 1) / (cpu_seconds["all"] - cpu_seconds["one_pair"])}
+            "pairs_per_cpu_sec": (predicted - 1) / (cpu_seconds["all"] - cpu_seconds["one_pair"]),
+            "load_average_1min": [before[0], after[0]]}
 
 
 def children_cpu_seconds():
