@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from . import attention, data, evaluate
 from .errors import UserError
+from .snli import LABELS
 
 MAX_TEXT_CHARS = 2000  # a premise or hypothesis; the longest in SNLI's dev split has 310 characters
 MAX_PAIRS = 256  # pairs in one request, and in one batch of requests
@@ -224,7 +225,7 @@ def create_app(predictor, executor, run_name):
     only in `executor` (one thread)."""
     page = resources.files(__package__).joinpath("serve_page.html").read_text(encoding="utf-8")
     refusal = attention_refusal(predictor)
-    health = {"status": "ok", "run": run_name, "model": describe_model(predictor), "labels": list(evaluate.LABELS),
+    health = {"status": "ok", "run": run_name, "model": describe_model(predictor), "labels": list(LABELS),
               "attention": refusal is None, "attention_refusal": refusal,
               "limits": {"text_chars": MAX_TEXT_CHARS, "pairs": MAX_PAIRS, "body_bytes": MAX_BODY_BYTES}}
     batcher = None
