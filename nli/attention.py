@@ -135,17 +135,26 @@ def save_png(pair, path, heads="all"):
     pyplot().close(fig)
 
 
-def save_html(pair, path):
-    """One self-contained page (no network): pick a layer and head, hover a token to see where it attends."""
-    data = {"premise": pair.premise, "hypothesis": pair.hypothesis, "tokens": pair.tokens,
+def view_data(pair):
+    """The pair as JSON-ready data: what the page draws, and what `nli serve` answers (weights to 4 decimals)."""
+    return {"premise": pair.premise, "hypothesis": pair.hypothesis, "tokens": pair.tokens,
             "segments": [int(s) for s in pair.segments], "label": pair.label,
             "probabilities": pair.probabilities, "boundary": pair.boundary,
             "weights": onp.round(pair.weights.astype(onp.float64), 4).tolist()}  # float64: short decimals
-    values = {"TITLE": html.escape(f"{pair.premise} / {pair.hypothesis}"),
+
+
+def page_html(data):
+    """One self-contained page (no network) of a pair's `view_data`: pick a layer and head, hover a token to see
+    where it attends."""
+    values = {"TITLE": html.escape(f"{data['premise']} / {data['hypothesis']}"),
               "DATA": json.dumps(data, ensure_ascii=False).replace("</", "<\\/")}  # "</script>" in a sentence
-    page = re.sub(r"\$(TITLE|DATA)", lambda m: values[m.group(1)], PAGE)  # one pass: the text may hold "$DATA"
+    return re.sub(r"\$(TITLE|DATA)", lambda m: values[m.group(1)], PAGE)  # one pass: the text may hold "$DATA"
+
+
+def save_html(pair, path):
+    """The pair's `page_html`, written to `path`."""
     with open(path, "w", encoding="utf-8") as f:
-        f.write(page)
+        f.write(page_html(view_data(pair)))
 
 
 def view_format(path):

@@ -1,4 +1,4 @@
-"""Argument parsing over the package's functions: download, finetune, evaluate, predict, export."""
+"""Argument parsing over the package's functions: download, finetune, evaluate, predict, export, serve."""
 import argparse
 import dataclasses
 import json
@@ -99,6 +99,17 @@ def build_parser():
     predict.add_argument("--heads", choices=["all", "mean"],
                          help="with --attention FILE.png: the figure shows every head (the default: all), or each "
                               "layer's mean of the heads")
+    serve = commands.add_parser("serve", help="a page and a JSON API over a run: labels, probabilities, attention")
+    serve.add_argument("--run", required=True, help="the run directory (or its best/, or an export) to serve")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on; 0.0.0.0 opens the API, which has no authentication, to others")
+    serve.add_argument("--port", default=8000, help="port to listen on; 0 takes any free one",
+                       type=checked(int, lambda port: None if 0 <= port <= 65535 else "expected a port, 0 to 65535"))
+    serve.add_argument("--devices", help=SCORING_DEVICES_HELP)
+    serve.add_argument("--batch-size", type=checked(int, at_least(1)), default=8,
+                       help="pairs in one forward pass: requests that arrive together are sorted by length and run "
+                            "in passes of this many (on a CPU, short passes pad least)")
+    add_memory_argument(serve)
     doctor = commands.add_parser("doctor", help="versions, MXNet's build, devices, OpenMP, the download cache, and "
                                                 "the fix for each known problem found")
     doctor.add_argument("--test", action="store_true",
@@ -209,6 +220,11 @@ def run_export(args):
           f"{'int8' if args.int8 else 'fp32'}); evaluate and predict take --run {args.out}")
 
 
+def run_serve(args):
+    from . import serve
+    serve.serve(args)
+
+
 def run_download(args):
     from . import hub
     from tqdm import tqdm
@@ -237,7 +253,7 @@ def main(argv=None):
     """Run one command; user mistakes print one sentence and exit 2, without a traceback."""
     args = build_parser().parse_args(argv)
     commands = {"download": run_download, "finetune": run_finetune, "evaluate": run_evaluate,
-                "predict": run_predict, "doctor": run_doctor, "export": run_export}
+                "predict": run_predict, "doctor": run_doctor, "export": run_export, "serve": run_serve}
     try:
         status = commands[args.command](args)
     except UserError as e:
