@@ -359,6 +359,27 @@ def render_pythons():
                                "that version with requirements.txt installed)"])
 
 
+SERVE = "bench/results/bench_serve.json"
+
+
+def render_serve():
+    """`nli serve` under 32 concurrent clients against `nli predict --file` on the same pairs, per model kind."""
+    results = read_results(SERVE)
+    lines = ["| model | `predict --file`, pairs/s | `serve`, pairs/s | serve / predict | per CPU second | errors "
+             "| latency p50 / p99 | memory (RSS), ready → end |", "|---|---|---|---|---|---|---|---|"]
+    for side, name in (("mxnet_fp32", "MXNet fp32"), ("onnx_int8", "ONNX Runtime int8")):
+        predict, serve = (lookup(results, SERVE, f"sides.{side}.{part}") for part in ("predict_file", "serve"))
+        rss = serve["rss_bytes"]
+        lines.append(f"| {name} | {predict['pairs_per_sec']:.1f} | {serve['pairs_per_sec']:.1f} "
+                     f"| {serve['vs_predict']:.2f}x | {serve['vs_predict_per_cpu_sec']:.2f}x | {serve['errors']} "
+                     f"| {serve['latency_ms']['p50']:.0f} / {serve['latency_ms']['p99']:.0f} ms "
+                     f"| {rss['ready'] / 2 ** 20:.0f} → {rss['end'] / 2 ** 20:.0f} MiB ({serve['rss_growth']:+.1%}) |")
+    mxnet = lookup(results, SERVE, "sides.mxnet_fp32.serve")
+    return "\n".join(lines + ["", f"What: {results['model']}, {results['pairs']} held-out pairs; {mxnet['clients']} "
+                               f"clients for {mxnet['seconds']:.0f} s after a {mxnet['warmup_seconds']} s warm-up. "
+                               f"Source: {cite(SERVE, results)}"])
+
+
 COLAB_BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
 
 
@@ -400,7 +421,8 @@ def render_notebooks():
 
 # page -> its blocks: marker name -> renderer
 PAGES = {RESULTS_PAGE: {"results": render_table, "runs": render_runs, "small_data": render_small_data,
-                        "tried": render_tried, "memory": render_memory, "pythons": render_pythons},
+                        "tried": render_tried, "memory": render_memory, "pythons": render_pythons,
+                        "serve": render_serve},
          README: {"notebooks": render_notebooks}}
 
 
