@@ -102,6 +102,13 @@ def apply_update(trainer, params, devices, num_examples, max_grad_norm=None):
     return norm
 
 
+def training_loss(loss=None):
+    """The loss trained on, hybridized: the book's softmax cross-entropy unless one is given."""
+    loss = loss or gluon.loss.SoftmaxCrossEntropyLoss()
+    loss.hybridize()
+    return loss
+
+
 def make_optimizer(name, lr, weight_decay, schedule, warmup_ratio, num_updates):
     """The optimizer; its rate warms up over a `warmup_ratio` share of `num_updates`, then `schedule`."""
     warmup_steps = min(int(warmup_ratio * num_updates), num_updates - 1)
@@ -388,10 +395,13 @@ class DeviceSums:
     def __init__(self):
         self.updates, self.started = [], None
 
+    def start(self):
+        """Start the clock of the updates not yet read, unless it runs: their time is that from here to the read."""
+        self.started = self.started or time.perf_counter()
+
     def add(self, where, seen, device_sums):
         """Keep an update's (loss, correct) arrays, one per device and micro-batch, with where it is in the run."""
         self.updates.append((where, seen, device_sums))
-        self.started = self.started or time.perf_counter()
 
     def read_into(self, state, run):
         """Add what is kept to `state`'s sums (the host waits for it), with the time it took; a loss that is not
@@ -551,8 +561,7 @@ def finetune(net, train_set, test_set, recipe=BOOK, dev_set=None, resume=False, 
     shards, run = Shards(train_set.valid_lens, recipe, num_workers), rundir.RunDir(recipe.out, rank)
     task = (FeaturesTask if recipe.mode == "features" else PairsTask)(
         net, recipe, train_set, shards.indices(rank), (test_set, dev_set), devices, plan, run.path, progress)
-    loss = loss or gluon.loss.SoftmaxCrossEntropyLoss()
-    loss.hybridize()
+    loss = training_loss(loss)
     trainer = make_trainer(task.block, recipe, kv, shards.num_updates())
     state, sums = restore(recipe.out, net, trainer, devices) if resume else TrainingState(), DeviceSums()
     checkpoint = functools.partial(save_checkpoint, run, net, trainer, state, sums, recipe, data_fingerprint)
@@ -562,6 +571,7 @@ def finetune(net, train_set, test_set, recipe=BOOK, dev_set=None, resume=False, 
             set_trainable(net, recipe, epoch)
             with epoch_bar(shards.num_batches(epoch), state.batch, epoch, recipe.epochs, progress) as bar:
                 for batches, examples in shards.updates(epoch, rank, start=state.batch):
+                    sums.start()  # the clock of the updates until their figures are read
                     device_sums = []
                     for b, indices in batches:  # the gradients of `accumulate` batches, summed into one update
                         mx.random.seed(batch_seed(recipe.seed, rank, epoch, b), ctx="all")  # drawn from where it is
