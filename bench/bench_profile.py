@@ -8,14 +8,14 @@ dropout seed, `train.train_batch` on each micro-batch of the memory plan, `train
   and the book's word vocabulary, or with `--model-dir` the real checkpoint and its WordPiece tokenizer;
 - bert_small: the book's bert.small shape (2 layers, 256 hidden, 4 heads, 512 ffn, relu), batch 512, random weights.
 
-Each workload first runs a pass over its batches (so that the hybridized graph has planned every shape), then a
-timed pass without the profiler, then the profiled pass: MXNet's aggregate statistics (`profile_all`). Operators
+Each workload first runs a pass over its batches (the hybridized graph plans every shape: a run's slow start), then
+a timed pass without the profiler, then the profiled pass: MXNet's aggregate statistics (`profile_all`). Operators
 are summed by kind (KINDS); the time outside operators is the profiled pass's wall time less the operators' summed
 time (Python, the engine's dispatch, the host waiting for results). Every side runs in a child process with the
-`nli` under test first on PYTHONPATH: `--before REV` runs REV's `nli` (taken with `git archive`) too, workload by
-workload in turns, for a before/after table.
+`nli` under test first on PYTHONPATH: `--before REV` runs REV's `nli` (taken with `git archive`) too, the sides
+taking turns for `--rounds` rounds per workload, whose figures are added up.
 
-    python bench/bench_profile.py --model-dir DIR --before 8f7eb64   # ~5 min on 2 cores
+    python bench/bench_profile.py --model-dir DIR --before 8f7eb64   # ~10 min on 2 cores
 """
 import os
 import sys
@@ -95,7 +95,7 @@ def encoded_pairs(workload, model_dir):
     premises, hypotheses, labels = snli.read_pairs(DEV_PAIRS)
     mx.random.seed(0)
     if model_dir and workload["checkpoint"]:
-        net, vocab = model.from_pretrained("hf:" + model_dir, [mx.cpu()])
+        net, vocab = model.from_pretrained("hf:" + model_dir, [mx.cpu()])[:2]  # before: (net, vocab, config)
     else:
         vocab = bert.Vocab([t for s in premises + hypotheses for t in snli.tokenize(s)],
                            reserved_tokens=["<pad>", "<mask>", "<cls>", "<sep>"])
@@ -146,7 +146,7 @@ def profile_side(workload, steps, model_dir=None):
         npx.waitall()
         return time.perf_counter() - started
 
-    run_steps()  # every shape planned, the optimizer's state made
+    first = run_steps()  # every shape planned, the optimizer's state made: the slow start of a run
     unprofiled = run_steps()
     with tempfile.TemporaryDirectory() as tmp:
         mx.profiler.set_config(profile_all=True, aggregate_stats=True, filename=os.path.join(tmp, "profile.json"))
@@ -154,17 +154,32 @@ def profile_side(workload, steps, model_dir=None):
         profiled = run_steps()
         mx.profiler.set_state("stop")
         stats = json.loads(mx.profiler.dumps(format="json", reset=True))["Time"]
-    examples = sum(len(indices) for indices in order)
-    tokens = sum(b[0].size for batch in micro_batches for b in batch)
     features = [f.name for f in mx.runtime.Features().values() if f.enabled]
     return {"nli": os.path.dirname(os.path.abspath(nli.__file__)), "mxnet": f"{mx.__version__} ({' '.join(features)})",
-            "steps": len(order), "examples": examples,
-            "padded_tokens_per_step": tokens / len(order), "micro_batches_per_step": sum(map(len, micro_batches))
-            / len(order), "unprofiled_ms_per_step": 1000 * unprofiled / len(order),
-            "unprofiled_examples_per_sec": examples / unprofiled, "profiled_ms_per_step": 1000 * profiled / len(order),
+            "steps": len(order), "examples": sum(map(len, order)), "micro_batches": sum(map(len, micro_batches)),
+            "padded_tokens": sum(b[0].size for batch in micro_batches for b in batch),
+            "first_pass_seconds": first, "unprofiled_seconds": unprofiled, "profiled_seconds": profiled,
             "operators_ms": {op: figures["Total"] for op, figures in stats["operator"].items()},
+            "operators_longest_call_ms": {op: figures["Max"] for op, figures in stats["operator"].items()},
             "operator_calls": {op: figures["Count"] for op, figures in stats["operator"].items()},
             "c_api_ms": {call: figures["Total"] for call, figures in stats.get("MXNET_C_API", {}).items()}}
+
+
+def summarize(rounds):
+    """One side's rounds (`profile_side`'s figures) as one profile: totals added up, figures per step."""
+    total = {key: sum(r[key] for r in rounds) for key in ("steps", "examples", "micro_batches", "padded_tokens")}
+    for key in ("operators_ms", "operator_calls", "c_api_ms"):
+        total[key] = {name: sum(r[key].get(name, 0) for r in rounds) for name in set().union(*(r[key] for r in rounds))}
+    total["operators_longest_call_ms"] = {op: max(r["operators_longest_call_ms"].get(op, 0) for r in rounds)
+                                          for op in total["operators_ms"]}
+    steps = total["steps"]
+    for what in ("first_pass", "unprofiled", "profiled"):
+        total[f"{what}_ms_per_step"] = 1000 * sum(r[f"{what}_seconds"] for r in rounds) / steps
+        total[f"{what}_ms_per_step_per_round"] = [1000 * r[f"{what}_seconds"] / r["steps"] for r in rounds]
+    total["unprofiled_examples_per_sec"] = total["examples"] / sum(r["unprofiled_seconds"] for r in rounds)
+    total["padded_tokens_per_step"], total["micro_batches_per_step"] = (total.pop("padded_tokens") / steps,
+                                                                        total.pop("micro_batches") / steps)
+    return {"mxnet": rounds[0]["mxnet"], "rounds": len(rounds), **total}
 
 
 def by_kind(side):
@@ -181,7 +196,8 @@ def top_operators(side, n=15):
     """The `n` operators that took the most time, ms per step and calls per step."""
     ranked = sorted(side["operators_ms"].items(), key=lambda item: -item[1])[:n]
     return [{"operator": op, "kind": kind_of(op), "ms_per_step": total / side["steps"],
-             "calls_per_step": side["operator_calls"][op] / side["steps"]} for op, total in ranked]
+             "calls_per_step": side["operator_calls"][op] / side["steps"],
+             "longest_call_ms": side["operators_longest_call_ms"][op]} for op, total in ranked]
 
 
 def run_child(code, name, args, out):
@@ -221,6 +237,7 @@ def main():
     parser.add_argument("--model-dir", default=os.environ.get("NLI_HF_MINILM_DIR"),
                         help="the real all-MiniLM-L6-v2 checkpoint (Hugging Face layout); default: random weights")
     parser.add_argument("--before", help="a git revision: profile its nli too, in turns with this checkout's")
+    parser.add_argument("--rounds", type=int, default=2, help="profiles of each side, in turns, added up")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "bench_profile.json"))
     parser.add_argument("--side-out", help=argparse.SUPPRESS)  # a child: one side's raw figures, written here
     args = parser.parse_args()
@@ -245,19 +262,22 @@ def main():
             os.makedirs(os.path.join(tmp, "before"))
             results["before_commit"] = checkout(args.before, os.path.join(tmp, "before"))
             codes = {"before": os.path.join(tmp, "before"), **codes}
-        for name in names:  # the sides in turns, workload by workload, so the machine's load falls on both
-            sides = {}
-            for side, code in codes.items():
-                print(f"[{name}] profiling the {side} code ({code})", flush=True)
-                figures = run_child(code, name, args, os.path.join(tmp, f"{name}-{side}.json"))
-                if os.path.dirname(figures["nli"]) != os.path.abspath(code):
-                    raise SystemExit(f"the {side} side imported {figures['nli']}, not the nli of {code}")
-                figures["nli"] = side  # where it ran is a machine's path: the side says what code it was
-                sides[side] = {**figures, "by_kind": by_kind(figures), "top_operators": top_operators(figures)}
+        for name in names:  # the sides in turns, round by round, so the machine's load falls on both
+            rounds = {side: [] for side in codes}
+            for round_number in range(1, args.rounds + 1):
+                for side, code in codes.items():
+                    print(f"[{name}] round {round_number}: profiling the {side} code ({code})", flush=True)
+                    figures = run_child(code, name, args, os.path.join(tmp, f"{name}-{side}.json"))
+                    if os.path.dirname(figures["nli"]) != os.path.abspath(code):
+                        raise SystemExit(f"the {side} side imported {figures['nli']}, not the nli of {code}")
+                    rounds[side].append(figures)
+            sides = {side: summarize(figures) for side, figures in rounds.items()}
+            for side in sides.values():
+                side.update(by_kind=by_kind(side), top_operators=top_operators(side))
             results["workloads"][name] = {"what": WORKLOADS[name]["what"], "label": WORKLOADS[name]["label"], **sides}
             print_table(name, sides)
     results["machine"] = {"cpu": cpu_description(), "cpu_count": os.cpu_count(), "OMP_NUM_THREADS": threads,
-                          "niceness": niceness, "python": platform.python_version(), "mxnet": figures["mxnet"],
+                          "niceness": niceness, "python": platform.python_version(), "mxnet": sides["after"]["mxnet"],
                           "load_average_1min_before_after": [load_before, os.getloadavg()[0]],
                           "note": "a shared 2-core machine: other engineers' jobs ran at the same time (see the load "
                                   "averages); the profiler itself adds time (profiled against not profiled)"}
