@@ -15,7 +15,7 @@ time (Python, the engine's dispatch, the host waiting for results). Every side r
 `nli` under test first on PYTHONPATH: `--before REV` runs REV's `nli` (taken with `git archive`) too, the sides
 taking turns for `--rounds` rounds per workload, whose figures are added up.
 
-    python bench/bench_profile.py --model-dir DIR --before 8f7eb64   # ~10 min on 2 cores
+    python bench/bench_profile.py --model-dir DIR --before 8f7eb64   # ~13 min on 2 busy cores
 """
 import os
 import sys
