@@ -3,6 +3,9 @@
 Plain Python: bench/hf_peer.py uses it too, from a virtualenv without nli."""
 import json
 import os
+import platform
+
+ONEDNN_ISA_FLAGS = ("avx2", "avx512", "vnni", "amx")  # the instruction sets oneDNN chooses its kernels by
 
 
 def write_results(results, path):
@@ -13,3 +16,16 @@ def write_results(results, path):
         json.dump(results, f, indent=1)
     os.replace(path + ".tmp", path)
     print(f"wrote {path}")
+
+
+def cpu_description():
+    """This CPU's model name and the instruction-set flags oneDNN picks kernels by, from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            info = f.read()
+    except OSError:
+        return f"{platform.machine()} (no /proc/cpuinfo)"
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = sorted(flag for flag in fields.get("flags", "").split() if any(isa in flag for isa in ONEDNN_ISA_FLAGS))
+    return f"{fields.get('model name', platform.machine())}; {' '.join(flags) or 'no AVX2, AVX-512, VNNI or AMX'}"

@@ -380,6 +380,39 @@ def render_serve():
                                f"Source: {cite(SERVE, results)}"])
 
 
+PROFILE = "bench/results/bench_profile.json"
+SIDES = ("before", "after")  # the code before a change (bench_profile.py --before REV), and this checkout's
+
+
+def render_profile():
+    """Where a training step's time goes, by kind of operator: ms per step and share, each workload before and after."""
+    results = read_results(PROFILE)
+    columns = [(workload, side) for workload in results["workloads"].values() for side in SIDES if side in workload]
+    kinds = next(iter(results["workloads"].values()))["after"]["by_kind"]
+    lines = ["| kind | " + " | ".join(f"{w['label']}, {side}" for w, side in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for kind in kinds:
+        cells = [w[side]["by_kind"][kind] for w, side in columns]
+        lines.append(f"| {kind} | " + " | ".join(f"{c['ms_per_step']:.1f} ms ({100 * c['share']:.1f}%)"
+                                                 for c in cells) + " |")
+    for what, key in (("the step, profiled", "profiled_ms_per_step"),
+                      ("the step, not profiled", "unprofiled_ms_per_step"),
+                      ("the step in the first pass (each new shape planned), not profiled", "first_pass_ms_per_step")):
+        lines.append(f"| **{what}** | " + " | ".join(f"{w[side][key]:.1f} ms" for w, side in columns) + " |")
+    rounds = [", ".join(f"{ms:.0f}" for ms in w[side]["unprofiled_ms_per_step_per_round"]) for w, side in columns]
+    lines.append("| the step, not profiled, round by round (the machine's load) | " + " ms | ".join(rounds) + " ms |")
+    lines.append("| examples/sec, not profiled | " + " | ".join(f"{w[side]['unprofiled_examples_per_sec']:.1f}"
+                                                             for w, side in columns) + " |")
+    machine = results["machine"]
+    steps = ", ".join(f"{w['label']}: {w['after']['steps']} steps" for w in results["workloads"].values())
+    before = f"; before: commit {results['before_commit'][:7]}" if "before_commit" in results else ""
+    load = machine["load_average_1min_before_after"]
+    return "\n".join(lines + ["", f"Profiled: {steps}{before}. CPU: {machine['cpu']}; OMP_NUM_THREADS="
+                               f"{machine['OMP_NUM_THREADS']}, niceness {machine['niceness']}; the machine was shared "
+                               f"(load average {load[0]:.1f} before, {load[1]:.1f} after). "
+                               f"Source: {cite(PROFILE, results)}"])
+
+
 COLAB_BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
 
 
@@ -422,7 +455,7 @@ def render_notebooks():
 # page -> its blocks: marker name -> renderer
 PAGES = {RESULTS_PAGE: {"results": render_table, "runs": render_runs, "small_data": render_small_data,
                         "tried": render_tried, "memory": render_memory, "pythons": render_pythons,
-                        "serve": render_serve},
+                        "serve": render_serve, "profile": render_profile},
          README: {"notebooks": render_notebooks}}
 
 

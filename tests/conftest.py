@@ -4,7 +4,6 @@ import hashlib
 import http.server
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -16,22 +15,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import nli  # noqa: E402,F401  (before any test imports mxnet: it repairs numpy for mxnet on Python 3.12+)
-
-
-ONEDNN_ISA_FLAGS = ("avx2", "avx512", "vnni", "amx")  # the instruction sets oneDNN chooses its kernels by
-
-
-def cpu_description():
-    """This CPU's model name and the instruction-set flags oneDNN picks kernels by, from /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            info = f.read()
-    except OSError:
-        return f"{platform.machine()} (no /proc/cpuinfo)"
-    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-    fields = {key.strip(): value.strip() for key, value in fields.items()}
-    flags = sorted(flag for flag in fields.get("flags", "").split() if any(isa in flag for isa in ONEDNN_ISA_FLAGS))
-    return f"{fields.get('model name', platform.machine())}; {' '.join(flags) or 'no AVX2, AVX-512, VNNI or AMX'}"
+from bench.results_file import cpu_description  # noqa: E402  (the benchmarks record the CPU the same way)
 
 
 def pytest_report_header(config):
