@@ -148,7 +148,8 @@ def profile_side(workload, steps, model_dir=None):
 
     first = run_steps()  # every shape planned, the optimizer's state made: the slow start of a run
     unprofiled = run_steps()
-    with tempfile.TemporaryDirectory() as tmp:
+    # MXNet's profiler may still be writing its trace file there when the folder is removed: not an error here
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
         mx.profiler.set_config(profile_all=True, aggregate_stats=True, filename=os.path.join(tmp, "profile.json"))
         mx.profiler.set_state("run")
         profiled = run_steps()
