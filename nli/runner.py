@@ -57,12 +57,13 @@ def run(recipe=None, *, resume=None, overwrite=False, force=False, keep_checkpoi
         model.save_run(folder, net, vocab, {**train.run_config(net, train_set, recipe), "data": fingerprint})
     epochs = train.finetune(net, train_set, test_set, recipe, dev_set=dev_set, resume=bool(resume),
                             progress=not quiet, data_fingerprint=fingerprint, save_model=save_model)
-    if epochs and rundir.finished_run(recipe.out):
+    # The worker that scores the epochs writes the run: the only one, or rank 0 of a distributed run
+    if epochs and "test_acc" in epochs[-1] and rundir.finished_run(recipe.out):
         rundir.save_results(os.path.join(recipe.out, "results.json"), epochs, time.perf_counter() - start,
                             model=recipe.model, recipe=dataclasses.asdict(recipe), train_pairs=len(train_set),
                             test_pairs=len(test_set))
-    if not keep_checkpoint and rundir.finished_run(recipe.out):  # it is only for resuming
-        rundir.RunDir(recipe.out).drop_checkpoint()
+        if not keep_checkpoint:  # it is only for resuming
+            rundir.RunDir(recipe.out).drop_checkpoint()
     return recipe.out
 
 

@@ -43,6 +43,8 @@ def test_two_workers_and_a_server_train_one_model(training_bert_dir, tmp_path):
     assert [m["epoch"] for m in epochs] == [1, 2, 3, 4, 5, 6]
     assert all(m["examples"] == 129 for m in epochs)  # worker 0's shard: every other pair of 258
     assert epochs[-1]["loss"] < epochs[0]["loss"] - 0.05  # it learns
+    # worker 0, which scores the epochs, writes results.json; the other neither writes it nor fails for want of scores
+    assert json.load(open(out / "results.json"))["test_accuracy"] == epochs[-1]["test_acc"]
 
 
 # HOME, an empty folder: the remote shell reads no ~/.bashrc of this machine's user (here, pyenv's, whose rehash races
