@@ -9,17 +9,12 @@ a cell before the options are read (Colab); unset, it runs with the defaults.
 import dataclasses
 import os
 import shlex
-import sys
 
+from .figures import in_notebook
 from .recipe import Recipe
 
 ARGS_VARIABLE = "NLI_CHAPTER_ARGS"
 QUICK = dict(epochs=1, batch_size=64, limit_train=512, limit_test=256)  # --quick's settings: minutes on a CPU
-
-
-def in_notebook():
-    """Whether this runs in a Jupyter kernel (a notebook, Colab), not as a script."""
-    return "ipykernel" in sys.modules
 
 
 def add_run_arguments(parser, model="bert.small"):
