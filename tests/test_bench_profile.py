@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 import bench_profile  # noqa: E402
 import results_table  # noqa: E402
 
-OPTIMIZER = "optimizer (adamw_update, multi_sum_sq, reset_arrays)"
+OPTIMIZER = "optimizer (Adam updates, weight decay, gradient norm, zeroing)"
 TINY = {"what": "a tiny BERT", "label": "tiny", "checkpoint": False, "batch_size": 16, "steps": 2, "lr": 1e-4,
         "head_dropout": 0.1, "vocab_size": None,
         "config": dict(num_hiddens=32, ffn_num_hiddens=64, num_heads=4, num_blks=1, dropout=0.1, max_len=512,
@@ -30,7 +30,8 @@ KNOWN_OTHER = {"Cast", "CopyCPU2CPU", "DeleteVariable", "Flatten", "SetValueOp",
     ("_np_transpose", "attention: head split/merge transposes"), ("_backward_LayerNorm", "layer norm"),
     ("_backward_npi_broadcast_add", "adds (residuals, broadcasts, gradient sums)"),
     ("_backward_LeakyReLU", "GELU / activation"), ("_adamw_update", OPTIMIZER),
-    ("multi_sum_sq", OPTIMIZER), ("ResourceNativeRandomSetSeed", "dropout (masks, and seeding them per batch)"),
+    ("multi_sum_sq", OPTIMIZER), ("adam_update", OPTIMIZER), ("dot", OPTIMIZER), ("_mul_scalar", OPTIMIZER),
+    ("_np_dot", "matrix products (dense layers)"), ("_backward_mul_scalar", bench_profile.OTHER), ("ResourceNativeRandomSetSeed", "dropout (masks, and seeding them per batch)"),
     ("CopyCPU2CPU", bench_profile.OTHER)])
 def test_operators_are_counted_under_their_kind(op, kind):
     assert bench_profile.kind_of(op) == kind

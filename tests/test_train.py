@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -313,6 +314,31 @@ def test_adamw_decays_weights_but_not_biases_or_layernorm():
     for name, p in net.collect_params().items():
         expected = before[name] * (1 - 0.1 * 0.01) if name.endswith("weight") else before[name]
         onp.testing.assert_allclose(p.data().asnumpy(), expected, rtol=1e-6)
+
+
+def test_adamw_steps_as_mxnets_decoupled_adamw_kernel_and_resumes_from_a_multi_tensor_checkpoint():
+    # Three steps on random weights and gradients, with a rate multiplier and decay: `AdamW` (decay, then
+    # adam_update) against MXNet's own decoupled kernel, contrib.adamw_update, which it replaced.
+    rng = onp.random.RandomState(0)
+    shape = (7, 5)
+    weight = mx.nd.array(rng.randn(*shape))
+    reference, mean, var = weight.copy(), mx.nd.zeros(shape), mx.nd.zeros(shape)
+    optimizer = train.make_optimizer("adamw", 0.01, 0.1, "constant", 0.0, 10)
+    optimizer.set_lr_mult({0: 0.5})
+    optimizer.rescale_grad = 0.25
+    state = optimizer.create_state(0, weight)
+    for t in range(1, 4):
+        grad = mx.nd.array(rng.randn(*shape))
+        optimizer.update(0, weight, grad, state)
+        correction = (1 - 0.999 ** t) ** 0.5 / (1 - 0.9 ** t)
+        mx.nd.contrib.adamw_update(reference, grad, mean, var, rescale_grad=mx.nd.array([0.25]), lr=correction,
+                                   eta=0.005, wd=0.1, epsilon=optimizer.epsilon, out=reference)
+    onp.testing.assert_allclose(weight.asnumpy(), reference.asnumpy(), rtol=1e-6, atol=1e-7)
+    assert not onp.allclose(weight.asnumpy(), rng.randn(*shape))  # it moved
+    # The previous release pickled AdamW with aggregate_num 45: loaded, it updates one parameter per call.
+    optimizer.aggregate_num = 45
+    loaded = pickle.loads(pickle.dumps(optimizer))
+    assert loaded.aggregate_num == 0 and not mx.optimizer.get_updater(loaded).aggregate_updates
 
 
 def test_schedules_warm_up_then_hold_or_decay():
