@@ -128,6 +128,7 @@ class MemoryPlan:
     max_len: int
     num_devices: int = 1
     shared: bool = True  # the devices share one memory (CPU contexts): the budget is the whole process's
+    averaged: bool = False  # --average keeps a copy of the trainable parameters
 
     @property
     def parameter_bytes(self):
@@ -146,12 +147,21 @@ class MemoryPlan:
         return FLOAT_BYTES * self.shape.trainable if self.num_devices > 1 else 0
 
     @property
+    def average_bytes(self):
+        """`--average`'s copy of the trainable parameters, on the first device only. (Scoring the average sets the
+        raw weights aside in a second copy for a moment, between epochs: scoring keeps no activations for a backward
+        pass, so that copy takes room the training step's activations leave.)"""
+        return FLOAT_BYTES * self.shape.trainable if self.averaged else 0
+
+    @property
     def fixed_bytes(self):
         """What a run holds whatever the batch: the runtime, weights, gradients, moments and the kvstore's reduce
-        buffers (on each device), and on a GPU a margin for workspaces (GPU_WORKSPACE_BYTES, not verified)."""
+        buffers (on each device), the weights' average (once; on GPUs counted in each one's budget, as the first
+        holds it), and on a GPU a margin for workspaces (GPU_WORKSPACE_BYTES, not verified)."""
         copies = self.num_devices if self.shared else 1
         workspace = 0 if self.shared else GPU_WORKSPACE_BYTES
-        return RUNTIME_BYTES + workspace + copies * (self.parameter_bytes + self.optimizer_bytes + self.reduce_bytes)
+        return (RUNTIME_BYTES + workspace + self.average_bytes
+                + copies * (self.parameter_bytes + self.optimizer_bytes + self.reduce_bytes))
 
     def pairs_per_micro_batch(self, length):
         """The most pairs padded to `length` whose activations fit the budget (over all devices)."""
@@ -189,6 +199,8 @@ class MemoryPlan:
                 + (f", reduce buffers {format_size(self.reduce_bytes)}" if self.reduce_bytes else "")
                 + ("" if self.shared else f", workspaces {format_size(GPU_WORKSPACE_BYTES)}")
                 + (f" (on each of {self.num_devices} devices)" if self.num_devices > 1 else "")
+                + (f", the weights' average {format_size(self.average_bytes)}" if self.averaged else "")
+                + (" (on the first)" if self.averaged and self.num_devices > 1 else "")
                 + f", activations {format_size(per_token)} per token at "
                 f"{self.max_len} tokens (room kept for {RETAINED}x); batches of {batch_size} pairs at {self.max_len} "
                 f"tokens train in micro-batches of {micro} (at most {pairs} fit), expected peak "
@@ -205,9 +217,9 @@ class MemoryPlan:
         return onp.array_split(by_length, parts)
 
 
-def plan(net, max_memory, max_len, devices, trains_encoder=True):
-    """The checked `MemoryPlan` of training `net` on `devices` (prediction is planned as training, which keeps
-    more); without `max_memory`, the default share of the memory available."""
+def plan(net, max_memory, max_len, devices, trains_encoder=True, averaged=False):
+    """The checked `MemoryPlan` of training `net` on `devices`, `averaged` or not (prediction is planned as training,
+    which keeps more); without `max_memory`, the default share of the memory available."""
     shared = all(d.device_type == "cpu" for d in devices)
     return MemoryPlan(max_memory or available_bytes(devices), Shape.of(net, trains_encoder), max_len, len(devices),
-                      shared).check()
+                      shared, averaged).check()

@@ -41,6 +41,31 @@ def fraction(value):
     return None if 0 <= value < 1 else "expected a fraction in [0, 1)"
 
 
+# --average: each kind's number when none is given. EMA's decay: the usual 0.999, about the last 1,000 updates
+# once warmed up (`train.WeightAverage`); SWA's epochs: the last one, which every run has.
+AVERAGES = {"ema": 0.999, "swa": 1}
+
+
+def parse_average(text):
+    """(kind, number) of an --average value, ema[:DECAY] (DECAY in [0, 1)) or swa[:EPOCHS] (at least 1), the
+    number filled in when it is left out; None for anything else."""
+    match = re.fullmatch(r"\s*(ema|swa)(?::(.*))?", str(text))
+    if not match:
+        return None
+    kind, number = match.group(1), match.group(2)
+    try:
+        number = AVERAGES[kind] if number is None else (float if kind == "ema" else int)(number)
+    except ValueError:
+        return None
+    return (kind, number) if (0 <= number < 1 if kind == "ema" else number >= 1) else None
+
+
+def averaging(value):
+    """A check of --average: a value `parse_average` reads."""
+    if parse_average(value) is None:
+        return "expected ema[:DECAY] with DECAY in [0, 1), or swa[:EPOCHS] with EPOCHS at least 1"
+
+
 SIZE_UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
 
 
@@ -99,6 +124,10 @@ class Recipe:
                             check=at_least(1))
     layer_decay: float = option(1.0, "layer-wise rate decay F: encoder layer l of L learns at lr * F^(L-l), the "
                                      "embeddings at lr * F^L, the head at lr (1: every layer at lr)", check=rate_factor)
+    average: str = option(None, "save the average of the weights over the updates: ema[:DECAY] (exponential, "
+                                "decay 0.999, warmed up so a short run averages its last tenth) or swa[:EPOCHS] "
+                                "(uniform over the last EPOCHS epochs, 1); the raw weights are scored beside it",
+                          str, check=averaging)
     # What trains, and on what input
     mode: str = option("full", "full: everything trains; freeze-encoder: only the head (hidden + output); "
                                "features: the head on the encoder's <cls> features, computed once (cached in "
@@ -148,6 +177,12 @@ class Recipe:
             check = not field.metadata["option_only"] and field.metadata["check"]
             if check and value is not None and (problem := check(value)):
                 raise UserError(f"--{field.name.replace('_', '-')} {value}: {problem}.")
+        if self.average is not None:  # recorded with its number: config.json says what was averaged
+            kind, number = parse_average(self.average)
+            object.__setattr__(self, "average", f"{kind}:{number}")
+            if kind == "swa" and number > self.epochs:
+                raise UserError(f"--average {self.average} averages the last {number} epochs, but the run has "
+                                f"{self.epochs}: give swa:N with N at most --epochs.")
         if self.freeze_epochs and self.mode != "full":
             raise UserError(f"--freeze-epochs unfreezes the encoder later: it needs full fine-tuning, not {self.mode}.")
         if self.dev and self.dev_fraction:

@@ -1,7 +1,8 @@
 """The run directory: everything a fine-tuning run writes there, each file replaced whole.
 
     config.json, vocab, model.params   what rebuilds the classifier (`model.save_run`); best/: the best epoch's
-    checkpoint/                        weights, optimizer state and where the run is, to resume bit for bit
+    checkpoint/                        weights (and their --average), optimizer state and where the run is, to
+                                       resume bit for bit
     metrics.jsonl                      one JSON object per logged update and per epoch
     curves.png                         the loss and the accuracies per epoch
     results.json                       a finished run's accuracy, time and speed, for results tables
@@ -20,6 +21,7 @@ from .figures import pyplot
 from .fileio import replace_dir, sha1_of, write_atomically, write_json
 
 CHECKPOINT = "checkpoint"
+AVERAGE = "average.params"  # in a checkpoint: the weights' average (--average), beside the raw weights
 # What `finetune`, `evaluate` and `predict --attention` write into a run directory (glob patterns):
 # `--overwrite` removes these, and only these.
 RUN_FILES = ("config.json", "vocab.json", "vocab.txt", "model.params", "model.onnx", "worker-*.params",
@@ -27,10 +29,12 @@ RUN_FILES = ("config.json", "vocab.json", "vocab.txt", "model.params", "model.on
              "confusion.png", "errors.tsv", "attention*")
 
 
-def save_checkpoint(run_dir, net, trainer, state):
-    """Write weights, optimizer state and `state` (JSON: where the run is, RNG states, recipe) to RUN_DIR/checkpoint."""
+def save_checkpoint(run_dir, net, trainer, average, state):
+    """Write weights, their `average` (`train.WeightAverage`), optimizer state and `state` (JSON: where the run is,
+    RNG states, recipe) to RUN_DIR/checkpoint."""
     def write(folder):
         net.save_parameters(os.path.join(folder, "model.params"))
+        average.save(os.path.join(folder, AVERAGE))
         trainer.save_states(os.path.join(folder, "trainer.states"))
         with open(os.path.join(folder, "state.json"), "w", encoding="utf-8") as f:  # last: marks it complete
             json.dump(state, f)
@@ -181,10 +185,13 @@ def training_speed(epochs):
 
 
 def save_results(path, epochs, wall_seconds, **about):
-    """A finished run's accuracy, time and speed as JSON with the command that made it: what results tables read."""
+    """A finished run's accuracy, time and speed as JSON with the command that made it: what results tables read.
+    With --average, the test accuracy is the averaged weights' (the model saved), and `raw_test_accuracy` the last
+    raw weights', so one run gives the gain."""
     seconds, speed = training_speed(epochs)
+    raw = {"raw_test_accuracy": epochs[-1]["raw_test_acc"]} if "raw_test_acc" in epochs[-1] else {}
     results = {"command": " ".join([sys.executable] + sys.argv), **about, "test_accuracy": epochs[-1]["test_acc"],
-               "accuracy_per_epoch": [m["test_acc"] for m in epochs], "wall_seconds": wall_seconds,
+               **raw, "accuracy_per_epoch": [m["test_acc"] for m in epochs], "wall_seconds": wall_seconds,
                "train_seconds": seconds, "examples_per_sec": speed}
     write_json(path, results)
 
@@ -235,10 +242,10 @@ class RunDir:
                 checkpoint()
 
     @reports_write_failures
-    def save_checkpoint(self, net, trainer, state):
+    def save_checkpoint(self, net, trainer, average, state):
         """`save_checkpoint` into this run's directory."""
         if self.path:
-            save_checkpoint(self.path, net, trainer, state)
+            save_checkpoint(self.path, net, trainer, average, state)
 
     @reports_write_failures
     def log(self, entry, metrics=None):

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from . import data, fileio, memory, rundir
 from .errors import UserError
 from .predict import accuracy, predict_batches
-from .recipe import BOOK
+from .recipe import BOOK, parse_average
 from .snli import LABELS
 
 NO_DECAY = ".*bias|.*gamma|.*beta"  # biases and LayerNorm scales/shifts are not decayed, as in BERT
@@ -355,6 +355,80 @@ def run_config(net, encoded, recipe):
             "recipe": dataclasses.asdict(recipe)}
 
 
+class WeightAverage:
+    """The average of the trained weights over the updates (`--average`), which the run saves as its model: EMA
+    (Polyak averaging, exponential) or SWA (Izmailov et al., 2018: uniform over the last epochs). It reads the
+    weights after each update and never writes them, so the training is the same with it or without it. It is kept
+    on the first device, where the weights are the same as on the others after an update."""
+
+    def __init__(self, recipe, net, device):
+        kind, number = parse_average(recipe.average) if recipe.average else (None, None)
+        self.kind, self.number, self.device, self.count = kind, number, device, 0  # count: updates averaged
+        self.first_epoch = recipe.epochs - number + 1 if kind == "swa" else 1
+        # What the recipe trains: the encoder too, or only the head (`memory.Shape.of` counts the same)
+        self.params = {name: p for name, p in net._collect_params_with_prefix().items()
+                       if kind and (recipe.mode == "full" or not name.startswith("encoder."))}
+        self.averages = {name: p.data(device).as_nd_ndarray().copy() for name, p in self.params.items()}
+
+    def share(self):
+        """The weight of the update just averaged, the `count`-th: 1/count for SWA's uniform mean. EMA's is 1 - DECAY
+        once warmed up; before, 10/(count + 9) (TensorFlow's `ExponentialMovingAverage` warm-up, shifted so the
+        first update is copied): a short run's average spans about its last tenth, not mostly the pretrained weights."""
+        return 1 / self.count if self.kind == "swa" else max(1 - self.number, 10 / (self.count + 9))
+
+    def update(self, epoch):
+        """Fold the weights just updated into the average, if `epoch` is averaged. One operator per `AGGREGATE`
+        weights, on the device: SGD's update w - lr (wd w + rescale g), with lr 1, wd s and rescale -s, is the step
+        (1 - s) avg + s w towards the weights. A parameter frozen now is skipped: it equals its average."""
+        if not self.params or epoch < self.first_epoch:
+            return
+        self.count += 1
+        share = self.share()
+        pairs = [(self.averages[name], p.data(self.device).as_nd_ndarray())
+                 for name, p in self.params.items() if p.grad_req != "null"]
+        for start in range(0, len(pairs), AdamW.AGGREGATE):  # MXNet's multi-tensor kernels take at most 60
+            chunk = pairs[start:start + AdamW.AGGREGATE]
+            mx.nd.multi_sgd_update(*(array for pair in chunk for array in pair), lrs=[1.0] * len(chunk),
+                                   wds=[share] * len(chunk), rescale_grad=-share, num_weights=len(chunk),
+                                   out=[average for average, _ in chunk])
+
+    def set_weights(self, arrays):
+        """Copy `arrays` (name -> array) into every device's copy of those parameters."""
+        for name, array in arrays.items():
+            for weights in self.params[name].list_data():
+                array.copyto(weights.as_nd_ndarray())
+
+    def replace_weights(self):
+        """Put the average in place of the weights, if there is one yet: the model the run saves."""
+        if self.count:
+            self.set_weights(self.averages)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """The average in place of the weights inside, if there is one yet; the raw weights back after."""
+        if not self.count:
+            yield
+            return
+        raw = {name: p.data(self.device).as_nd_ndarray().copy() for name, p in self.params.items()}
+        self.set_weights(self.averages)
+        try:
+            yield
+        finally:
+            self.set_weights(raw)
+
+    def save(self, path):
+        """Write the average to `path`, if the run averages."""
+        if self.averages:
+            mx.nd.save(path, self.averages)
+
+    def load(self, path, count):
+        """Read the average of `count` updates written by `save` (none before the run averaged anything)."""
+        if count:
+            for name, array in mx.nd.load(path).items():
+                array.copyto(self.averages[name])
+        self.count = count
+
+
 @dataclasses.dataclass
 class TrainingState:
     """Where a run is: what a checkpoint holds, besides weights and optimizer state, to resume exactly."""
@@ -449,13 +523,14 @@ def carry_step_counts(optimizer, devices):
     optimizer._index_update_count = optimizer._all_index_update_counts[devices[0].device_id]
 
 
-def restore(run_dir, net, trainer, devices):
-    """The TrainingState in the run's checkpoint, with its weights, optimizer state and RNG states loaded onto
-    `devices`, which may be other devices than those it was saved from."""
+def restore(run_dir, net, trainer, average, devices):
+    """The TrainingState in the run's checkpoint, with its weights, their `average`, optimizer state and RNG states
+    loaded onto `devices`, which may be other devices than those it was saved from."""
     if not run_dir:
         raise UserError("resuming needs the run directory that holds the checkpoint.")
     folder, saved = rundir.read_checkpoint(run_dir)
     net.load_parameters(os.path.join(folder, "model.params"), ctx=devices)
+    average.load(os.path.join(folder, rundir.AVERAGE), saved.get("averaged_updates", 0))  # older runs: none
     trainer.load_states(os.path.join(folder, "trainer.states"))
     carry_step_counts(trainer.optimizer, devices)
     set_rng_states(saved["rng"])
@@ -496,8 +571,11 @@ def check_finite(what, value, step, epoch, batch, run):
                                f"gradients (--max-grad-norm) or check the data.")
 
 
-def log_step(run, state, sums, bar, epoch, lr, norm):
-    """Read the figures since the last step entry, log them in metrics.jsonl and show them on the progress bar."""
+def log_step(run, state, sums, bar, epoch, lr, norm, every):
+    """Every `every` updates, read the figures since the last step entry, log them in metrics.jsonl and show them on
+    the progress bar."""
+    if state.step % every:
+        return
     sums.read_into(state, run)
     run.log(state.log_step(epoch, state.batch / bar.total, lr, norm))
     bar.set_postfix(loss=f"{state.epoch_sums['loss'] / state.epoch_sums['seen']:.3f}",
@@ -505,13 +583,15 @@ def log_step(run, state, sums, bar, epoch, lr, norm):
                     ex_per_s=f"{state.epoch_sums['seen'] / state.epoch_sums['seconds']:.1f}")
 
 
-def save_checkpoint(run, net, trainer, state, sums, recipe, data_fingerprint):
-    """Checkpoint the run: weights, optimizer state, where it is (its figures read first), the RNG states, the
-    recipe, the devices it ran on and what data it trains on (`rundir.data_fingerprint`), for `--resume` to check."""
+def save_checkpoint(run, net, trainer, average, state, sums, recipe, data_fingerprint):
+    """Checkpoint the run: weights and their average, optimizer state, where it is (its figures read first), the RNG
+    states, the recipe, the devices it ran on and what data it trains on (`rundir.data_fingerprint`), for `--resume`
+    to check."""
     sums.read_into(state, run)
     devices = [str(d) for d in next(iter(net.collect_params().values())).list_ctx()]
-    run.save_checkpoint(net, trainer, {**dataclasses.asdict(state), "rng": rng_states(), "devices": devices,
-                                       "recipe": dataclasses.asdict(recipe), "data": data_fingerprint})
+    run.save_checkpoint(net, trainer, average, {**dataclasses.asdict(state), "rng": rng_states(), "devices": devices,
+                                                "averaged_updates": average.count,
+                                                "recipe": dataclasses.asdict(recipe), "data": data_fingerprint})
 
 
 def epoch_bar(num_batches, done, epoch, num_epochs, progress):
@@ -531,49 +611,61 @@ def stop_if_requested(stop, checkpoint, run, state):
 
 
 def memory_plan(net, recipe, devices):
-    """The run's `memory.MemoryPlan`, printed: the memory the run takes, and the micro-batches that fit its budget."""
-    plan = memory.plan(net, recipe.max_memory, recipe.max_len, devices, trains_encoder=recipe.mode == "full")
+    """The run's `memory.MemoryPlan`, printed after the recipe as the run starts: the memory the run takes, and the
+    micro-batches that fit its budget."""
+    print(f"recipe {recipe.name}: {json.dumps(dataclasses.asdict(recipe))}", flush=True)
+    plan = memory.plan(net, recipe.max_memory, recipe.max_len, devices, trains_encoder=recipe.mode == "full",
+                       averaged=recipe.average is not None)
     print(plan.describe(recipe.batch_size), flush=True)
     return plan
 
 
-def end_epoch(run, state, sums, task, epoch, lr, eval_sets, devices, rank, save_model):
+def accuracies(task, eval_sets, prefix=""):
+    """The accuracy on the test set and, if there is one, on the dev set: {PREFIX}test_acc, {PREFIX}dev_acc."""
+    test_set, dev_set = eval_sets
+    return {prefix + name: task.accuracy(pairs) for name, pairs in (("test_acc", test_set), ("dev_acc", dev_set))
+            if pairs is not None}
+
+
+def end_epoch(run, state, sums, task, average, epoch, lr, eval_sets, devices, rank, save_model):
     """Log epoch `epoch`'s figures: its training sums, peak memory and (on rank 0; the other workers wait for it in
-    the kvstore) its test and dev accuracy; redraw the curves and keep the model in best/ if it is the best so far."""
+    the kvstore) its test and dev accuracy; redraw the curves and keep the model in best/ if it is the best so far.
+    Once there is an `average`, it is the model: its accuracies are test_acc and dev_acc, best/ keeps it, and the
+    raw weights' accuracies are raw_test_acc and raw_dev_acc."""
     sums.read_into(state, run)
     entry = state.end_epoch(epoch, lr)
     entry.update(memory.peak_memory(devices))  # the run's peak so far: the process's, or each GPU's
-    test_set, dev_set = eval_sets
-    if rank == 0:
-        entry["test_acc"] = task.accuracy(test_set)
-        if dev_set is not None:
-            entry["dev_acc"] = task.accuracy(dev_set)
-        print(f"epoch {epoch}: loss {entry['loss']:.3f}, train acc {entry['train_acc']:.3f}, test acc "
-              f"{entry['test_acc']:.3f}" + (f", dev acc {entry['dev_acc']:.3f}" if dev_set is not None else "")
-              + f", {entry['examples_per_sec']:.1f} examples/sec on {devices}", flush=True)
-    run.log(entry, state.metrics)
-    if entry.get("dev_acc", -1) > state.best_dev_acc and run.save_model(save_model, "best"):
-        state.best_dev_acc = entry["dev_acc"]
-        print(f"epoch {epoch} is the best on the dev set so far: saved in {run.path}/best", flush=True)
+    if rank == 0 and average.count:
+        entry.update(accuracies(task, eval_sets, "raw_"))
+    with average.swapped_in():
+        if rank == 0:
+            entry.update(accuracies(task, eval_sets))
+            print(f"epoch {epoch}: loss {entry['loss']:.3f}, train acc {entry['train_acc']:.3f}, test acc "
+                  f"{entry['test_acc']:.3f}" + (f", dev acc {entry['dev_acc']:.3f}" if "dev_acc" in entry else "")
+                  + (f" (raw weights: test acc {entry['raw_test_acc']:.3f})" if "raw_test_acc" in entry else "")
+                  + f", {entry['examples_per_sec']:.1f} examples/sec on {devices}", flush=True)
+        run.log(entry, state.metrics)
+        if entry.get("dev_acc", -1) > state.best_dev_acc and run.save_model(save_model, "best"):
+            state.best_dev_acc = entry["dev_acc"]
+            print(f"epoch {epoch} is the best on the dev set so far: saved in {run.path}/best", flush=True)
 
 
 def finetune(net, train_set, test_set, recipe=BOOK, dev_set=None, resume=False, save_model=None, loss=None,
              progress=True, data_fingerprint=None):
     """Fine-tune `net` as `recipe` says (the book's by default: Adam, lr 1e-4); its epochs' metrics. Book: `train_ch13`.
-    With `recipe.out`, metrics, curves and checkpoints are written there (`rundir`), `resume` continues from its
-    checkpoint, `save_model(dir)` saves the final model there and the best on `dev_set` in best/."""
+    With `recipe.out`, metrics, curves and checkpoints go there (`rundir`), `resume` continues from its checkpoint,
+    `save_model(dir)` saves the final model (`recipe.average`: the average) there and the best on `dev_set` in best/."""
     devices = devices_of(net, train_set, recipe)
     recipe = with_memory_budget(recipe, devices)
-    print(f"recipe {recipe.name}: {json.dumps(dataclasses.asdict(recipe))}", flush=True)
     plan = memory_plan(net, recipe, devices)
     kv, rank, num_workers = kvstore_workers(recipe.kvstore)  # each worker trains on its shard; rank 0 writes the run
     shards, run = Shards(train_set.valid_lens, recipe, num_workers), rundir.RunDir(recipe.out, rank)
     task = (FeaturesTask if recipe.mode == "features" else PairsTask)(
         net, recipe, train_set, shards.indices(rank), (test_set, dev_set), devices, plan, run.path, progress)
-    loss = training_loss(loss)
-    trainer = make_trainer(task.block, recipe, kv, shards.num_updates())
-    state, sums = restore(recipe.out, net, trainer, devices) if resume else TrainingState(), DeviceSums()
-    checkpoint = functools.partial(save_checkpoint, run, net, trainer, state, sums, recipe, data_fingerprint)
+    loss, trainer = training_loss(loss), make_trainer(task.block, recipe, kv, shards.num_updates())
+    average = WeightAverage(recipe, net, devices[0])  # of the weights the recipe trains, on the first device
+    state, sums = restore(recipe.out, net, trainer, average, devices) if resume else TrainingState(), DeviceSums()
+    checkpoint = functools.partial(save_checkpoint, run, net, trainer, average, state, sums, recipe, data_fingerprint)
     run.start(state.metrics, None if resume else checkpoint)  # a new run is checkpointed at once
     with stop_requested() as stop:
         for epoch in range(state.epoch, recipe.epochs + 1):
@@ -588,17 +680,18 @@ def finetune(net, train_set, test_set, recipe=BOOK, dev_set=None, resume=False, 
                             device_sums += train_batch(task.block, micro_batch, loss, devices)
                     norm = apply_update(trainer, task.block.collect_params(), devices, examples, recipe.max_grad_norm)
                     check_finite("gradient norm", norm, state.step + 1, epoch, b, run)
+                    average.update(epoch)
                     sums.add((state.step + 1, epoch, b), sum(len(indices) for _, indices in batches), device_sums)
                     state.step, state.batch = state.step + 1, b + 1
                     bar.update(state.batch - bar.n)
-                    if state.step % recipe.log_every == 0:
-                        log_step(run, state, sums, bar, epoch, trainer.learning_rate, norm)
+                    log_step(run, state, sums, bar, epoch, trainer.learning_rate, norm, recipe.log_every)
                     stop_if_requested(stop, checkpoint, run, state)
                     if recipe.save_every and state.step % recipe.save_every == 0 and state.batch < bar.total:
                         checkpoint()
-            end_epoch(run, state, sums, task, epoch, trainer.learning_rate, (test_set, dev_set), devices, rank,
-                      save_model)
+            end_epoch(run, state, sums, task, average, epoch, trainer.learning_rate, (test_set, dev_set), devices,
+                      rank, save_model)
             checkpoint()
+    average.replace_weights()
     npx.waitall()  # the final model (in a distributed run, the other workers' copies, to check that they agree)
     run.save_final(net, save_model, distributed=recipe.kvstore.startswith("dist"))
     return [m for m in state.metrics if m["kind"] == "epoch"]

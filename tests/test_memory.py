@@ -139,7 +139,7 @@ def test_the_estimate_covers_training_steps_without_wasting_half(pairs):
     assert 0.5 * estimate < peak <= estimate, (peak, estimate)
 
 
-def test_the_plan_counts_reduce_buffers_over_devices_and_a_workspace_on_each_gpu(training_bert_dir):
+def test_the_plan_counts_reduce_buffers_over_devices_a_workspace_on_each_gpu_and_the_average(training_bert_dir):
     net, _ = model.from_pretrained(training_bert_dir, CPU)
     shape = memory.Shape.of(net)
     gradients = memory.FLOAT_BYTES * shape.trainable
@@ -155,6 +155,12 @@ def test_the_plan_counts_reduce_buffers_over_devices_and_a_workspace_on_each_gpu
     assert head_only.reduce_bytes == memory.FLOAT_BYTES * head_only.shape.trainable < gradients
     assert "reduce buffers" in cpus.describe(32) and "workspaces 512.0M" in gpus.describe(32)
     assert "reduce buffers" not in one.describe(32) and "workspaces" not in cpus.describe(32)
+    # --average: one more copy of what trains, once, on the first device
+    averaged = memory.plan(net, 2 ** 32, 64, [mx.cpu(0), mx.cpu(1)], averaged=True)
+    assert averaged.fixed_bytes == cpus.fixed_bytes + gradients and "the weights' average" in averaged.describe(32)
+    head_averaged = memory.plan(net, 2 ** 32, 64, CPU, trains_encoder=False, averaged=True)
+    assert head_averaged.average_bytes == memory.FLOAT_BYTES * head_only.shape.trainable
+    assert "average" not in cpus.describe(32)
 
 
 def resident_bytes():
