@@ -377,20 +377,18 @@ class WeightAverage:
         return 1 / self.count if self.kind == "swa" else max(1 - self.number, 10 / (self.count + 9))
 
     def update(self, epoch):
-        """Fold the weights just updated into the average, if `epoch` is averaged. One operator per `AGGREGATE`
-        weights, on the device: SGD's update w - lr (wd w + rescale g), with lr 1, wd s and rescale -s, is the step
-        (1 - s) avg + s w towards the weights. A parameter frozen now is skipped: it equals its average."""
+        """Fold the weights just updated into the average, if `epoch` is averaged: one operator per weight, on the
+        device. SGD's update w - lr (wd w + rescale g), with lr 1, wd s and rescale -s, is the step (1 - s) avg + s w
+        towards the weights. A parameter frozen now is skipped: it equals its average."""
         if not self.params or epoch < self.first_epoch:
             return
         self.count += 1
         share = self.share()
-        pairs = [(self.averages[name], p.data(self.device).as_nd_ndarray())
-                 for name, p in self.params.items() if p.grad_req != "null"]
-        for start in range(0, len(pairs), AdamW.AGGREGATE):  # MXNet's multi-tensor kernels take at most 60
-            chunk = pairs[start:start + AdamW.AGGREGATE]
-            mx.nd.multi_sgd_update(*(array for pair in chunk for array in pair), lrs=[1.0] * len(chunk),
-                                   wds=[share] * len(chunk), rescale_grad=-share, num_weights=len(chunk),
-                                   out=[average for average, _ in chunk])
+        for name, p in self.params.items():
+            if p.grad_req != "null":
+                average = self.averages[name]
+                mx.nd.sgd_update(average, p.data(self.device).as_nd_ndarray(), lr=1.0, wd=share, rescale_grad=-share,
+                                 out=average)
 
     def set_weights(self, arrays):
         """Copy `arrays` (name -> array) into every device's copy of those parameters."""
