@@ -79,7 +79,7 @@ def build_parser():
     ensemble.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
 
     evaluate = commands.add_parser("evaluate", help="accuracy, per-class F1, confusion matrix, errors of a run")
-    evaluate.add_argument("--run", required=True, help="the run directory (or its best/) to evaluate")
+    evaluate.add_argument("--run", required=True, help="the run directory (its best/, a soup, an ensemble) to evaluate")
     add_data_arguments(evaluate)
     evaluate.add_argument("--limit-test", type=checked(int, at_least(1)), metavar="N",
                           help="evaluate on the first N pairs")
@@ -93,7 +93,7 @@ def build_parser():
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
 
     export = commands.add_parser("export", help="write a run as ONNX (model.onnx), to predict without MXNet")
-    export.add_argument("--run", required=True, help="the run dir `finetune` wrote")
+    export.add_argument("--run", required=True, help="the run dir `finetune`, `soup` or `ensemble` wrote")
     export.add_argument("--out", required=True, help="the run dir to write: config.json, vocabulary, model.onnx")
     export.add_argument("--int8", action="store_true",
                         help="quantize the matrix products' weights to int8 (dynamic, per channel)")
@@ -101,7 +101,7 @@ def build_parser():
     export.add_argument("--overwrite", action="store_true", help="replace the run or export that --out holds")
 
     predict = commands.add_parser("predict", help="labels of raw premise/hypothesis pairs: one, a file or stdin")
-    predict.add_argument("--run", required=True, help="the run directory (or its best/) to predict with")
+    predict.add_argument("--run", required=True, help="the run directory (its best/, a soup, an ensemble) to predict with")
     predict.add_argument("--devices", help=SCORING_DEVICES_HELP)
     predict.add_argument("--batch-size", type=checked(int, at_least(1)), default=256, help="pairs per batch")
     add_memory_argument(predict)
@@ -121,7 +121,7 @@ def build_parser():
                          help="with --attention FILE.png: the figure shows every head (the default: all), or each "
                               "layer's mean of the heads")
     serve = commands.add_parser("serve", help="a page and a JSON API over a run: labels, probabilities, attention")
-    serve.add_argument("--run", required=True, help="the run directory (or its best/, or an export) to serve")
+    serve.add_argument("--run", required=True, help="the run directory (its best/, a soup, an ensemble, an export) to serve")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on; 0.0.0.0 opens the API, which has no authentication, to others")
     serve.add_argument("--port", default=8000, help="port to listen on; 0 takes any free one",
