@@ -42,6 +42,11 @@ def read_members(run_dirs):
     """{run dir: config} of the runs to combine, each checked by `read_member`; at least one."""
     if not run_dirs:
         raise UserError("Give at least one run to combine (--run RUN_DIR, repeated).")
+    seen = set()
+    for run_dir in run_dirs:
+        if os.path.abspath(run_dir) in seen:
+            raise UserError(f"--run {run_dir} is given twice: give each run once.")
+        seen.add(os.path.abspath(run_dir))
     return {run_dir: read_member(run_dir) for run_dir in run_dirs}
 
 

@@ -314,6 +314,8 @@ def test_a_bad_run_is_refused_in_one_sentence(command, runs, tmp_path):
         result = run_cli(command, "--run", runs[0], "--run", bad, "--out", tmp_path / "out")
         assert_refused(result, f"--run {bad}", phrase)
         assert not (tmp_path / "out").exists()
+    assert_refused(run_cli(command, "--run", runs[0], "--run", runs[0] + "/", "--out", tmp_path / "out"),
+                   f"--run {runs[0]}/ is given twice")
     result = run_cli(command, "--out", tmp_path / "out")  # argparse's own sentence, after the usage
     assert result.returncode == 2 and result.stderr.endswith("error: the following arguments are required: --run\n")
 
