@@ -1,4 +1,5 @@
-"""Argument parsing over the package's functions: download, finetune, evaluate, predict, export, serve."""
+"""Argument parsing over the package's functions: download, finetune, soup, ensemble, evaluate, predict, export,
+serve."""
 import argparse
 import dataclasses
 import json
@@ -57,8 +58,28 @@ def build_parser():
                           help="replace the run that --out holds (its model, checkpoint and evaluation files)")
     finetune.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    soup = commands.add_parser("soup", help="one run whose weights are the mean of runs fine-tuned from one "
+                                            "checkpoint (a model soup)")
+    soup.add_argument("--run", action="append", required=True, metavar="RUN_DIR",
+                      help="a run to average, fine-tuned from the same checkpoint as the others, in the same shape "
+                           "(repeat: --run A --run B ...)")
+    soup.add_argument("--out", required=True, help="the run dir to write")
+    soup.add_argument("--greedy", action="store_true",
+                      help="with --dev: add the runs best first, each only if the soup's dev accuracy does not drop")
+    soup.add_argument("--dev", metavar="FILE", help="labelled pairs (.tsv, SNLI .txt or .jsonl) that --greedy "
+                                                    "chooses the runs on")
+    soup.add_argument("--devices", help=SCORING_DEVICES_HELP)
+    soup.add_argument("--batch-size", type=checked(int, at_least(1)), default=256, help="pairs per batch, with --dev")
+    soup.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
+
+    ensemble = commands.add_parser("ensemble", help="one run whose predictions are the mean of runs' probabilities")
+    ensemble.add_argument("--run", action="append", required=True, metavar="RUN_DIR",
+                          help="a run to ensemble, with the same labels as the others (repeat: --run A --run B ...)")
+    ensemble.add_argument("--out", required=True, help="the run dir to write: its members/ hold copies of the runs")
+    ensemble.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
+
     evaluate = commands.add_parser("evaluate", help="accuracy, per-class F1, confusion matrix, errors of a run")
-    evaluate.add_argument("--run", required=True, help="the run directory (or its best/) to evaluate")
+    evaluate.add_argument("--run", required=True, help="the run directory (its best/, a soup, an ensemble) to evaluate")
     add_data_arguments(evaluate)
     evaluate.add_argument("--limit-test", type=checked(int, at_least(1)), metavar="N",
                           help="evaluate on the first N pairs")
@@ -72,7 +93,7 @@ def build_parser():
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
 
     export = commands.add_parser("export", help="write a run as ONNX (model.onnx), to predict without MXNet")
-    export.add_argument("--run", required=True, help="the run dir `finetune` wrote")
+    export.add_argument("--run", required=True, help="the run dir `finetune`, `soup` or `ensemble` wrote")
     export.add_argument("--out", required=True, help="the run dir to write: config.json, vocabulary, model.onnx")
     export.add_argument("--int8", action="store_true",
                         help="quantize the matrix products' weights to int8 (dynamic, per channel)")
@@ -80,7 +101,7 @@ def build_parser():
     export.add_argument("--overwrite", action="store_true", help="replace the run or export that --out holds")
 
     predict = commands.add_parser("predict", help="labels of raw premise/hypothesis pairs: one, a file or stdin")
-    predict.add_argument("--run", required=True, help="the run directory (or its best/) to predict with")
+    predict.add_argument("--run", required=True, help="the run directory (its best/, a soup, an ensemble) to predict with")
     predict.add_argument("--devices", help=SCORING_DEVICES_HELP)
     predict.add_argument("--batch-size", type=checked(int, at_least(1)), default=256, help="pairs per batch")
     add_memory_argument(predict)
@@ -100,7 +121,7 @@ def build_parser():
                          help="with --attention FILE.png: the figure shows every head (the default: all), or each "
                               "layer's mean of the heads")
     serve = commands.add_parser("serve", help="a page and a JSON API over a run: labels, probabilities, attention")
-    serve.add_argument("--run", required=True, help="the run directory (or its best/, or an export) to serve")
+    serve.add_argument("--run", required=True, help="the run directory (its best/, a soup, an ensemble, an export) to serve")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on; 0.0.0.0 opens the API, which has no authentication, to others")
     serve.add_argument("--port", default=8000, help="port to listen on; 0 takes any free one",
@@ -213,6 +234,26 @@ def run_predict(args):
         print(predict.describe_summary(summary), file=sys.stderr)
 
 
+def run_soup(args):
+    from . import combine, data
+    if args.greedy != (args.dev is not None):
+        raise UserError("--greedy and --dev FILE go together: the greedy soup keeps a run only if the accuracy on "
+                        "FILE does not drop.")
+    config = combine.soup(args.run, args.out, args.dev, data.scoring_devices(args.devices), args.batch_size,
+                          args.overwrite)
+    record = config["soup"]
+    kept = f"{len(record['members'])} of {len(args.run)}"
+    print(f"wrote {args.out}: the mean of the weights of {kept} runs" +
+          (f", dev accuracy {record['dev_accuracy']:.4f}" if record["method"] == "greedy" else ""))
+
+
+def run_ensemble(args):
+    from . import combine
+    combine.ensemble(args.run, args.out, args.overwrite)
+    print(f"wrote {args.out}: the mean of the probabilities of {len(args.run)} runs, copied into "
+          f"{args.out}/{combine.MEMBERS_DIR}/")
+
+
 def run_export(args):
     from . import export
     config = export.export_run(args.run, args.out, args.int8, args.opset or export.OPSET, args.overwrite)
@@ -253,7 +294,8 @@ def main(argv=None):
     """Run one command; user mistakes print one sentence and exit 2, without a traceback."""
     args = build_parser().parse_args(argv)
     commands = {"download": run_download, "finetune": run_finetune, "evaluate": run_evaluate,
-                "predict": run_predict, "doctor": run_doctor, "export": run_export, "serve": run_serve}
+                "predict": run_predict, "doctor": run_doctor, "export": run_export, "serve": run_serve,
+                "soup": run_soup, "ensemble": run_ensemble}
     try:
         status = commands[args.command](args)
     except UserError as e:

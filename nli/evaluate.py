@@ -8,7 +8,6 @@ import numpy as onp
 from . import fileio
 from .errors import UserError
 from .figures import pyplot
-from .predict import softmax
 from .snli import LABELS
 
 LENGTH_BUCKETS = (16, 24, 32, 48, 64)  # upper bounds in tokens; SNLI pairs average 26.5, p95 41
@@ -109,7 +108,7 @@ def plot_confusion(confusion, path, title):
 def evaluate_run(predictor, premises, hypotheses, labels, out_dir, num_errors=0, source=None, progress=True):
     """Score a run on labelled pairs; write eval.json, confusion.png and the `num_errors` surest mistakes."""
     encoded = predictor.encode(premises, hypotheses, labels)
-    probs = softmax(predictor.logits(encoded, progress))
+    probs = predictor.probabilities(encoded, progress)
     result = {"source": source, **scores(encoded.labels, probs.argmax(axis=1), encoded.valid_lens)}
     words = encoded.valid_lens - 3
     unknown = predictor.unknown_shares(encoded)

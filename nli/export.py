@@ -18,7 +18,7 @@ import numpy as onp
 from . import __version__, fileio, rundir
 from . import model as model_lib
 from .errors import UserError
-from .predict import INPUTS, MODEL_FILE, OUTPUT, is_exported, read_run_config
+from .predict import INPUTS, MODEL_FILE, OUTPUT, is_ensemble, is_exported, read_run_config
 
 try:
     import onnx
@@ -190,8 +190,8 @@ def quantize_int8(fp32_path, int8_path):
 
 def export_run(run_dir, out_dir, int8=False, opset=OPSET, overwrite=False):
     """Write `out_dir`: a run dir whose model is `model.onnx` built from `run_dir`'s parameters; its config.
+    An ensemble's export holds one exported run per member, in members/ as the ensemble holds them (written whole).
     A run or export already in `out_dir` is refused, or with `overwrite` replaced."""
-    import mxnet as mx
     require_onnx()
     check_opset(opset)
     if is_exported(run_dir):
@@ -199,12 +199,36 @@ def export_run(run_dir, out_dir, int8=False, opset=OPSET, overwrite=False):
                         f"({read_run_config(run_dir)['onnx']['source_run']}).")
     if os.path.abspath(run_dir) == os.path.abspath(out_dir):
         raise UserError("--out must be a new directory, not the run itself.")
+    config = read_run_config(run_dir)
+    if is_ensemble(config):
+        return export_ensemble(run_dir, config, out_dir, int8, opset, overwrite)
     earlier = rundir.check_new_run_dir(out_dir, overwrite)
-    net, _, config = model_lib.load_run(run_dir, [mx.cpu()])
-    params = {name: p.data().asnumpy() for name, p in net._collect_params_with_prefix().items()}
-    onnx_model = classifier_graph(params, config["bert"], opset, net.pooling)  # as load_run read it
+    onnx_model, config = classifier_of_run(run_dir, opset)
     rundir.remove_run_files(out_dir, earlier)
     os.makedirs(out_dir, exist_ok=True)
+    return save_export(onnx_model, config, run_dir, out_dir, int8, opset)
+
+
+def classifier_of_run(run_dir, opset):
+    """(the ONNX model of a fine-tuned run's classifier, the run's config)."""
+    import mxnet as mx
+    net, _, config = model_lib.load_run(run_dir, [mx.cpu()])
+    params = {name: p.data().asnumpy() for name, p in net._collect_params_with_prefix().items()}
+    return classifier_graph(params, config["bert"], opset, net.pooling), config  # pooling as load_run read it
+
+
+def onnx_record(source_run, opset, int8, file=MODEL_FILE):
+    """What an export's config.json says of it under "onnx"."""
+    return {"file": file, "opset": opset, "int8": int8,
+            "quantization": "onnxruntime quantize_dynamic, per-channel int8 MatMul and Attention "
+                            "weights, embeddings fp32" if int8 else None,
+            "inputs": list(INPUTS), "output": OUTPUT, "source_run": os.path.abspath(source_run),
+            "onnx_version": onnx.__version__}
+
+
+def save_export(onnx_model, config, run_dir, out_dir, int8, opset):
+    """Write an exported run into `out_dir`: model.onnx (quantized with `int8`), `run_dir`'s vocabulary, and its
+    `config` with what was exported; the config, which it returns."""
     path = os.path.join(out_dir, MODEL_FILE)
     fp32_path = path + ".fp32.tmp"
     onnx.save(onnx_model, fp32_path)
@@ -215,11 +239,22 @@ def export_run(run_dir, out_dir, int8=False, opset=OPSET, overwrite=False):
         os.replace(fp32_path, path)
     vocab = config.get("tokenizer", model_lib.BOOK_TOKENIZER)["vocab"]
     shutil.copyfile(os.path.join(run_dir, vocab), os.path.join(out_dir, vocab))
-    config["onnx"] = {"file": MODEL_FILE, "opset": opset, "int8": int8,
-                      "quantization": "onnxruntime quantize_dynamic, per-channel int8 MatMul and Attention "
-                                      "weights, embeddings fp32" if int8 else None,
-                      "inputs": list(INPUTS), "output": OUTPUT, "source_run": os.path.abspath(run_dir),
-                      "onnx_version": onnx.__version__}
+    config["onnx"] = onnx_record(run_dir, opset, int8)
     # Written last: a directory with a config.json naming ONNX is a finished export.
     fileio.write_json(os.path.join(out_dir, "config.json"), config)
+    return config
+
+
+def export_ensemble(run_dir, config, out_dir, int8, opset, overwrite):
+    """`export_run` of an ensemble: each member exported into out_dir/members/I, and the ensemble's config."""
+    earlier = rundir.check_whole_run_out(out_dir, [run_dir], overwrite)
+    config["onnx"] = onnx_record(run_dir, opset, int8, file="members/*/" + MODEL_FILE)
+
+    def write(folder):  # a member that fails leaves nothing written (see `rundir.replace_run_dir`)
+        for member in config["ensemble"]["members"]:
+            source, target = os.path.join(run_dir, member["dir"]), os.path.join(folder, member["dir"])
+            os.makedirs(target)
+            save_export(*classifier_of_run(source, opset), source, target, int8, opset)
+        fileio.write_json(os.path.join(folder, "config.json"), config)
+    rundir.replace_run_dir(out_dir, write, earlier)
     return config

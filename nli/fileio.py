@@ -34,9 +34,10 @@ def replace_dir(path, write):
     os.makedirs(new)
     try:
         write(new)
-        for name in os.listdir(new):  # on disk before the rename makes them the current files
-            with open(os.path.join(new, name), "rb") as f:
-                os.fsync(f.fileno())
+        for folder, _, names in os.walk(new):  # on disk before the rename makes them the current files
+            for name in names:
+                with open(os.path.join(folder, name), "rb") as f:
+                    os.fsync(f.fileno())
     except BaseException:  # a full disk, say: no partial copy left taking its space; `path` is still whole
         shutil.rmtree(new, ignore_errors=True)
         raise

@@ -51,22 +51,26 @@ def from_pretrained(name_or_dir, devices, dropout=None, max_len=None, pooling="c
 
     `name_or_dir` is the book's model (bert.small, bert.base, a directory) or a Hugging Face checkpoint:
     `hf:DIR`, or `hf:ORG/NAME[@REVISION]` from the Hub (see `hf.locate`), whose position table `max_len`
-    may grow (see `hf.load`); the book's position table cannot. `net.pretrained` says where it came from.
+    may grow (see `hf.load`); the book's position table cannot. `net.pretrained` says where it came from and the
+    SHA-1 of the weights file read.
     """
-    source = {"model": name_or_dir}
     if name_or_dir.startswith(hf.PREFIX):  # as BertForSequenceClassification builds its head
         directory, source = hf.locate(name_or_dir[len(hf.PREFIX):])
         bert, vocab = hf.load(directory, devices, dropout, max_len)
         net = BERTClassifier(bert, dropout=bert.config.dropout, pooling=pooling)
         net.output.initialize(init.Normal(hf.INITIALIZER_RANGE), ctx=devices)
+        weights = os.path.join(directory, hf.WEIGHTS)
     else:
-        bert, vocab = bert_lib.load_pretrained(name_or_dir, devices, dropout)
+        directory, source = bert_lib.model_dir(name_or_dir), {"model": name_or_dir}
+        bert, vocab = bert_lib.load_pretrained(directory, devices, dropout)
+        weights = os.path.join(directory, "pretrained.params")
         if max_len is not None and max_len > bert.config.max_len:
             raise UserError(f"--max-len {max_len}: {name_or_dir}'s position table has {bert.config.max_len} "
                             f"positions; expected {MIN_MAX_LEN} to {bert.config.max_len}.")
         net = BERTClassifier(bert, pooling=pooling)
         net.output.initialize(init.Xavier(), ctx=devices)
-    net.pretrained = source
+    # The weights' SHA-1 says which checkpoint it is, whatever path or name led to it: what `nli soup` compares
+    net.pretrained = {**source, "weights_sha1": fileio.sha1_of(weights)}
     net.hybridize(static_alloc=True)
     return net, vocab
 
@@ -79,7 +83,7 @@ def save_run(run_dir, net, vocab, settings):
     tokenizer = vocab.describe() if wordpiece else BOOK_TOKENIZER
     config = {"bert": dataclasses.asdict(net.bert_config), "tokenizer": tokenizer, "labels": list(LABELS),
               **settings, "pooling": net.pooling}
-    if net.pretrained:  # the model as named, and for a Hub model the commit that name resolved to
+    if net.pretrained:  # the model as named, for a Hub model the commit it resolved to, and the weights' SHA-1
         config["pretrained"] = net.pretrained
     fileio.write_json(os.path.join(run_dir, "config.json"), config)
     fileio.write_atomically(os.path.join(run_dir, tokenizer["vocab"]),

@@ -1,10 +1,12 @@
 """Prediction: the book's `predict_snli`, generalised to a loaded run, many pairs and files.
 
-Two predictors, siblings behind one loader (`load_predictor`): `Predictor` runs a fine-tuned run's MXNet
-classifier on the devices given, `OnnxPredictor` an exported run's model.onnx with ONNX Runtime on the CPU.
-Both encode text as the run's config.json says and give labels, probabilities and unknown-token shares.
+Siblings behind one loader (`load_predictor`): `Predictor` runs a fine-tuned run's MXNet classifier on the
+devices given, `OnnxPredictor` an exported run's model.onnx with ONNX Runtime on the CPU, `EnsemblePredictor` the
+members of an ensemble (either kind) and averages their probabilities. Each encodes text as its run's config.json
+says and gives labels, probabilities and unknown-token shares.
 """
 import contextlib
+import dataclasses
 import functools
 import itertools
 import json
@@ -97,7 +99,7 @@ class PairPredictor:
         if not pairs:
             return []
         encoded = self.encode_text(pairs, tokenized)
-        probs = softmax(self.logits(encoded, progress))
+        probs = self.probabilities(encoded, progress)
         return [{"label": LABELS[int(p.argmax())], "probabilities": dict(zip(LABELS, map(float, p))),
                  "unknown_share": round(float(u), 4), "tokens": int(n)}
                 for p, u, n in zip(probs, self.unknown_shares(encoded), encoded.valid_lens)]
@@ -105,6 +107,10 @@ class PairPredictor:
     def predict(self, premise, hypothesis, tokenized=False):
         """Label and label -> probability of one pair of sentences."""
         return self.predict_pairs([(premise, hypothesis)], tokenized)[0]
+
+    def probabilities(self, encoded, progress=False):
+        """Each encoded pair's probability of each label, in order."""
+        return softmax(self.logits(encoded, progress))
 
 
 class Predictor(PairPredictor):
@@ -197,13 +203,87 @@ class OnnxPredictor(PairPredictor):
 
     def attention(self, premise, hypothesis, tokenized=False):
         """Refused: the ONNX graph gives the logits only (its fused Attention keeps the weights inside)."""
-        raise UserError(f"--attention needs MXNet's model, and {self.run_dir} is an ONNX export, whose graph gives only "
-                        f"the logits: draw it with --run {self.config['onnx']['source_run']}.")
+        raise export_refusal(self.run_dir, self.config)
+
+
+def export_refusal(run_dir, config):
+    """The error that an exported run (or ensemble) cannot give attention weights, naming the run to draw them with."""
+    return UserError(f"--attention needs MXNet's model, and {run_dir} is an ONNX export, whose graph gives only "
+                     f"the logits: draw it with --run {config['onnx']['source_run']}.")
+
+
+@dataclasses.dataclass
+class MemberEncodings:
+    """The same pairs as each member of an ensemble encodes them (`snli.EncodedPairs`, one a member)."""
+    members: list
+
+    def __len__(self):
+        return len(self.members[0])
+
+    @property
+    def labels(self):
+        return self.members[0].labels
+
+    @property
+    def valid_lens(self):
+        """Each pair's longest encoding among the members: a pair fills max_len if any member cut it."""
+        return onp.max([encoded.valid_lens for encoded in self.members], axis=0)
+
+
+class EnsemblePredictor(PairPredictor):
+    """The runs of an ensemble (`combine.ensemble`) as one predictor: each member encodes the pairs its own way,
+    and the ensemble's probabilities are the mean of the members'."""
+
+    def __init__(self, members, config, batch_size=256, run_dir="this ensemble"):  # no vocabulary of its own
+        self.members, self.config, self.batch_size, self.run_dir = members, config, batch_size, run_dir
+
+    @classmethod
+    def from_dir(cls, run_dir, devices=None, batch_size=256, max_memory=None):
+        """Load the ensemble in `run_dir`: each of its members/ with `load_predictor`."""
+        config = read_run_config(run_dir)
+        members = [load_predictor(os.path.join(run_dir, member["dir"]), devices, batch_size, max_memory)
+                   for member in config["ensemble"]["members"]]
+        return cls(members, config, batch_size, run_dir)
+
+    def encode(self, premises, hypotheses, labels):
+        """The pairs as every member encodes them: `MemberEncodings`."""
+        return MemberEncodings([member.encode(premises, hypotheses, labels) for member in self.members])
+
+    def probabilities(self, encoded, progress=False):
+        """The mean of the members' probabilities of each pair."""
+        return onp.mean([member.probabilities(own, progress) for member, own in zip(self.members, encoded.members)],
+                        axis=0)
+
+    def unknown_shares(self, encoded):
+        """The mean over the members of each pair's share of unknown tokens."""
+        return onp.mean([member.unknown_shares(own) for member, own in zip(self.members, encoded.members)], axis=0)
+
+    def attention(self, premise, hypothesis, tokenized=False):
+        """The members' attention weights averaged, with the ensemble's label and probabilities: members that
+        tokenize the pair alike into the same layers and heads only (else draw a member's: members/I is a run)."""
+        if "onnx" in self.config:
+            raise export_refusal(self.run_dir, self.config)
+        views = [member.attention(premise, hypothesis, tokenized) for member in self.members]
+        if any(view.tokens != views[0].tokens or view.weights.shape != views[0].weights.shape for view in views):
+            raise UserError(f"The members of {self.run_dir} split this pair into different tokens or have different "
+                            f"layers and heads, so their attention cannot be averaged: draw one member's with "
+                            f"--run {os.path.join(self.run_dir, 'members', '0')}.")
+        result = self.predict(premise, hypothesis, tokenized)
+        return dataclasses.replace(views[0], weights=onp.mean([view.weights for view in views], axis=0),
+                                   label=result["label"], probabilities=result["probabilities"])
+
+
+def is_ensemble(config):
+    """Whether a run's config.json is an ensemble's (`combine.ensemble`, or its export)."""
+    return isinstance(config, dict) and "ensemble" in config
 
 
 def load_predictor(run_dir, devices=None, batch_size=256, max_memory=None):
-    """The predictor of a run dir: an exported run's `OnnxPredictor`, else the fine-tuned run's `Predictor` on
-    `devices` (default: one device, the first GPU or the CPU), its batches within `max_memory`."""
+    """The predictor of a run dir: an ensemble's `EnsemblePredictor` (its members exported or not), an exported
+    run's `OnnxPredictor`, else the fine-tuned run's `Predictor` on `devices` (default: one device, the first GPU
+    or the CPU), its batches within `max_memory`."""
+    if is_ensemble(read_run_config(run_dir)):
+        return EnsemblePredictor.from_dir(run_dir, devices, batch_size, max_memory)
     if is_exported(run_dir):
         return OnnxPredictor.from_export(run_dir, batch_size)
     devices = devices or data.scoring_devices()

@@ -22,11 +22,11 @@ from .fileio import replace_dir, sha1_of, write_atomically, write_json
 
 CHECKPOINT = "checkpoint"
 AVERAGE = "average.params"  # in a checkpoint: the weights' average (--average), beside the raw weights
-# What `finetune`, `evaluate` and `predict --attention` write into a run directory (glob patterns):
+# What `finetune`, `soup`, `ensemble`, `evaluate` and `predict --attention` write into a run directory (glob patterns):
 # `--overwrite` removes these, and only these.
 RUN_FILES = ("config.json", "vocab.json", "vocab.txt", "model.params", "model.onnx", "worker-*.params",
              "metrics.jsonl", "curves.png", "results.json", "best", CHECKPOINT + "*", "features", "eval.json",
-             "confusion.png", "errors.tsv", "attention*")
+             "confusion.png", "errors.tsv", "attention*", "members")
 
 
 def save_checkpoint(run_dir, net, trainer, average, state):
@@ -80,6 +80,28 @@ def check_new_run_dir(path, overwrite=False):
         raise UserError(f"{path} holds a finished run: choose another --out, or replace it with --overwrite.")
     return sorted({os.path.basename(found) for pattern in RUN_FILES
                    for found in glob.glob(os.path.join(path, pattern))})
+
+
+def check_whole_run_out(path, sources, overwrite=False):
+    """Refuse an --out that a run directory written whole (`replace_run_dir`) must not replace: one of the runs it is
+    made from, a run there without `overwrite`, or files that are not a run's, which the swap would lose."""
+    if any(os.path.abspath(path) == os.path.abspath(source) for source in sources):
+        raise UserError(f"--out {path} is one of the runs it is made from: name a new directory.")
+    earlier = check_new_run_dir(path, overwrite)
+    others = sorted(set(os.listdir(path)) - set(earlier)) if os.path.isdir(path) else []
+    if others:
+        raise UserError(f"--out {path} holds files that are not a run's ({', '.join(others[:3])}): name a new or "
+                        f"empty directory.")
+    return earlier
+
+
+def replace_run_dir(path, write, earlier=()):
+    """Write a run directory whole by `write(dir)` and swap it in for `path` (see `fileio.replace_dir`): a crash
+    leaves the earlier directory or the new one, never half of it. `earlier` names what `check_whole_run_out` let
+    it replace."""
+    replace_dir(path, write)
+    if earlier:
+        print(f"--overwrite: replaced the earlier run's {', '.join(earlier)} in {path}", flush=True)
 
 
 def remove_run_files(path, names):

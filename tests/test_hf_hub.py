@@ -42,6 +42,12 @@ print(json.dumps(net.pretrained))
 """
 
 
+def weights_sha1(folder):
+    """The SHA-1 of a checkpoint's weights file: what a run records to say which checkpoint it was fine-tuned from."""
+    with open(os.path.join(folder, "model.safetensors"), "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()
+
+
 def blob_id(data):
     """A file's git blob SHA-1, as the Hub names a file that is not in LFS."""
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
@@ -202,7 +208,8 @@ def test_a_hub_name_downloads_into_hf_home_and_loads_as_its_directory_does(hub, 
     hub.requests.clear()
     env = hf_env(tmp_path, HF_ENDPOINT=hub.url, HF_TOKEN=TOKEN)  # no HF_HUB_CACHE: HF_HOME/hub
     source, logits = loaded(f"hf:{REPO}", env, tmp_path / "hub.npz")
-    assert source == {"model": f"hf:{REPO}", "repo": REPO, "revision": "main", "commit": MAIN}
+    assert source == {"model": f"hf:{REPO}", "repo": REPO, "revision": "main", "commit": MAIN,
+                      "weights_sha1": weights_sha1(checkpoint[0])}
     _, local_logits = loaded(f"hf:{checkpoint[0]}", env, tmp_path / "dir.npz")
     onp.testing.assert_array_equal(logits, local_logits)  # the same files, the same classifier
     snapshot = tmp_path / "hf_home" / "hub" / "models--org--tiny-bert" / "snapshots" / MAIN
@@ -226,10 +233,11 @@ def test_a_hub_name_downloads_into_hf_home_and_loads_as_its_directory_does(hub, 
     assert f"The copy of hf:{REPO} in {snapshot} lacks files and HF_HUB_OFFLINE=1 forbids downloading the rest" in error
 
 
-def test_a_revision_is_fetched_and_recorded_with_its_commit(hub, tmp_path):
+def test_a_revision_is_fetched_and_recorded_with_its_commit(hub, checkpoint, tmp_path):
     env = hf_env(tmp_path, HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(tmp_path / "cache"))
     source, _ = loaded(f"hf:{REPO}@v1", env, tmp_path / "v1.npz")
-    assert source == {"model": f"hf:{REPO}@v1", "repo": REPO, "revision": "v1", "commit": V1}
+    assert source == {"model": f"hf:{REPO}@v1", "repo": REPO, "revision": "v1", "commit": V1,
+                      "weights_sha1": weights_sha1(checkpoint[0])}
     assert (tmp_path / "cache" / "models--org--tiny-bert" / "refs" / "v1").read_text() == V1
     error = failure(f"hf:{REPO}@v9", env, tmp_path / "v9.npz")
     assert f"has the model {REPO} but no revision 'v9'" in error
@@ -291,7 +299,8 @@ def test_a_name_that_is_neither_a_directory_nor_a_hub_model_is_refused(name):
 def test_an_existing_directory_wins_over_a_hub_name(checkpoint, tmp_path):
     shutil.copytree(checkpoint[0], tmp_path / "org" / "tiny-bert")
     env = hf_env(tmp_path, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "empty"))
-    assert loaded(f"hf:{REPO}", env, tmp_path / "x.npz")[0] == {"model": f"hf:{REPO}"}  # cwd is tmp_path
+    assert loaded(f"hf:{REPO}", env, tmp_path / "x.npz")[0] == {"model": f"hf:{REPO}",  # cwd is tmp_path
+                                                                "weights_sha1": weights_sha1(checkpoint[0])}
 
 
 def finetune_offline(tmp_path, repo, folder):
@@ -305,7 +314,8 @@ def finetune_offline(tmp_path, repo, folder):
     assert result.returncode == 0, result.stderr
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["recipe"]["model"] == f"hf:{repo}"
-    assert config["pretrained"] == {"model": f"hf:{repo}", "repo": repo, "revision": "main", "commit": MAIN}
+    assert config["pretrained"] == {"model": f"hf:{repo}", "repo": repo, "revision": "main", "commit": MAIN,
+                                    "weights_sha1": weights_sha1(folder)}
     assert (tmp_path / "run" / "model.params").exists()
     return config
 

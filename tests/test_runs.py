@@ -281,9 +281,12 @@ def test_help_gives_defaults_and_marks_required_options_and_version_is_the_packa
     parser = cli.build_parser()
     commands = parser._subparsers._group_actions[0].choices
     evaluate = " ".join(commands["evaluate"].format_help().split())
-    assert "--run RUN the run directory (or its best/) to evaluate (required)" in evaluate
+    assert "--run RUN the run directory (its best/, a soup, an ensemble) to evaluate (required)" in evaluate
     assert "--batch-size BATCH_SIZE pairs per batch (default: 512)" in evaluate
     assert "--errors N write the N most confident mistakes to errors.tsv (default: 0)" in evaluate
+    overview = " ".join(parser.format_help().split())
+    assert "soup one run whose weights are the mean of runs fine-tuned from one checkpoint" in overview
+    assert "ensemble one run whose predictions are the mean of runs' probabilities" in overview
     finetune = " ".join(commands["finetune"].format_help().split())
     assert "--epochs EPOCHS passes over the training pairs (book: 5)" in finetune
     assert "required but with --resume" in finetune
