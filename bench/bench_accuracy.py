@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -73,8 +74,10 @@ def write_split(source, folder, seed, limit=None):
 
 
 def run(command, log_path, env=None):
-    """Run `command`, teeing its output to `log_path`; (seconds, load average before, after). Fails loudly."""
+    """Run `command`, teeing its output to `log_path`; (seconds, load average before, after). Fails loudly. The
+    CPU seconds it used, which other jobs on the machine move less than its wall time, are in `last_cpu_seconds`."""
     load_before = os.getloadavg()
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log:
         log.write(" ".join(command) + "\n")
@@ -88,6 +91,8 @@ def run(command, log_path, env=None):
                 print("    " + line.rstrip(), flush=True)
         if process.wait() != 0:
             sys.exit(f"{command[0]} ... failed (exit {process.returncode}); see {log_path}")
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    run.last_cpu_seconds = sum(getattr(cpu_after, f) - getattr(cpu_before, f) for f in ("ru_utime", "ru_stime"))
     return time.perf_counter() - start, load_before, os.getloadavg()
 
 
@@ -97,27 +102,47 @@ def run_nli(args, paths, work, seed, recipe, code=ROOT, evaluate=True):
     per-epoch figures and times. `code` is the folder whose nli runs."""
     run_dir = os.path.join(work, "nli_run")
     env = {"OMP_NUM_THREADS": str(args.threads), "NLI_DATA_DIR": os.path.join(args.work, "data"), "PYTHONPATH": code}
-    finetune = [sys.executable, "-m", "nli", "finetune", "--model", f"hf:{args.model_dir}",
+    # -P: the nli on PYTHONPATH (`code`), not the one in the working directory, which `-m` would put first
+    finetune = [sys.executable, "-P", "-m", "nli", "finetune", "--model", f"hf:{args.model_dir}",
                 "--train", paths["train"], "--test", paths["test"], *recipe,
                 "--devices", "cpu", "--seed", str(seed), "--quiet", "--overwrite", "--out", run_dir]
     seconds, load_before, load_after = run(finetune, os.path.join(work, "nli_finetune.log"), env)
+    cpu_seconds = run.last_cpu_seconds
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
         metrics = [json.loads(line) for line in f]
     epochs = [m for m in metrics if m.get("kind") == "epoch"]
     accuracy = epochs[-1]["test_acc"]
     if evaluate:
-        command = [sys.executable, "-m", "nli", "evaluate", "--run", run_dir, "--test", paths["test"],
+        command = [sys.executable, "-P", "-m", "nli", "evaluate", "--run", run_dir, "--test", paths["test"],
                    "--devices", "cpu", "--quiet"]
         run(command, os.path.join(work, "nli_evaluate.log"), env)
         with open(os.path.join(run_dir, "eval.json"), encoding="utf-8") as f:
             accuracy = json.load(f)["accuracy"]
+    raw = {}  # an averaged run's last raw weights' accuracy (an older nli, as --before runs, may write no results.json)
+    if os.path.exists(results := os.path.join(run_dir, "results.json")):
+        with open(results, encoding="utf-8") as f:
+            raw = {"raw_accuracy": value} if (value := json.load(f).get("raw_test_accuracy")) is not None else {}
+    with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+        trained_with = training_settings(json.load(f)["recipe"])
     train_seconds = sum(m["examples"] / m["examples_per_sec"] for m in epochs)
-    return {"command": " ".join(finetune), "accuracy": accuracy, **first_batches(metrics),
+    return {"command": " ".join(finetune), "run_dir": run_dir, "recipe": trained_with, "accuracy": accuracy, **raw,
+            **first_batches(metrics),
             "accuracy_per_epoch": [m["test_acc"] for m in epochs],
             "train_examples": sum(m["examples"] for m in epochs),
             "train_examples_per_sec": sum(m["examples"] for m in epochs) / train_seconds,
             "train_examples_per_sec_per_epoch": [m["examples_per_sec"] for m in epochs],
-            "finetune_wall_seconds": seconds, "load_average_before_after": [load_before[0], load_after[0]]}
+            "finetune_wall_seconds": seconds, "finetune_cpu_seconds": cpu_seconds,
+            "load_average_before_after": [load_before[0], load_after[0]]}
+
+
+# The settings of a run that are not how it trains: where its data, model and files are, its seed and devices
+RUN_SETTINGS = {"seed", "out", "model", "data", "train", "test", "dev", "test_fraction", "limit_train", "limit_test",
+                "devices", "max_memory", "save_every", "log_every", "kvstore"}
+
+
+def training_settings(recipe):
+    """How a run trains: its recipe (config.json's, as a dict) without RUN_SETTINGS. Benchmarks match runs on it."""
+    return {name: value for name, value in recipe.items() if name not in RUN_SETTINGS}
 
 
 def first_batches(metrics):
@@ -149,6 +174,7 @@ def run_peer(args, paths, work, seed):
                "--max-len", str(args.max_len), "--seed", str(seed), "--threads", str(args.threads),
                "--out", out]
     seconds, load_before, load_after = run(command, os.path.join(work, "peer.log"))
+    cpu_seconds = run.last_cpu_seconds
     with open(out, encoding="utf-8") as f:
         peer = json.load(f)
     return {"command": " ".join(command), "accuracy": peer["final_accuracy"],
@@ -156,8 +182,8 @@ def run_peer(args, paths, work, seed):
             "train_examples": peer["timing"]["train_examples_total"],
             "train_examples_per_sec": peer["timing"]["train_examples_per_sec"],
             "train_examples_per_sec_per_epoch": [e["train_examples_per_sec"] for e in peer["epochs"]],
-            "finetune_wall_seconds": seconds, "load_average_before_after": [load_before[0], load_after[0]],
-            "versions": peer["versions"]}
+            "finetune_wall_seconds": seconds, "finetune_cpu_seconds": cpu_seconds,
+            "load_average_before_after": [load_before[0], load_after[0]], "versions": peer["versions"]}
 
 
 def summarize(runs):
@@ -211,13 +237,14 @@ def short(args):
     if args.before:
         result["ratios"]["nli_over_nli_before"] = median["nli"] / median["nli_before"]
     write_results(result, args.out)
-    print(f"\n{'':<12}{'train ex/s (median)':>20}{'first 20 batches':>18}{'steady':>8}   per round")
+    print(f"\n{'':<12}{'train ex/s (median)':>20}{'first 20 batches':>18}{'steady':>8}{'CPU s':>7}   per round")
     for name, runs in sides.items():
         first = [r.get("first_batches_examples_per_sec") for r in runs]
         steady = [r.get("steady_examples_per_sec") for r in runs]
         cells = (f"{statistics.median(first):>18.1f}{statistics.median(steady):>8.1f}" if None not in first
                  else f"{'':>26}")
-        print(f"{name:<12}{median[name]:>20.1f}{cells}   "
+        cpu = statistics.median(r["finetune_cpu_seconds"] for r in runs)
+        print(f"{name:<12}{median[name]:>20.1f}{cells}{cpu:>7.0f}   "
               + " ".join(f"{r['train_examples_per_sec']:.1f}" for r in runs))
     print("  ".join(f"{name}: {ratio:.3f}x" for name, ratio in result["ratios"].items()))
 

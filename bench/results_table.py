@@ -413,6 +413,33 @@ def render_profile():
                                f"Source: {cite(PROFILE, results)}"])
 
 
+PEER_SPEED = "bench/results/bench_accuracy_short.json"
+SPEED_SIDES = {"nli": "nli, this checkout", "nli_before": "nli before", "peer": "transformers + PyTorch (the peer)"}
+
+
+def render_peer_speed():
+    """Training throughput on all-MiniLM-L6-v2 against the peer, `bench_accuracy.py --short`: each side's rounds."""
+    results = read_results(PEER_SPEED)
+    lines = ["| side | examples/sec, median | per round | first 20 batches | rest of the epoch | CPU seconds per "
+             "run (with loading and testing) | against the peer |", "|---|---|---|---|---|---|---|"]
+    for name, side in results["sides"].items():
+        runs, median = side["runs"], side["train_examples_per_sec_median"]
+        first, steady = ([r.get(key) for r in runs] for key in ("first_batches_examples_per_sec",
+                                                                "steady_examples_per_sec"))
+        what = SPEED_SIDES[name] + (f" ({results['before_commit'][:7]})" if name == "nli_before" else "")
+        per_round = ", ".join(f"{r['train_examples_per_sec']:.1f}" for r in runs)
+        lines.append(f"| {what} | {median:.1f} | {per_round} "
+                     f"| {'–' if None in first else f'{statistics.median(first):.1f}'} "
+                     f"| {'–' if None in steady else f'{statistics.median(steady):.1f}'} "
+                     f"| {statistics.median(r['finetune_cpu_seconds'] for r in runs):.0f} "
+                     f"| {median / results['sides']['peer']['train_examples_per_sec_median']:.2f}x |")
+    recipe = results["recipe"]
+    return "\n".join(lines + ["", f"One epoch over {results['split']['train']:,} real SNLI pairs per run, batch "
+                               f"{recipe['batch_size']}, lr {recipe['lr']}, max_len {recipe['max_len']}, "
+                               f"{recipe['threads']} threads, the sides in turns. CPU: {results['machine']['cpu']}. "
+                               f"Source: {cite(PEER_SPEED, results)}"])
+
+
 COLAB_BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
 
 
@@ -455,7 +482,7 @@ def render_notebooks():
 # page -> its blocks: marker name -> renderer
 PAGES = {RESULTS_PAGE: {"results": render_table, "runs": render_runs, "small_data": render_small_data,
                         "tried": render_tried, "memory": render_memory, "pythons": render_pythons,
-                        "serve": render_serve, "profile": render_profile},
+                        "serve": render_serve, "profile": render_profile, "peer_speed": render_peer_speed},
          README: {"notebooks": render_notebooks}}
 
 
