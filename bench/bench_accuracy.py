@@ -217,7 +217,8 @@ def short(args):
     args.epochs = 1
     codes = {"nli": ROOT}
     result = {"benchmark": "bench_accuracy --short", "command": " ".join([sys.executable] + sys.argv),
-              "split": {"seed": SPLIT_SEED, **sizes}, "recipe": {k: getattr(args, k) for k in (*PEER_RECIPE, "threads")}}
+              "split": {"seed": SPLIT_SEED, **sizes},
+              "recipe": {k: getattr(args, k) for k in (*PEER_RECIPE, "threads")}}
     if args.before:
         codes["nli_before"] = os.path.join(args.work, "before")
         result["before_commit"] = checkout(args.before, codes["nli_before"])

@@ -6,6 +6,7 @@ to the repository (`portable`). The book's own figures are quoted, with their pl
 bench/book_figures.json. `--write` updates the pages; tests/test_readme.py fails when they differ.
 """
 import argparse
+import functools
 import glob
 import json
 import os
@@ -254,32 +255,47 @@ def book_cell(quoted):
 
 
 SMALL_DATA = "bench/results/bench_small_data.json"
+AVERAGING = "bench/results/bench_small_data_2000.json"  # --average, soups and ensembles, on 2,000 of the pairs
 
 
-def render_small_data():
-    """The recipe candidates for a small training set, each over the same seeds, against the peer."""
-    results = read_results(SMALL_DATA)
+def render_small_data(source=SMALL_DATA):
+    """The candidates for a small training set, each over the same seeds, against the peer; then the models combined
+    from a candidate's runs over the seeds (`--combine`), one figure each."""
+    results = read_results(source)
     test_pairs = results["split"]["test"]
     lines = ["| candidate | options | accuracy per seed | mean (stdev) | test pairs right, all seeds | against the "
              "peer, points | wall time per run | against the peer's |", "|---|---|---|---|---|---|---|---|"]
     for name, r in results["candidates"].items():
         options = "bench/hf_peer.py (transformers + PyTorch)" if r["options"] is None else f"`{' '.join(r['options'])}`"
         per_seed = ", ".join(f"{a:.4f}" for a in r["accuracy_per_seed"])
+        if "raw_accuracy_per_seed" in r:
+            per_seed += " (last raw weights: " + ", ".join(f"{a:.4f}" for a in r["raw_accuracy_per_seed"]) + ")"
         spread = "–" if r["accuracy_stdev"] is None else f"{r['accuracy_stdev']:.4f}"
         right = sum(round(a * test_pairs) for a in r["accuracy_per_seed"])
         lines.append(f"| {name} | {options} | {per_seed} | {r['accuracy']:.4f} ({spread}) "
                      f"| {right:,} of {test_pairs * len(r['accuracy_per_seed']):,} "
                      f"| {r['accuracy_minus_peer_points']:+.3f} | {minutes(r['finetune_wall_seconds'])} "
                      f"| {r['wall_time_over_peer']:.2f}x |")
+    for name, r in results.get("combined", {}).items():
+        how = name.split("-", 1)[0]
+        lines.append(f"| {name} | `nli {how}` of the {r['members']} runs above, one per seed; predicts at "
+                     f"{r['prediction_cost_in_models']}x one model's cost | – | {r['accuracy']:.4f} "
+                     f"| {round(r['accuracy'] * test_pairs):,} of {test_pairs:,} "
+                     f"| {r['accuracy_minus_peer_points']:+.3f} | {minutes(r['members_finetune_wall_seconds'])} "
+                     f"(its members') | {r['wall_time_over_peer']:.2f}x |")
     seeds = ", ".join(map(str, results["seeds"])) + ("" if results.get("complete") else " (the run was cut short)")
     if reused := results.get("reused_seeds"):
         seeds += f"; seed {', '.join(map(str, reused))} taken with `--reuse` from an earlier run of this benchmark"
+    met = {True: "met", False: "not met"}
     if targets := results.get("targets"):
-        met = {True: "met", False: "not met"}
         seeds += (f". Targets for {targets['chosen']}: a point above the peer's mean, "
                   f"{met[targets['accuracy_at_least_peer_plus_1_point']]}; at most twice its wall time, "
                   f"{met[targets['wall_time_at_most_2x_peer']]}")
-    return "\n".join(lines) + f"\n\nSeeds {seeds}. Source: {cite(SMALL_DATA, results)}"
+    if targets := results.get("one_model_targets"):
+        both = [name for name, met_by in targets.items() if all(met_by.values())]
+        seeds += (". Targets for one model at one model's prediction cost (two points above the peer's mean, in at "
+                  "most three times its wall time): " + (f"both met by {', '.join(both)}" if both else "not met"))
+    return "\n".join(lines) + f"\n\nSeeds {seeds}. Source: {cite(source, results)}"
 
 
 # What was tried for a small training set: recipe, results file, (path of its seeds, path of its accuracies)
@@ -481,6 +497,7 @@ def render_notebooks():
 
 # page -> its blocks: marker name -> renderer
 PAGES = {RESULTS_PAGE: {"results": render_table, "runs": render_runs, "small_data": render_small_data,
+                        "averaging": functools.partial(render_small_data, AVERAGING),
                         "tried": render_tried, "memory": render_memory, "pythons": render_pythons,
                         "serve": render_serve, "profile": render_profile, "peer_speed": render_peer_speed},
          README: {"notebooks": render_notebooks}}
