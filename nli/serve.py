@@ -39,9 +39,11 @@ JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a numb
 
 
 def describe_model(predictor):
-    """'MXNet', 'ONNX Runtime fp32' or 'ONNX Runtime int8': what computes the predictions."""
+    """'MXNet', 'ONNX Runtime fp32' or 'ONNX Runtime int8' (', an ensemble of N runs'): what computes the
+    predictions."""
     onnx = predictor.config.get("onnx")
-    return "MXNet" if onnx is None else f"ONNX Runtime {'int8' if onnx['int8'] else 'fp32'}"
+    engine = "MXNet" if onnx is None else f"ONNX Runtime {'int8' if onnx['int8'] else 'fp32'}"
+    return engine + (f", an ensemble of {len(predictor.members)} runs" if predict.is_ensemble(predictor.config) else "")
 
 
 def attention_refusal(predictor):

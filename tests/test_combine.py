@@ -286,6 +286,8 @@ def test_an_ensemble_is_served_as_a_run_is(mixed_ensemble, tmp_path):
         assert_same_predictions(answer["predictions"], expected)
         status, answer = call(url, "/api/attention", {"premise": pairs[0][0], "hypothesis": pairs[0][1]})
         assert status == 422 and "split this pair into different tokens" in answer["error"]
+        status, answer = call(url, "/api/health")
+        assert status == 200 and answer["model"] == "MXNet, an ensemble of 2 runs"
         status, stdout, stderr = stop(process, out, err)
     assert status == 0 and "Traceback" not in stderr, stderr
 
