@@ -74,8 +74,8 @@ def write_split(source, folder, seed, limit=None):
 
 
 def run(command, log_path, env=None):
-    """Run `command`, teeing its output to `log_path`; (seconds, load average before, after). Fails loudly. The
-    CPU seconds it used, which other jobs on the machine move less than its wall time, are in `last_cpu_seconds`."""
+    """Run `command`, teeing its output to `log_path`; (seconds, load average before, after, the CPU seconds it used,
+    which other jobs on the machine move less than its wall time). Fails loudly."""
     load_before = os.getloadavg()
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
@@ -92,8 +92,26 @@ def run(command, log_path, env=None):
         if process.wait() != 0:
             sys.exit(f"{command[0]} ... failed (exit {process.returncode}); see {log_path}")
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    run.last_cpu_seconds = sum(getattr(cpu_after, f) - getattr(cpu_before, f) for f in ("ru_utime", "ru_stime"))
-    return time.perf_counter() - start, load_before, os.getloadavg()
+    cpu_seconds = sum(getattr(cpu_after, f) - getattr(cpu_before, f) for f in ("ru_utime", "ru_stime"))
+    return time.perf_counter() - start, load_before, os.getloadavg(), cpu_seconds
+
+
+def nli_command(*arguments):
+    """`python -P -m nli ARGUMENTS`: -P runs the nli on PYTHONPATH (`nli_env`'s), not the working directory's,
+    which `-m` would put first."""
+    return [sys.executable, "-P", "-m", "nli", *arguments]
+
+
+def nli_env(args, code=ROOT):
+    """The environment an nli command of a benchmark runs in: its threads, its data cache, `code`'s nli."""
+    return {"OMP_NUM_THREADS": str(args.threads), "NLI_DATA_DIR": os.path.join(args.work, "data"), "PYTHONPATH": code}
+
+
+def evaluate_run(run_dir, test_file, log_path, env):
+    """`nli evaluate` a run directory on `test_file`: its accuracy, as eval.json records it."""
+    run(nli_command("evaluate", "--run", run_dir, "--test", test_file, "--devices", "cpu", "--quiet"), log_path, env)
+    with open(os.path.join(run_dir, "eval.json"), encoding="utf-8") as f:
+        return json.load(f)["accuracy"]
 
 
 def run_nli(args, paths, work, seed, recipe, code=ROOT, evaluate=True):
@@ -101,23 +119,17 @@ def run_nli(args, paths, work, seed, recipe, code=ROOT, evaluate=True):
     `python -m nli evaluate` the saved run (unless not `evaluate`: the last epoch's test accuracy): its accuracy,
     per-epoch figures and times. `code` is the folder whose nli runs."""
     run_dir = os.path.join(work, "nli_run")
-    env = {"OMP_NUM_THREADS": str(args.threads), "NLI_DATA_DIR": os.path.join(args.work, "data"), "PYTHONPATH": code}
-    # -P: the nli on PYTHONPATH (`code`), not the one in the working directory, which `-m` would put first
-    finetune = [sys.executable, "-P", "-m", "nli", "finetune", "--model", f"hf:{args.model_dir}",
-                "--train", paths["train"], "--test", paths["test"], *recipe,
-                "--devices", "cpu", "--seed", str(seed), "--quiet", "--overwrite", "--out", run_dir]
-    seconds, load_before, load_after = run(finetune, os.path.join(work, "nli_finetune.log"), env)
-    cpu_seconds = run.last_cpu_seconds
+    env = nli_env(args, code)
+    finetune = nli_command("finetune", "--model", f"hf:{args.model_dir}", "--train", paths["train"],
+                           "--test", paths["test"], *recipe, "--devices", "cpu", "--seed", str(seed), "--quiet",
+                           "--overwrite", "--out", run_dir)
+    seconds, load_before, load_after, cpu_seconds = run(finetune, os.path.join(work, "nli_finetune.log"), env)
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
         metrics = [json.loads(line) for line in f]
     epochs = [m for m in metrics if m.get("kind") == "epoch"]
     accuracy = epochs[-1]["test_acc"]
     if evaluate:
-        command = [sys.executable, "-P", "-m", "nli", "evaluate", "--run", run_dir, "--test", paths["test"],
-                   "--devices", "cpu", "--quiet"]
-        run(command, os.path.join(work, "nli_evaluate.log"), env)
-        with open(os.path.join(run_dir, "eval.json"), encoding="utf-8") as f:
-            accuracy = json.load(f)["accuracy"]
+        accuracy = evaluate_run(run_dir, paths["test"], os.path.join(work, "nli_evaluate.log"), env)
     raw = {}  # an averaged run's last raw weights' accuracy (an older nli, as --before runs, may write no results.json)
     if os.path.exists(results := os.path.join(run_dir, "results.json")):
         with open(results, encoding="utf-8") as f:
@@ -173,8 +185,7 @@ def run_peer(args, paths, work, seed):
                "--warmup-ratio", str(args.warmup_ratio), "--max-grad-norm", str(args.max_grad_norm),
                "--max-len", str(args.max_len), "--seed", str(seed), "--threads", str(args.threads),
                "--out", out]
-    seconds, load_before, load_after = run(command, os.path.join(work, "peer.log"))
-    cpu_seconds = run.last_cpu_seconds
+    seconds, load_before, load_after, cpu_seconds = run(command, os.path.join(work, "peer.log"))
     with open(out, encoding="utf-8") as f:
         peer = json.load(f)
     return {"command": " ".join(command), "accuracy": peer["final_accuracy"],

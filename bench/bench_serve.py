@@ -27,7 +27,6 @@ import os
 import platform
 import random
 import re
-import resource
 import signal
 import statistics
 import subprocess
@@ -85,10 +84,8 @@ def predict_file(args, run_dir, pairs_file, name):
     for label, path in (("one_pair", one_pair), ("all", pairs_file)):
         command = [sys.executable, "-m", "nli", "predict", "--run", run_dir, "--devices", "cpu", "--file", path,
                    "--output", os.path.join(args.work, f"{name}_{label}.jsonl"), "--quiet"]
-        cpu_before = children_cpu_seconds()
-        seconds[label], before, after = run(command, os.path.join(args.work, f"{name}_predict_{label}.log"),
-                                            {"PYTHONPATH": ROOT})
-        cpu_seconds[label] = children_cpu_seconds() - cpu_before
+        log = os.path.join(args.work, f"{name}_predict_{label}.log")
+        seconds[label], before, after, cpu_seconds[label] = run(command, log, {"PYTHONPATH": ROOT})
     with open(os.path.join(args.work, f"{name}_all.jsonl"), encoding="utf-8") as f:
         predicted = sum(1 for line in f if '"label"' in line)
     return {"command": shown(command, args), "pairs": predicted, "seconds": seconds["all"],
@@ -96,12 +93,6 @@ def predict_file(args, run_dir, pairs_file, name):
             "pairs_per_sec": (predicted - 1) / (seconds["all"] - seconds["one_pair"]),
             "pairs_per_cpu_sec": (predicted - 1) / (cpu_seconds["all"] - cpu_seconds["one_pair"]),
             "load_average_1min": [before[0], after[0]]}
-
-
-def children_cpu_seconds():
-    """CPU seconds (user + system) the finished child processes took."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def cpu_seconds(pid):

@@ -29,13 +29,12 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import statistics
-import subprocess
 import sys
-import time
 
-from bench_accuracy import (DEV_PAIRS, PEER_RECIPE, ROOT, SPLIT_SEED, add_split_arguments, peer_recipe, run,
-                            run_nli, run_peer, summarize, training_settings, write_split)
+from bench_accuracy import (DEV_PAIRS, PEER_RECIPE, ROOT, SPLIT_SEED, add_split_arguments, evaluate_run, nli_command,
+                            nli_env, peer_recipe, run, run_nli, run_peer, summarize, training_settings, write_split)
 from results_file import write_results
 
 sys.path.insert(0, ROOT)
@@ -127,16 +126,10 @@ def combine(how, name, runs, args, test_file):
     """`nli soup` or `nli ensemble` (`how`) of candidate `name`'s `runs` over the seeds, evaluated on the test
     pairs: its accuracy, with the members' training time and the time to combine them."""
     out = os.path.join(args.work, f"{how}-{name}")
-    env = {"OMP_NUM_THREADS": str(args.threads), "NLI_DATA_DIR": os.path.join(args.work, "data"), "PYTHONPATH": ROOT}
-    command = [sys.executable, "-m", "nli", how, *(arg for r in runs for arg in ("--run", r["run_dir"])), "--out", out]
-    subprocess.run(["rm", "-rf", out], check=True)
-    started = time.perf_counter()
-    run(command, out + ".log", env)
-    combine_seconds = time.perf_counter() - started
-    run([sys.executable, "-m", "nli", "evaluate", "--run", out, "--test", test_file, "--devices", "cpu", "--quiet"],
-        out + "-evaluate.log", env)
-    with open(os.path.join(out, "eval.json"), encoding="utf-8") as f:
-        accuracy = json.load(f)["accuracy"]
+    command = nli_command(how, *(arg for r in runs for arg in ("--run", r["run_dir"])), "--out", out)
+    shutil.rmtree(out, ignore_errors=True)
+    combine_seconds = run(command, out + ".log", nli_env(args))[0]
+    accuracy = evaluate_run(out, test_file, out + "-evaluate.log", nli_env(args))
     return {"command": " ".join(command), "members": len(runs), "accuracy": accuracy,
             "members_finetune_wall_seconds": sum(r["finetune_wall_seconds"] for r in runs),
             "combine_seconds": combine_seconds, "prediction_cost_in_models": 1 if how == "soup" else len(runs)}

@@ -143,7 +143,8 @@ class AdamW(mx.optimizer.Adam):
         mean, var = state
         correction = math.sqrt(1 - self.beta2 ** t) / (1 - self.beta1 ** t)  # Adam's bias correction, in the rate
         mx.nd.adam_update(weight, grad, mean, var, out=weight, lr=lr * correction, wd=0.0, beta1=self.beta1,
-                          beta2=self.beta2, epsilon=self.epsilon, rescale_grad=self.rescale_grad, clip_gradient=self.clip_gradient or -1)
+                          beta2=self.beta2, epsilon=self.epsilon, rescale_grad=self.rescale_grad,
+                          clip_gradient=self.clip_gradient or -1)
 
 
 def set_layer_decay(net, decay):

@@ -16,6 +16,7 @@ from conftest import DEV_PAIRS, run_cli
 from nli import cli, model, predict, rundir, snli, train
 from nli.errors import UserError
 from nli.recipe import BOOK
+from test_multi_device import stopped_after
 from test_train import checkpoint_state, cli_env, finetune_args, start_cli, wait_for
 
 npx.set_np()
@@ -103,17 +104,6 @@ def test_cached_features_average_only_the_head_they_train(training_bert_dir, mon
     expected = swa_by_hand(after_updates, epoch_steps[0])
     for k in expected:
         onp.testing.assert_allclose(averaged[k], expected[k], rtol=1e-5, atol=1e-6, err_msg=k)
-
-
-def stopped_after(monkeypatch, step):
-    """Make the next run stop (as Ctrl-C does: a checkpoint, then KeyboardInterrupt) once it has made `step` updates."""
-    stop_if_requested = train.stop_if_requested
-
-    def stop_at_step(stop, checkpoint, run, state):
-        if state.step == step:
-            stop.set()
-        return stop_if_requested(stop, checkpoint, run, state)
-    monkeypatch.setattr(train, "stop_if_requested", stop_at_step)
 
 
 def accuracy_of(run_dir, params_file):
