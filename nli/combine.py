@@ -192,7 +192,7 @@ def soup(run_dirs, out, dev=None, devices=None, batch_size=256, overwrite=False)
     soup_config = {**{key: config[key] for key in SOUP_CONFIG if key in config}, "soup": record}
 
     def write(folder):
-        vocab_file = config.get("tokenizer", model.BOOK_TOKENIZER)["vocab"]
+        vocab_file = model.vocab_file(config)
         shutil.copyfile(os.path.join(first, vocab_file), os.path.join(folder, vocab_file))
         net.save_parameters(os.path.join(folder, "model.params"))
         fileio.write_json(os.path.join(folder, "config.json"), soup_config)
@@ -212,7 +212,7 @@ def link_or_copy(source, target):
 def copy_run(run_dir, config, folder):
     """The files that rebuild a run's classifier (config.json, vocabulary, model.params), into `folder`."""
     os.makedirs(folder)
-    for name in ("config.json", config.get("tokenizer", model.BOOK_TOKENIZER)["vocab"], "model.params"):
+    for name in ("config.json", model.vocab_file(config), "model.params"):
         link_or_copy(os.path.join(run_dir, name), os.path.join(folder, name))
 
 

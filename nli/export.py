@@ -237,7 +237,7 @@ def save_export(onnx_model, config, run_dir, out_dir, int8, opset):
         os.remove(fp32_path)
     else:
         os.replace(fp32_path, path)
-    vocab = config.get("tokenizer", model_lib.BOOK_TOKENIZER)["vocab"]
+    vocab = model_lib.vocab_file(config)
     shutil.copyfile(os.path.join(run_dir, vocab), os.path.join(out_dir, vocab))
     config["onnx"] = onnx_record(run_dir, opset, int8)
     # Written last: a directory with a config.json naming ONNX is a finished export.

@@ -108,6 +108,11 @@ def load_run(run_dir, devices):
     return net, vocab, config
 
 
+def vocab_file(config):
+    """The name of a run's vocabulary file in its directory, as its config.json says (runs that do not: the book's)."""
+    return config.get("tokenizer", BOOK_TOKENIZER)["vocab"]
+
+
 def load_tokenizer(run_dir, config):
     """The tokenizer's vocabulary of a run dir, as its config.json describes it."""
     tokenizer = config.get("tokenizer", BOOK_TOKENIZER)

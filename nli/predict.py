@@ -267,7 +267,7 @@ class EnsemblePredictor(PairPredictor):
         if any(view.tokens != views[0].tokens or view.weights.shape != views[0].weights.shape for view in views):
             raise UserError(f"The members of {self.run_dir} split this pair into different tokens or have different "
                             f"layers and heads, so their attention cannot be averaged: draw one member's with "
-                            f"--run {os.path.join(self.run_dir, 'members', '0')}.")
+                            f"--run {os.path.join(self.run_dir, self.config['ensemble']['members'][0]['dir'])}.")
         result = self.predict(premise, hypothesis, tokenized)
         return dataclasses.replace(views[0], weights=onp.mean([view.weights for view in views], axis=0),
                                    label=result["label"], probabilities=result["probabilities"])
