@@ -512,6 +512,32 @@ def set_rng_states(states):
     onp.random.set_state((name, onp.asarray(keys, dtype=onp.uint32), pos, has_gauss, cached))
 
 
+def optimizer_parameters(net, trainer):
+    """The names of the trainer's parameters in `net` (`encoder.blks.0.ln.gamma`), in the order its optimizer state
+    indexes them. Gluon's Trainer sorts parameters by their global names, whose counters count every block made before
+    in the process (`dense6` or `dense17`): a notebook that built another model first orders them otherwise."""
+    names = {id(p): name for name, p in net._collect_params_with_prefix().items()}
+    return [names[id(p)] for p in trainer._params]
+
+
+def reorder_optimizer_state(trainer, saved_order, order):
+    """Move the optimizer state loaded from a checkpoint, indexed in `saved_order`, to the trainer's `order` (both
+    `optimizer_parameters`), so each parameter gets its own Adam moments and step count back."""
+    if saved_order == order:
+        return
+    if sorted(saved_order) != sorted(order):
+        raise UserError("the checkpoint's optimizer state is for other parameters than this model's: "
+                        f"{sorted(set(saved_order) ^ set(order))[:3]} ...")
+    index = {name: i for i, name in enumerate(order)}
+    moved = {i: index[name] for i, name in enumerate(saved_order)}
+    for updater in trainer._updaters:
+        updater.states = {moved[i]: s for i, s in updater.states.items()}
+        updater.states_synced = {moved[i]: synced for i, synced in updater.states_synced.items()}
+    optimizer = trainer._optimizer
+    optimizer._all_index_update_counts = {device: {moved[i]: count for i, count in counts.items()}
+                                          for device, counts in optimizer._all_index_update_counts.items()}
+
+
 def carry_step_counts(optimizer, devices):
     """Give every device in use the step counts the checkpoint saved. MXNet keeps Adam's step count per device id
     (`Optimizer._all_index_update_counts`): a device the run did not use before would start again at step 1, its
@@ -531,6 +557,8 @@ def restore(run_dir, net, trainer, average, devices):
     net.load_parameters(os.path.join(folder, "model.params"), ctx=devices)
     average.load(os.path.join(folder, rundir.AVERAGE), saved.get("averaged_updates", 0))  # older runs: none
     trainer.load_states(os.path.join(folder, "trainer.states"))
+    order = optimizer_parameters(net, trainer)  # older checkpoints: saved in the order this process gives
+    reorder_optimizer_state(trainer, saved.get("optimizer_parameters", order), order)
     carry_step_counts(trainer.optimizer, devices)
     set_rng_states(saved["rng"])
     state = TrainingState(**{field.name: saved[field.name] for field in dataclasses.fields(TrainingState)})
@@ -590,6 +618,7 @@ def save_checkpoint(run, net, trainer, average, state, sums, recipe, data_finger
     devices = [str(d) for d in next(iter(net.collect_params().values())).list_ctx()]
     run.save_checkpoint(net, trainer, average, {**dataclasses.asdict(state), "rng": rng_states(), "devices": devices,
                                                 "averaged_updates": average.count,
+                                                "optimizer_parameters": optimizer_parameters(net, trainer),
                                                 "recipe": dataclasses.asdict(recipe), "data": data_fingerprint})
 
 

@@ -148,6 +148,33 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(uninterrupted, training_
     assert all(onp.array_equal(reference[k], got[k]) for k in reference)
 
 
+def number_next_dense_layers_from(first):
+    """Make Gluon name the next Dense layers it builds `dense{first}`, `dense{first + 1}`, ... (at least)."""
+    while int(gluon.nn.Dense(1).name[len("dense"):]) < first - 1:
+        pass
+
+
+def test_a_resume_in_a_process_that_built_other_layers_is_exact(uninterrupted, training_bert_dir, tmp_path,
+                                                                monkeypatch):
+    # A notebook's kernel: Gluon numbers layers across the process, and its Trainer orders parameters by those names.
+    # The stopped run's Dense layers are all numbered with one digit count; the resumed run's cross to one more
+    # (dense...98, dense...99, dense...100), so the Trainer orders their parameters otherwise.
+    from test_multi_device import stopped_after
+    monkeypatch.setenv("NLI_DATA_DIR", str(tmp_path / "data"))
+    out = tmp_path / "run"
+    digits = len(str(int(gluon.nn.Dense(1).name[len("dense"):]) + 100))
+    number_next_dense_layers_from(10 ** digits + 10)
+    with monkeypatch.context() as stopping:
+        stopped_after(stopping, 3)
+        assert cli.main(list(map(str, finetune_args(training_bert_dir, out)))) == 130
+    saved_order = checkpoint_state(out)["optimizer_parameters"]
+    number_next_dense_layers_from(10 ** (digits + 1) - 3)
+    assert cli.main(["finetune", "--resume", str(out), "--keep-checkpoint", "--quiet"]) == 0
+    assert checkpoint_state(out)["optimizer_parameters"] != saved_order  # the Trainer's order did change
+    reference, got = params_of(uninterrupted / "model.params"), params_of(out / "model.params")
+    assert all(onp.array_equal(reference[k], got[k]) for k in reference)
+
+
 def test_resume_refuses_a_dir_without_checkpoint_or_new_settings(tmp_path):
     assert cli.main(["finetune", "--resume", str(tmp_path)]) == 2
     assert cli.main(["finetune", "--resume", str(tmp_path), "--epochs", "9"]) == 2
