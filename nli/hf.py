@@ -47,6 +47,12 @@ def locate(name):
                        "commit": os.path.basename(directory)}  # the cache names a snapshot by its commit
 
 
+def pinned(name, record):
+    """The model to load for a run that started from `name` and recorded `record` (`locate`'s source): for a Hub
+    model, the commit it resolved to then, since its branch may have moved on."""
+    return f"{PREFIX}{record['repo']}@{record['commit']}" if record and "commit" in record else name
+
+
 def from_hub(repo, revision=None):
     """The snapshot directory of Hub model `repo` at `revision` (default: main) in the Hugging Face cache, with
     the files nli reads downloaded into it unless they are there.

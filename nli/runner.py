@@ -13,7 +13,7 @@ import time
 
 import numpy as onp
 
-from . import data, hub, model, rundir, snli, train
+from . import data, hf, hub, model, rundir, snli, train
 from .errors import UserError
 from .recipe import RECIPES, Recipe
 
@@ -46,7 +46,10 @@ def run(recipe=None, *, resume=None, overwrite=False, force=False, keep_checkpoi
     fingerprint = data_fingerprint(recipe, train_file, test_file, resume, force)
     start = time.perf_counter()  # the run's wall time: reading and encoding the data, training, testing
     train.seed_everything(recipe.seed)
-    net, vocab = model.from_pretrained(recipe.model, devices, recipe.dropout, recipe.max_len, recipe.pooling)
+    started_from = rundir.read_checkpoint(resume)[1].get("pretrained") if resume else None  # older runs: None
+    net, vocab = model.from_pretrained(hf.pinned(recipe.model, started_from), devices, recipe.dropout, recipe.max_len,
+                                       recipe.pooling)
+    net.pretrained = started_from or net.pretrained  # the run records the model as it was named when it started
     train_set, test_set, dev_set = encoded_sets(recipe, vocab, train_file, test_file, progress=not quiet)
     rundir.remove_run_files(recipe.out, earlier_run)
     print(f"{len(train_set)} training pairs, {len(test_set)} test pairs"

@@ -619,6 +619,7 @@ def save_checkpoint(run, net, trainer, average, state, sums, recipe, data_finger
     run.save_checkpoint(net, trainer, average, {**dataclasses.asdict(state), "rng": rng_states(), "devices": devices,
                                                 "averaged_updates": average.count,
                                                 "optimizer_parameters": optimizer_parameters(net, trainer),
+                                                "pretrained": getattr(net, "pretrained", None),
                                                 "recipe": dataclasses.asdict(recipe), "data": data_fingerprint})
 
 

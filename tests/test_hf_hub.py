@@ -330,3 +330,29 @@ def test_finetune_takes_a_hub_name_offline_from_the_cache(checkpoint, tmp_path):
 def test_finetune_takes_the_real_minilm_offline_from_the_cache(tmp_path):
     config = finetune_offline(tmp_path, "sentence-transformers/all-MiniLM-L6-v2", minilm_dir())
     assert config["bert"]["num_hiddens"] == 384 and config["bert"]["num_blks"] == 6
+
+
+def test_a_resumed_hub_run_loads_the_commit_it_started_from(checkpoint, tmp_path):
+    # The run stops; the Hub's main then moves to another commit, other weights. The run goes on from its own commit.
+    from test_train import checkpoint_state, start_cli, wait_for
+    write_hub_cache(str(tmp_path / "cache"), REPO, MAIN, checkpoint[0])
+    env = hf_env(tmp_path, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "cache"), NLI_DATA_DIR=str(tmp_path),
+                 HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    out = tmp_path / "run"
+    process = start_cli(["finetune", "--model", f"hf:{REPO}", "--train", DEV_PAIRS, "--test", DEV_PAIRS,
+                         "--limit-train", 320, "--limit-test", 16, "--epochs", 2, "--batch-size", 8, "--max-len", 32,
+                         "--save-every", 1, "--devices", "cpu", "--quiet", "--out", out], env)
+    wait_for(lambda: (checkpoint_state(out) or {}).get("step", 0) >= 2, process)
+    process.kill()
+    process.wait()
+    moved = write_checkpoint(str(tmp_path / "moved"), tiny_tensors(len(tiny_vocab()), onp.random.RandomState(1)),
+                             tiny_vocab())
+    write_hub_cache(str(tmp_path / "cache"), REPO, V1, moved)  # refs/main now names V1
+    assert loaded(f"hf:{REPO}", env, tmp_path / "now.npz")[0]["commit"] == V1
+
+    result = run_cli("finetune", "--resume", out, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["recipe"]["model"] == f"hf:{REPO}"
+    assert config["pretrained"] == {"model": f"hf:{REPO}", "repo": REPO, "revision": "main", "commit": MAIN,
+                                    "weights_sha1": weights_sha1(checkpoint[0])}
