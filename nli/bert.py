@@ -295,8 +295,9 @@ def check_params_file(block, path):
         raise UserError(f"{path} has parameters the model does not: {', '.join(extra[:5])}.")
 
 
-def model_dir(name_or_dir):
-    """The directory of a pretrained model: `name_or_dir` itself, or a registry entry downloaded."""
+def model_dir(name_or_dir, quiet=False):
+    """The directory of a pretrained model: `name_or_dir` itself, or a registry entry downloaded (`quiet`: without
+    a progress bar)."""
     if os.path.isdir(name_or_dir):
         hf_files = [f for f in HF_FILES if os.path.exists(os.path.join(name_or_dir, f))]
         if not os.path.exists(os.path.join(name_or_dir, "vocab.json")) and (
@@ -306,7 +307,7 @@ def model_dir(name_or_dir):
                             f"(--model hf:{name_or_dir}).")
         return name_or_dir
     if name_or_dir in hub.registry():
-        return hub.download_extract(name_or_dir)
+        return hub.download_extract(name_or_dir, quiet=quiet)
     close = difflib.get_close_matches(name_or_dir, hub.registry(), n=1)
     raise UserError(f"{name_or_dir!r} is neither a model directory nor a known model name "
                     f"(known: {', '.join(sorted(PRESETS))})" + (f"; did you mean {close[0]}?" if close else

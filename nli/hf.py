@@ -30,7 +30,7 @@ POSITIONS = "embeddings.position_embeddings.weight"
 INITIALIZER_RANGE = 0.02  # the std of new weights, as Hugging Face initializes BERT's
 
 
-def locate(name):
+def locate(name, quiet=False):
     """The checkpoint directory `hf:NAME` names, and what a run records of it: (directory, source).
 
     An existing directory wins. Otherwise NAME is a model on the Hugging Face Hub, [ORG/]NAME[@REVISION], taken
@@ -42,7 +42,7 @@ def locate(name):
     if match is None or "--" in match["repo"] or ".." in match["repo"]:  # the Hub allows neither in a name
         raise UserError(f"{PREFIX}{name}: there is no such directory, and it is not the name of a Hugging Face "
                         f"model either (ORG/NAME or ORG/NAME@REVISION, as hf:sentence-transformers/all-MiniLM-L6-v2).")
-    directory = from_hub(match["repo"], match["revision"])
+    directory = from_hub(match["repo"], match["revision"], quiet)
     return directory, {"model": PREFIX + name, "repo": match["repo"], "revision": match["revision"] or "main",
                        "commit": os.path.basename(directory)}  # the cache names a snapshot by its commit
 
@@ -53,19 +53,23 @@ def pinned(name, record):
     return f"{PREFIX}{record['repo']}@{record['commit']}" if record and "commit" in record else name
 
 
-def from_hub(repo, revision=None):
+def from_hub(repo, revision=None, quiet=False):
     """The snapshot directory of Hub model `repo` at `revision` (default: main) in the Hugging Face cache, with
-    the files nli reads downloaded into it unless they are there.
+    the files nli reads downloaded into it unless they are there (`quiet`: without progress bars).
 
     huggingface_hub reads HF_ENDPOINT, HF_HOME / HF_HUB_CACHE and HF_HUB_OFFLINE when it is first imported, and
     HF_TOKEN on each request; it is imported here, on first use, so a notebook may set them before.
     """
     import huggingface_hub
     from huggingface_hub import constants, errors
+    from huggingface_hub import utils as hf_utils
     name = PREFIX + repo + (f"@{revision}" if revision else "")
     offline = huggingface_hub.is_offline_mode()
     cache = f"the Hugging Face cache (HF_HUB_CACHE={constants.HF_HUB_CACHE})"
+    silenced = quiet and not hf_utils.are_progress_bars_disabled()
     try:
+        if silenced:
+            hf_utils.disable_progress_bars()
         directory = huggingface_hub.snapshot_download(repo, revision=revision, allow_patterns=list(HUB_FILES),
                                                       local_files_only=offline)
     except errors.IncompleteSnapshotError as e:
@@ -99,6 +103,9 @@ def from_hub(repo, revision=None):
         raise UserError(f"Could not download {name}: {constants.ENDPOINT} answered {_http_answer(e)}.") from None
     except errors.HFValidationError as e:
         raise UserError(f"{name} is not a Hugging Face model name: {_first_line(e)}") from None
+    finally:
+        if silenced:
+            hf_utils.enable_progress_bars()
     missing = [f for f in NEEDED_FILES if not os.path.exists(os.path.join(directory, f))]
     if missing:
         where = (f"its copy in {directory}, and HF_HUB_OFFLINE=1 forbids fetching them" if offline

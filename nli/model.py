@@ -45,23 +45,23 @@ class BERTClassifier(nn.HybridBlock):
         return self.output(self.dropout(self.hidden(pooled)))
 
 
-def from_pretrained(name_or_dir, devices, dropout=None, max_len=None, pooling="cls"):
+def from_pretrained(name_or_dir, devices, dropout=None, max_len=None, pooling="cls", quiet=False):
     """A classifier on a pretrained BERT, its output layer freshly initialized: (net, vocab); `net.bert_config` is
     the BERT's sizes.
 
     `name_or_dir` is the book's model (bert.small, bert.base, a directory) or a Hugging Face checkpoint:
     `hf:DIR`, or `hf:ORG/NAME[@REVISION]` from the Hub (see `hf.locate`), whose position table `max_len`
     may grow (see `hf.load`); the book's position table cannot. `net.pretrained` says where it came from and the
-    SHA-1 of the weights file read.
+    SHA-1 of the weights file read. `quiet`: a download shows no progress bar.
     """
     if name_or_dir.startswith(hf.PREFIX):  # as BertForSequenceClassification builds its head
-        directory, source = hf.locate(name_or_dir[len(hf.PREFIX):])
+        directory, source = hf.locate(name_or_dir[len(hf.PREFIX):], quiet)
         bert, vocab = hf.load(directory, devices, dropout, max_len)
         net = BERTClassifier(bert, dropout=bert.config.dropout, pooling=pooling)
         net.output.initialize(init.Normal(hf.INITIALIZER_RANGE), ctx=devices)
         weights = os.path.join(directory, hf.WEIGHTS)
     else:
-        directory, source = bert_lib.model_dir(name_or_dir), {"model": name_or_dir}
+        directory, source = bert_lib.model_dir(name_or_dir, quiet), {"model": name_or_dir}
         bert, vocab = bert_lib.load_pretrained(directory, devices, dropout)
         weights = os.path.join(directory, "pretrained.params")
         if max_len is not None and max_len > bert.config.max_len:

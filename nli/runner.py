@@ -48,7 +48,7 @@ def run(recipe=None, *, resume=None, overwrite=False, force=False, keep_checkpoi
     train.seed_everything(recipe.seed)
     started_from = rundir.read_checkpoint(resume)[1].get("pretrained") if resume else None  # older runs: None
     net, vocab = model.from_pretrained(hf.pinned(recipe.model, started_from), devices, recipe.dropout, recipe.max_len,
-                                       recipe.pooling)
+                                       recipe.pooling, quiet)
     net.pretrained = started_from or net.pretrained  # the run records the model as it was named when it started
     train_set, test_set, dev_set = encoded_sets(recipe, vocab, train_file, test_file, progress=not quiet)
     rundir.remove_run_files(recipe.out, earlier_run)

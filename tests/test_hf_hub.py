@@ -204,6 +204,21 @@ def write_hub_cache(cache, repo, commit, folder, ref="main"):
     return storage
 
 
+def test_a_quiet_download_shows_no_progress_bar(hub, tmp_path):
+    locate = "import sys; from nli import hf; hf.locate(sys.argv[1], quiet=sys.argv[2] == 'quiet')"
+    env = {k: v for k, v in hf_env(tmp_path, HF_ENDPOINT=hub.url, HF_TOKEN=TOKEN).items()
+           if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+
+    def download(how):
+        result = subprocess.run([sys.executable, "-c", locate, REPO, how], capture_output=True, text=True,
+                                env={**env, "PYTHONPATH": ROOT, "HF_HUB_CACHE": str(tmp_path / how)}, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return result.stderr
+    assert "Fetching" in download("loud")  # huggingface_hub's bar, as a download without --quiet shows it
+    quiet = download("quiet")
+    assert "Fetching" not in quiet and "%|" not in quiet
+
+
 def test_a_hub_name_downloads_into_hf_home_and_loads_as_its_directory_does(hub, checkpoint, tmp_path):
     hub.requests.clear()
     env = hf_env(tmp_path, HF_ENDPOINT=hub.url, HF_TOKEN=TOKEN)  # no HF_HUB_CACHE: HF_HOME/hub
