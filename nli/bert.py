@@ -11,7 +11,7 @@ from mxnet import np, npx
 from mxnet.gluon import nn
 
 from . import hub
-from .errors import UserError
+from .errors import UserError, first_line
 
 npx.set_np()
 
@@ -276,14 +276,19 @@ def save_vocab(vocab, path):
         json.dump(vocab.idx_to_token, f, ensure_ascii=False)
 
 
-def check_params_file(block, path):
-    """Fail naming the parameter when the file's names or shapes differ from `block`'s."""
+def read_params_file(path):
+    """The arrays of MXNet parameter file `path`, by name without Gluon's "arg:"/"aux:" prefix."""
     try:
-        loaded = mx.nd.load(path)
+        return {name.split(":", 1)[-1]: array for name, array in mx.nd.load(path).items()}
     except mx.MXNetError as e:
-        raise UserError(f"{path} is not an MXNet parameter file ({str(e).splitlines()[0]}).") from None
+        raise UserError(f"{path} is not an MXNet parameter file ({first_line(e)}).") from None
+
+
+def check_params_file(block, path, loaded=None):
+    """Fail naming the parameter when the file's names or shapes (its arrays `loaded`, if read already) differ from
+    `block`'s."""
     expected = {name: p.shape for name, p in block._collect_params_with_prefix().items()}
-    found = {name.split(":", 1)[-1]: arr.shape for name, arr in loaded.items()}
+    found = {name: array.shape for name, array in (loaded or read_params_file(path)).items()}
     for name, shape in expected.items():
         if name not in found:
             raise UserError(f"{path} has no parameter {name!r} (expected shape {shape}).")

@@ -126,10 +126,13 @@ def member_record(run_dir):
     return {"path": os.path.abspath(run_dir), "sha1": fileio.sha1_of(os.path.join(run_dir, "model.params"))}
 
 
-def read_params(run_dir):
-    """A run's weights as {Gluon name: NumPy array}, from model.params."""
-    return {name.split(":", 1)[-1]: array.asnumpy() for name, array in
-            mx.nd.load(os.path.join(run_dir, "model.params")).items()}
+def read_params(run_dir, net):
+    """A run's weights as {Gluon name: NumPy array}, from model.params, checked against `net`'s names and shapes (a
+    damaged file is named)."""
+    path = os.path.join(run_dir, "model.params")
+    loaded = bert.read_params_file(path)
+    bert.check_params_file(net, path, loaded)
+    return {name: array.asnumpy() for name, array in loaded.items()}
 
 
 def average(params):
@@ -178,9 +181,7 @@ def soup(run_dirs, out, dev=None, devices=None, batch_size=256, overwrite=False)
     first, config = next(iter(configs.items()))
     devices = devices or [mx.cpu()]
     net, vocab, _ = model.load_run(first, devices)
-    for run_dir in configs:  # shapes as the config says: a damaged model.params is named
-        bert.check_params_file(net, os.path.join(run_dir, "model.params"))
-    weights = {run_dir: read_params(run_dir) for run_dir in configs}
+    weights = {run_dir: read_params(run_dir, net) for run_dir in configs}
     record = {"method": "uniform", "members": [member_record(run_dir) for run_dir in configs]}
     if dev is not None:
         predictor = predict.Predictor(net, vocab, config, devices, batch_size)

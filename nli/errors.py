@@ -10,8 +10,11 @@ class UserError(Exception):
 
 
 def first_line(error):
-    """The first line of an exception's message: MXNet's go on with a C++ stack trace."""
-    return (str(error).strip().splitlines() or [""])[0]
+    """The sentence of an exception's message: MXNet's own line ("Check failed: ..."), which MXNet 1.9.1 puts after
+    a C++ stack trace, else the first non-empty line, else the exception's type."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    mxnet = [line.split("MXNetError: ", 1)[1] for line in lines if "MXNetError: " in line]
+    return (mxnet or lines or [type(error).__name__])[-1 if mxnet else 0]
 
 
 def describe_os_error(error):

@@ -14,7 +14,7 @@ import safetensors.numpy
 import tokenizers
 
 from .bert import ACTIVATIONS, BERTConfig, BERTModel
-from .errors import UserError
+from .errors import UserError, first_line
 from .snli import ragged
 
 PREFIX = "hf:"  # `--model hf:DIR` names a Hugging Face checkpoint directory, `hf:ORG/NAME` a model on the Hub
@@ -83,7 +83,7 @@ def from_hub(repo, revision=None, quiet=False):
                             f"its files as hf:DIR.") from None
         cause = e.__cause__ or e
         problem = (f"{constants.ENDPOINT} answered {_http_answer(cause)}" if isinstance(cause, errors.HfHubHTTPError)
-                   else f"{constants.ENDPOINT} could not be reached ({_first_line(cause)})")
+                   else f"{constants.ENDPOINT} could not be reached ({first_line(cause)})")
         raise UserError(f"Could not download {name}: {problem}, and the model is not in {cache}; check the "
                         f"connection and HF_ENDPOINT, or give its files as hf:DIR.") from None
     except errors.GatedRepoError:
@@ -102,7 +102,7 @@ def from_hub(repo, revision=None, quiet=False):
                             f"token, or unset it (and `hf auth logout`) for a public model.") from None
         raise UserError(f"Could not download {name}: {constants.ENDPOINT} answered {_http_answer(e)}.") from None
     except errors.HFValidationError as e:
-        raise UserError(f"{name} is not a Hugging Face model name: {_first_line(e)}") from None
+        raise UserError(f"{name} is not a Hugging Face model name: {first_line(e)}") from None
     finally:
         if silenced:
             hf_utils.enable_progress_bars()
@@ -119,12 +119,7 @@ def from_hub(repo, revision=None, quiet=False):
 def _http_answer(error):
     """"HTTP 500 Internal Server Error", say, of an error of huggingface_hub's that holds the server's answer."""
     response = getattr(error, "response", None)
-    return f"HTTP {response.status_code} {response.reason_phrase}" if response is not None else _first_line(error)
-
-
-def _first_line(error):
-    """The first non-empty line of an error's message, or its type when it has none."""
-    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return f"HTTP {response.status_code} {response.reason_phrase}" if response is not None else first_line(error)
 
 
 def read_config(directory):

@@ -17,7 +17,7 @@ import numpy as onp
 from tqdm import tqdm
 
 from . import attention, data, fileio, memory, model, snli
-from .errors import UserError
+from .errors import UserError, first_line
 from .snli import LABELS
 
 HIGH_UNKNOWN_SHARE = 0.05  # above this share of unknown tokens, predictions deserve a warning
@@ -167,7 +167,7 @@ def inference_session(path, threads=None):
     try:
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     except (Fail, InvalidGraph, InvalidProtobuf, NoSuchFile) as e:
-        reason = str(e).splitlines()[0][:200]
+        reason = first_line(e)[:200]
         raise UserError(f"{path} is not a readable ONNX model ({reason}); export the run again "
                         f"with `nli export`.") from None
     names = tuple(i.name for i in session.get_inputs())

@@ -16,7 +16,7 @@ import os
 import shutil
 import sys
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .figures import pyplot
 from .fileio import replace_dir, sha1_of, write_atomically, write_json
 
@@ -224,7 +224,7 @@ def write_failure(error):
     if isinstance(error, OSError):
         return error.strerror or str(error)
     if mxnet is not None and isinstance(error, mxnet.base.MXNetError):
-        return str(error).strip().splitlines()[0]
+        return first_line(error)
     return None
 
 

@@ -12,10 +12,15 @@ import pytest
 from conftest import DEV_PAIRS, run_cli, save_book_bert
 from test_runs import assert_refused, snapshot
 
-from nli import combine, fileio, model, predict, runner, snli
+from nli import bert, combine, fileio, model, predict, runner, snli
 
 MAX_LEN = 48
 DEV = 120  # dev pairs the greedy soup is chosen on
+
+
+def weights_of(run_dir):
+    """A run's model.params as {Gluon name: NumPy array}."""
+    return {name: array.asnumpy() for name, array in bert.read_params_file(os.path.join(run_dir, "model.params")).items()}
 
 
 def fine_tune(model_dir, out, seed, pairs=64):
@@ -65,7 +70,7 @@ def probabilities(run_dir, pairs):
 
 def test_a_soup_of_one_run_is_that_run(runs, tmp_path):
     combine.soup(runs[:1], str(tmp_path / "soup"))
-    run_params, soup_params = combine.read_params(runs[0]), combine.read_params(str(tmp_path / "soup"))
+    run_params, soup_params = weights_of(runs[0]), weights_of(str(tmp_path / "soup"))
     assert run_params.keys() == soup_params.keys()
     for name, array in run_params.items():
         assert onp.array_equal(soup_params[name], array), name
@@ -80,7 +85,7 @@ def test_a_soup_of_two_runs_is_the_mean_of_their_weights_and_every_command_takes
     result = run_cli("soup", "--run", runs[0], "--run", runs[1], "--out", out)
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"wrote {out}: the mean of the weights of 2 of 2 runs\n"
-    a, b, soup = (combine.read_params(str(path)) for path in (runs[0], runs[1], out))
+    a, b, soup = (weights_of(str(path)) for path in (runs[0], runs[1], out))
     for name in a:
         onp.testing.assert_allclose(soup[name], (a[name] + b[name]) / 2, rtol=1e-6, atol=1e-9, err_msg=name)
     assert max(onp.abs(a[name] - b[name]).max() for name in a) > 1e-3  # the runs differ: the mean is not either
@@ -128,6 +133,17 @@ def test_a_soup_refuses_another_head_or_bert_shape_naming_it(runs, training_bert
                    f"{runs[0]}'s BERT has num_hiddens 32 and {narrow_run}'s 16.")
 
 
+def test_a_soup_names_a_member_whose_weights_are_damaged(runs, tmp_path):
+    damaged = shutil.copytree(runs[1], tmp_path / "damaged")
+    params = mx.nd.load(str(damaged / "model.params"))
+    mx.nd.save(str(damaged / "model.params"), {name: array[:1] for name, array in params.items()})  # cut short
+    assert_refused(refused_soup(runs[0], damaged, out=tmp_path / "soup"), f"{damaged / 'model.params'}: parameter",
+                   "expected")
+    (damaged / "model.params").write_bytes(b"not weights")
+    assert_refused(refused_soup(runs[0], damaged, out=tmp_path / "soup"),
+                   f"{damaged / 'model.params'} is not an MXNet parameter file (Check failed: ", "Invalid NDArray file")
+
+
 def test_runs_older_than_the_weights_sha1_are_matched_by_name_and_runs_without_a_record_refused(runs, tmp_path):
     old = shutil.copytree(runs[1], tmp_path / "old")
     config = json.load(open(old / "config.json"))
@@ -169,8 +185,8 @@ def test_a_greedy_soup_adds_the_best_run_first_and_records_the_dev_accuracies(ru
     assert record["dev_accuracy"] == best and record["dev"]["pairs"] == len(labels) == DEV
     kept = [s["path"] for s in tried if s["kept"]]
     assert [m["path"] for m in record["members"]] == kept
-    kept_params = [combine.read_params(r) for r in kept]
-    soup = combine.read_params(str(out))
+    kept_params = [weights_of(r) for r in kept]
+    soup = weights_of(str(out))
     for name in soup:
         onp.testing.assert_allclose(soup[name], onp.mean([p[name] for p in kept_params], axis=0), rtol=1e-6,
                                     atol=1e-9)
