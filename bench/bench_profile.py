@@ -61,7 +61,9 @@ KINDS = [
     ("attention: head split/merge transposes", {"transpose"}),
     ("attention: masked softmax and scaling", {"softmax", "masked_softmax", "true_divide_scalar", "div_scalar"}),
     ("softmax of the loss (log-softmax, pick)", {"log_softmax", "pick", "mean"}),
-    ("layer norm", {"LayerNorm"}),
+    # In training, `bert.LayerNorm` is products (counted above) and these elementwise steps, which nothing else runs
+    ("layer norm", {"LayerNorm", "subtract", "multiply", "broadcast_sub", "broadcast_mul", "power_scalar", "add_scalar",
+                    "full", "ones"}),
     ("GELU / activation", {"Activation", "LeakyReLU", "gelu", "relu"}),
     ("dropout (masks, and seeding them per batch)",
      {"Dropout", "ResourceRandomSetSeed", "ResourceNativeRandomSetSeed"}),

@@ -7,7 +7,7 @@ import math
 import os
 
 import mxnet as mx
-from mxnet import np, npx
+from mxnet import autograd, np, npx
 from mxnet.gluon import nn
 
 from . import hub
@@ -85,13 +85,61 @@ class MultiHeadAttention(nn.HybridBlock):
         return self.W_o(self._merge_heads(F, F.npx.batch_dot(weights, values)))
 
 
+class GraphPerMode(nn.HybridBlock):
+    """A hybridized block that keeps one cached graph for training and one for inference, since blocks inside it
+    (`LayerNorm`) are built differently for each, as `autograd.is_training()` says when the graph is traced."""
+
+    CACHE = ("_cached_graph", "_cached_op", "_cached_op_args", "_in_format", "_out_format")
+
+    def _call_cached_op(self, *args):
+        training, cached = autograd.is_training(), self.__dict__.setdefault("_graphs_by_mode", {})
+        if self.__dict__.get("_graph_mode", training) != training:  # put the other mode's graph aside
+            cached[not training] = tuple(getattr(self, name) for name in self.CACHE)
+            for name, value in zip(self.CACHE, cached.pop(training, ((), None, [], None, None))):
+                setattr(self, name, value)
+        self._graph_mode = training
+        return super()._call_cached_op(*args)
+
+    def _clear_cached_op(self):
+        super()._clear_cached_op()
+        self.__dict__.get("_graphs_by_mode", {}).clear()
+
+
+class LayerNorm(nn.HybridBlock):
+    """Layer normalization over the last axis, with `nn.LayerNorm`'s parameters (gamma, beta). Inference runs
+    MXNet's LayerNorm. Training computes the same from matrix products instead: the means over the hidden axis and
+    their spreading back over it, through oneDNN; MXNet 1.9.1's LayerNorm backward takes those reductions through
+    its generic kernels, about twice as slowly (bench/bench_profile.py). Its blocks must be `GraphPerMode`."""
+
+    def __init__(self, num_hiddens, epsilon=1e-5):
+        super().__init__()
+        self.num_hiddens, self.epsilon = num_hiddens, epsilon
+        self.gamma = self.params.get("gamma", shape=(num_hiddens,), init="ones")
+        self.beta = self.params.get("beta", shape=(num_hiddens,), init="zeros")
+
+    def hybrid_forward(self, F, X, gamma, beta):
+        if not autograd.is_training():
+            return F.npx.layer_norm(X, gamma, beta, axis=-1, eps=self.epsilon)
+        hiddens, device = self.num_hiddens, {} if F is mx.sym else {"ctx": X.ctx}
+
+        def product(A, weight, units):  # A @ weight.T over the last axis
+            return F.npx.fully_connected(A, weight, None, num_hidden=units, no_bias=True, flatten=False)
+        mean_weights = F.np.full((1, hiddens), 1 / hiddens, **device)  # (..., hiddens) -> its mean, (..., 1)
+        spread = F.np.ones((hiddens, 1), **device)  # (..., 1) -> the same value at each hidden unit
+        centered = X - product(product(X, mean_weights, 1), spread, hiddens)
+        inverse_std = (product(centered * centered, mean_weights, 1) + self.epsilon) ** -0.5
+        ones = F.np.ones_like(inverse_std)
+        return (centered * product(inverse_std, gamma.reshape(hiddens, 1), hiddens)
+                + product(ones, beta.reshape(hiddens, 1), hiddens))
+
+
 class AddNorm(nn.HybridBlock):
     """Residual connection followed by layer normalization."""
 
     def __init__(self, num_hiddens, dropout, norm_eps=1e-5):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
-        self.ln = nn.LayerNorm(epsilon=norm_eps, in_channels=num_hiddens)
+        self.ln = LayerNorm(num_hiddens, norm_eps)
 
     def hybrid_forward(self, F, X, Y):
         return self.ln(self.dropout(Y) + X)
@@ -132,7 +180,7 @@ class TransformerEncoderBlock(nn.HybridBlock):
         return self.addnorm2(Y, self.ffn(Y))
 
 
-class BERTEncoder(nn.HybridBlock):
+class BERTEncoder(GraphPerMode):
     """Token + segment + learned position embeddings, then a stack of Transformer encoder blocks."""
 
     def __init__(self, vocab_size, num_hiddens, ffn_num_hiddens, num_heads, num_blks, dropout,
@@ -142,7 +190,7 @@ class BERTEncoder(nn.HybridBlock):
         self.segment_embedding = nn.Embedding(2, num_hiddens)
         self.embedding_norm = None
         if embedding_norm:
-            self.embedding_norm = nn.LayerNorm(epsilon=norm_eps, in_channels=num_hiddens)
+            self.embedding_norm = LayerNorm(num_hiddens, norm_eps)
             self.embedding_dropout = nn.Dropout(dropout)
         self.blks = nn.HybridSequential()
         for _ in range(num_blks):
@@ -152,8 +200,10 @@ class BERTEncoder(nn.HybridBlock):
 
     def hybrid_forward(self, F, tokens, segments, valid_lens, pos_embedding):
         X = self.token_embedding(tokens) + self.segment_embedding(segments)
-        positions = F.npx.arange_like(tokens, axis=1).astype("int32")
-        X = X + F.np.take(pos_embedding, positions, axis=1)
+        # One position per token, not one row broadcast over the batch: the gradient of a broadcast sums over the
+        # batch through MXNet's generic reduction, several times slower than take's scatter of each token's row.
+        positions = (F.np.zeros_like(tokens) + F.npx.arange_like(tokens, axis=1)).astype("int32")
+        X = X + F.npx.reshape(F.np.take(pos_embedding, positions, axis=1), (-3, -2, -2, -2))  # (1, B, T, H)
         if self.embedding_norm is not None:
             X = self.embedding_dropout(self.embedding_norm(X))
         for blk in self.blks:

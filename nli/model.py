@@ -16,7 +16,7 @@ from .snli import LABELS
 BOOK_TOKENIZER = {"kind": "words", "vocab": "vocab.json", "lowercase": True}
 
 
-class BERTClassifier(nn.HybridBlock):
+class BERTClassifier(bert_lib.GraphPerMode):
     """The book's classifier: an MLP (BERT's hidden layer + Dense(3)) on the encoding of `<cls>`.
 
     `dropout` on the hidden layer's output is what Hugging Face's BertForSequenceClassification adds;
