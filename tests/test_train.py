@@ -11,10 +11,10 @@ import time
 import mxnet as mx
 import numpy as onp
 import pytest
-from mxnet import gluon, npx
+from mxnet import autograd, gluon, npx
 
 from conftest import DEV_PAIRS, ROOT, budget_for, run_cli
-from nli import cli, data, fileio, model, rundir, runner, snli, train
+from nli import bert, cli, data, fileio, model, rundir, runner, snli, train
 from nli.errors import UserError
 from nli.recipe import BOOK, TUNED, Recipe
 
@@ -426,3 +426,40 @@ def test_clipping_bounds_the_update_of_the_mean_gradient(max_norm):
     for name, p in params.items():
         onp.testing.assert_allclose(before[name] - p.data().asnumpy(), scale * mean_grads[name], rtol=1e-4, atol=1e-7)
         assert not p.grad().asnumpy().any()  # zeroed for the next accumulation
+
+
+def test_layer_norm_trains_through_products_as_mxnets_and_predicts_with_mxnets():
+    rng = onp.random.RandomState(0)
+    x, dy = (mx.np.array(rng.normal(size=(3, 5, 16)).astype("float32")) for _ in range(2))
+    ln = bert.LayerNorm(16, 1e-5)
+    ln.initialize()
+    ln.gamma.set_data(mx.np.array(rng.uniform(0.5, 1.5, 16).astype("float32")))
+    ln.beta.set_data(mx.np.array(rng.normal(size=16).astype("float32")))
+    reference = [a.copy() for a in (x, ln.gamma.data(), ln.beta.data())]
+    for a in reference:
+        a.attach_grad()
+    with autograd.record():
+        expected = npx.layer_norm(*reference, axis=-1, eps=1e-5)
+    expected.backward(dy)
+    assert onp.array_equal(ln(x).asnumpy(), expected.asnumpy())  # inference: MXNet's LayerNorm itself
+    x.attach_grad()
+    with autograd.record():
+        trained = ln(x)
+    trained.backward(dy)
+    onp.testing.assert_allclose(trained.asnumpy(), expected.asnumpy(), rtol=1e-5, atol=1e-5)
+    for got, want in zip((x.grad, ln.gamma.grad(), ln.beta.grad()), (a.grad for a in reference)):
+        onp.testing.assert_allclose(got.asnumpy(), want.asnumpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_hybridized_classifier_keeps_a_graph_for_training_and_one_for_inference(training_bert_dir):
+    net, vocab = model.from_pretrained(training_bert_dir, CPU, dropout=0.0)  # no dropout: the modes differ by LayerNorm
+    rng = onp.random.RandomState(0)
+    inputs = [mx.np.array(rng.randint(5, len(vocab), (4, 12)), dtype="int32"), mx.np.zeros((4, 12), dtype="int32"),
+              mx.np.array([12, 9, 7, 12], dtype="float32")]
+    before = net(*inputs).asnumpy()
+    with autograd.record():
+        in_training = net(*inputs)
+    in_training.backward()
+    assert not onp.array_equal(in_training.asnumpy(), before)  # products: within rounding of MXNet's LayerNorm
+    onp.testing.assert_allclose(in_training.asnumpy(), before, rtol=1e-4, atol=1e-5)
+    assert onp.array_equal(net(*inputs).asnumpy(), before)  # inference's own graph again, not training's
