@@ -188,9 +188,10 @@ def portable(command):
     for word in command.split():
         option, sep, value = word.partition("=") if word.startswith("--") else ("", "", word)
         prefix = "hf:" if value.startswith("hf:") else ""
-        path = portable_path(value[len(prefix):]) if "/" in value else value
+        scratch = (option or (out[-1] if out else "")) in SCRATCH_OPTIONS  # a directory for the run's own files
+        path = None if scratch and "/" in value else portable_path(value[len(prefix):]) if "/" in value else value
         if path is None:  # a scratch directory: drop it with its option, the benchmark's default does as well
-            if (option or (out[-1] if out else "")) not in SCRATCH_OPTIONS:
+            if not scratch:
                 raise ValueError(f"{value} in `{command}` is a machine's temporary directory")
             if not option:
                 out.pop()
@@ -255,7 +256,8 @@ def book_cell(quoted):
 
 
 SMALL_DATA = "bench/results/bench_small_data.json"
-AVERAGING = "bench/results/bench_small_data_2000.json"  # --average, soups and ensembles, on 2,000 of the pairs
+AVERAGING = "bench/results/bench_small_data_averaging.json"  # --average, soups and ensembles, on the split
+AVERAGING_CUT = "bench/results/bench_small_data_2000.json"  # the same, on 2,000 of its pairs
 
 
 def render_small_data(source=SMALL_DATA):
@@ -309,6 +311,11 @@ TRIED = [
      ("seeds", "candidates.mean-pooling.accuracy_per_seed")),
     ("`small-data` (AdamW 1e-4, layer decay 0.8, mean pooling, batch 32, 4 epochs)", SMALL_DATA,
      ("seeds", "candidates.small-data.accuracy_per_seed")),
+    ("`small-data` with `--average ema` (one model)", AVERAGING, ("seeds", "candidates.small-data-ema.accuracy_per_seed")),
+    ("`nli soup` of those three runs, one per seed (one model; its figure is the soup's)", AVERAGING,
+     ("seeds", "combined.soup-small-data-ema.accuracy")),
+    ("`nli ensemble` of those three runs (three models' prediction cost; its figure is the ensemble's)", AVERAGING,
+     ("seeds", "combined.ensemble-small-data-ema.accuracy")),
 ]
 
 
@@ -498,6 +505,7 @@ def render_notebooks():
 # page -> its blocks: marker name -> renderer
 PAGES = {RESULTS_PAGE: {"results": render_table, "runs": render_runs, "small_data": render_small_data,
                         "averaging": functools.partial(render_small_data, AVERAGING),
+                        "averaging_cut": functools.partial(render_small_data, AVERAGING_CUT),
                         "tried": render_tried, "memory": render_memory, "pythons": render_pythons,
                         "serve": render_serve, "profile": render_profile, "peer_speed": render_peer_speed},
          README: {"notebooks": render_notebooks}}

