@@ -62,7 +62,7 @@ KINDS = [
     ("attention: masked softmax and scaling", {"softmax", "masked_softmax", "true_divide_scalar", "div_scalar"}),
     ("softmax of the loss (log-softmax, pick)", {"log_softmax", "pick", "mean"}),
     # In training, `bert.LayerNorm` is products (counted above) and these elementwise steps, which nothing else runs
-    ("layer norm", {"LayerNorm", "subtract", "multiply", "broadcast_sub", "broadcast_mul", "power_scalar", "add_scalar",
+    ("layer norm", {"LayerNorm", "elemwise_sub", "sub", "elemwise_mul", "mul", "square", "power_scalar", "add_scalar",
                     "full", "ones"}),
     ("GELU / activation", {"Activation", "LeakyReLU", "gelu", "relu"}),
     ("dropout (masks, and seeding them per batch)",

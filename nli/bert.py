@@ -121,16 +121,20 @@ class LayerNorm(nn.HybridBlock):
         if not autograd.is_training():
             return F.npx.layer_norm(X, gamma, beta, axis=-1, eps=self.epsilon)
         hiddens, device = self.num_hiddens, {} if F is mx.sym else {"ctx": X.ctx}
+        legacy = mx.sym if F is mx.sym else mx.nd  # elementwise operators whose backward is elementwise too
 
         def product(A, weight, units):  # A @ weight.T over the last axis
             return F.npx.fully_connected(A, weight, None, num_hidden=units, no_bias=True, flatten=False)
+
+        def elementwise(operator, A, B):  # of two arrays of one shape (numpy's operators take any broadcast)
+            return getattr(legacy, operator)(A.as_nd_ndarray(), B.as_nd_ndarray()).as_np_ndarray()
         mean_weights = F.np.full((1, hiddens), 1 / hiddens, **device)  # (..., hiddens) -> its mean, (..., 1)
         spread = F.np.ones((hiddens, 1), **device)  # (..., 1) -> the same value at each hidden unit
-        centered = X - product(product(X, mean_weights, 1), spread, hiddens)
-        inverse_std = (product(centered * centered, mean_weights, 1) + self.epsilon) ** -0.5
-        ones = F.np.ones_like(inverse_std)
-        return (centered * product(inverse_std, gamma.reshape(hiddens, 1), hiddens)
-                + product(ones, beta.reshape(hiddens, 1), hiddens))
+        centered = elementwise("elemwise_sub", X, product(product(X, mean_weights, 1), spread, hiddens))
+        inverse_std = (product(F.np.square(centered), mean_weights, 1) + self.epsilon) ** -0.5
+        scaled = elementwise("elemwise_mul", centered, product(inverse_std, gamma.reshape(hiddens, 1), hiddens))
+        shift = product(F.np.ones_like(inverse_std), beta.reshape(hiddens, 1), hiddens)
+        return elementwise("elemwise_add", scaled, shift)
 
 
 class AddNorm(nn.HybridBlock):
@@ -200,10 +204,8 @@ class BERTEncoder(GraphPerMode):
 
     def hybrid_forward(self, F, tokens, segments, valid_lens, pos_embedding):
         X = self.token_embedding(tokens) + self.segment_embedding(segments)
-        # One position per token, not one row broadcast over the batch: the gradient of a broadcast sums over the
-        # batch through MXNet's generic reduction, several times slower than take's scatter of each token's row.
-        positions = (F.np.zeros_like(tokens) + F.npx.arange_like(tokens, axis=1)).astype("int32")
-        X = X + F.npx.reshape(F.np.take(pos_embedding, positions, axis=1), (-3, -2, -2, -2))  # (1, B, T, H)
+        positions = F.npx.arange_like(tokens, axis=1).astype("int32")
+        X = X + F.np.take(pos_embedding, positions, axis=1)
         if self.embedding_norm is not None:
             X = self.embedding_dropout(self.embedding_norm(X))
         for blk in self.blks:

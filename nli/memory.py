@@ -33,9 +33,9 @@ OPTIMIZER_MOMENTS = 2  # Adam's and AdamW's mean and variance, per trainable par
 # 366 KiB at 128 tokens (the count: 387) and 287 at 64 (315); bert.small's shape (2 x 256, ffn 512, 4 heads) 69.5
 # at 128 (66); bert.base's (12 x 768, ffn 3072, 12 heads) 975 at 128 (1,242, from 8 and 16 pairs only). Scaled by
 # 1.1 so that no model measured is undercounted. Those were measured with MXNet's LayerNorm in training;
-# `bert.LayerNorm`'s products then added 130 KiB (MiniLM) and 20.6 (bert.small) per token at 128 tokens.
+# `bert.LayerNorm`'s products then added 84.5 KiB (MiniLM) and 10.2 (bert.small) per token at 128 tokens.
 CALIBRATION = 1.1
-LAYER_NORM_HIDDENS = 6  # what each LayerNorm keeps beside the count above, in hidden-size tensors per token
+LAYER_NORM_HIDDENS = 4  # what each LayerNorm keeps beside the count above, in hidden-size tensors per token
 # A run whose micro-batches change shape (length buckets, the last part of a batch) peaks higher than steps of one
 # shape: MXNet's allocator keeps buffers of earlier shapes. MiniLM at --max-memory 6G (its largest micro-batches
 # 86 x 120 and 256 x 48 tokens) peaked at the fixed part plus 1.9 times their activations, and steps of 64 pairs at
@@ -117,8 +117,8 @@ class Shape:
         values and their split into heads; the heads merged; the output projection; two dropouts with their masks,
         residual sums and LayerNorms), 2 of the feed-forward size (before and after the activation) and 4 of
         heads x length (scores, softmax, dropout and its mask); plus 6 of the hidden size for the embeddings; plus
-        6 of the hidden size for each LayerNorm (`bert.LayerNorm` trains through products that keep their inputs:
-        5.0 and 6.5 measured with bert.small's and MiniLM's shapes). Scaled by CALIBRATION, from measured peaks."""
+        4 of the hidden size for each LayerNorm (`bert.LayerNorm` trains through products that keep their inputs:
+        2.5 and 4.2 measured with bert.small's and MiniLM's shapes). Scaled by CALIBRATION, from measured peaks."""
         per_layer = (18 + 2 * LAYER_NORM_HIDDENS) * self.hidden + 2 * self.ffn + 4 * self.heads * length
         return int(CALIBRATION * FLOAT_BYTES * (self.layers * per_layer + (6 + LAYER_NORM_HIDDENS) * self.hidden))
 
