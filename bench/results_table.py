@@ -189,7 +189,10 @@ def portable(command):
         option, sep, value = word.partition("=") if word.startswith("--") else ("", "", word)
         prefix = "hf:" if value.startswith("hf:") else ""
         scratch = (option or (out[-1] if out else "")) in SCRATCH_OPTIONS  # a directory for the run's own files
-        path = None if scratch and "/" in value else portable_path(value[len(prefix):]) if "/" in value else value
+        if "/" not in value:
+            path = value
+        else:
+            path = None if scratch else portable_path(value[len(prefix):])
         if path is None:  # a scratch directory: drop it with its option, the benchmark's default does as well
             if not scratch:
                 raise ValueError(f"{value} in `{command}` is a machine's temporary directory")

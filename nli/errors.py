@@ -14,7 +14,9 @@ def first_line(error):
     a C++ stack trace, else the first non-empty line, else the exception's type."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     mxnet = [line.split("MXNetError: ", 1)[1] for line in lines if "MXNetError: " in line]
-    return (mxnet or lines or [type(error).__name__])[-1 if mxnet else 0]
+    if mxnet:
+        return mxnet[-1]
+    return lines[0] if lines else type(error).__name__
 
 
 def describe_os_error(error):

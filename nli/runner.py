@@ -38,7 +38,7 @@ def run(recipe=None, *, resume=None, overwrite=False, force=False, keep_checkpoi
         raise UserError("--force goes with --resume: it resumes a run on changed data.")
     if overwrite and resume:
         raise UserError("--resume continues a run and --overwrite replaces it: choose one.")
-    recipe, devices = run_recipe(recipe, settings, resume)
+    recipe, devices, started_from = run_recipe(recipe, settings, resume)
     earlier_run = [] if resume else rundir.check_new_run_dir(recipe.out, overwrite)
     train.check_dtype(recipe.dtype, devices)
     train.check_kvstore(recipe.kvstore)
@@ -46,7 +46,6 @@ def run(recipe=None, *, resume=None, overwrite=False, force=False, keep_checkpoi
     fingerprint = data_fingerprint(recipe, train_file, test_file, resume, force)
     start = time.perf_counter()  # the run's wall time: reading and encoding the data, training, testing
     train.seed_everything(recipe.seed)
-    started_from = rundir.read_checkpoint(resume)[1].get("pretrained") if resume else None  # older runs: None
     net, vocab = model.from_pretrained(hf.pinned(recipe.model, started_from), devices, recipe.dropout, recipe.max_len,
                                        recipe.pooling, quiet)
     net.pretrained = started_from or net.pretrained  # the run records the model as it was named when it started
@@ -71,14 +70,15 @@ def run(recipe=None, *, resume=None, overwrite=False, force=False, keep_checkpoi
 
 
 def run_recipe(recipe, settings, resume):
-    """(the Recipe of the run, its devices): the named recipe changed by `settings`, or the recipe of the run that
-    `resume` continues, moved to the devices and memory budget given, if any."""
+    """(the Recipe of the run, its devices, the pretrained model its checkpoint records): the named recipe changed by
+    `settings`, or the recipe of the run that `resume` continues, moved to the devices and memory budget given, if
+    any, with the model it started from (`hf.pinned`; None for a new run, or a checkpoint older than the record)."""
     if not resume:
         recipe = recipe_of(recipe, settings)
         if recipe.model is None or recipe.out is None:
             raise UserError("finetune needs --model and --out (or --resume RUN_DIR to continue a run).")
         devices = data.parse_devices(recipe.devices)
-        return train.with_memory_budget(recipe, devices), devices  # config.json records the budget chosen
+        return train.with_memory_budget(recipe, devices), devices, None  # config.json records the budget chosen
     if changed := [name for name in settings if name not in RESUME_MAY_CHANGE] + ["recipe"] * (recipe is not None):
         raise UserError(f"--resume continues a run as it was set; drop --{changed[0].replace('_', '-')}.")
     state = rundir.read_checkpoint(resume)[1]
@@ -89,7 +89,7 @@ def run_recipe(recipe, settings, resume):
         # The budget recorded was a share of the memory where the run was (60% of a CPU's RAM, 85% of a GPU's):
         # choose it again where the run now is.
         recipe = train.with_memory_budget(dataclasses.replace(recipe, max_memory=None), devices)
-    return recipe, devices
+    return recipe, devices, state.get("pretrained")
 
 
 def recipe_of(recipe, settings):

@@ -19,6 +19,7 @@ import pytest
 
 from conftest import DEV_PAIRS, ROOT, closed_port, run_cli
 from test_hf import minilm_dir, tiny_tensors, tiny_vocab, write_checkpoint
+from test_train import checkpoint_state, start_cli, wait_for
 from nli import hf
 from nli.errors import UserError
 
@@ -349,7 +350,6 @@ def test_finetune_takes_the_real_minilm_offline_from_the_cache(tmp_path):
 
 def test_a_resumed_hub_run_loads_the_commit_it_started_from(checkpoint, tmp_path):
     # The run stops; the Hub's main then moves to another commit, other weights. The run goes on from its own commit.
-    from test_train import checkpoint_state, start_cli, wait_for
     write_hub_cache(str(tmp_path / "cache"), REPO, MAIN, checkpoint[0])
     env = hf_env(tmp_path, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "cache"), NLI_DATA_DIR=str(tmp_path),
                  HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)

@@ -14,6 +14,7 @@ import pytest
 from mxnet import autograd, gluon, npx
 
 from conftest import DEV_PAIRS, ROOT, budget_for, run_cli
+from test_multi_device import stopped_after
 from nli import bert, cli, data, fileio, model, rundir, runner, snli, train
 from nli.errors import UserError
 from nli.recipe import BOOK, TUNED, Recipe
@@ -159,7 +160,6 @@ def test_a_resume_in_a_process_that_built_other_layers_is_exact(uninterrupted, t
     # A notebook's kernel: Gluon numbers layers across the process, and its Trainer orders parameters by those names.
     # The stopped run's Dense layers are all numbered with one digit count; the resumed run's cross to one more
     # (dense...98, dense...99, dense...100), so the Trainer orders their parameters otherwise.
-    from test_multi_device import stopped_after
     monkeypatch.setenv("NLI_DATA_DIR", str(tmp_path / "data"))
     out = tmp_path / "run"
     digits = len(str(int(gluon.nn.Dense(1).name[len("dense"):]) + 100))
