@@ -67,7 +67,7 @@ KINDS = [
     ("GELU / activation", {"Activation", "LeakyReLU", "gelu", "relu"}),
     ("dropout (masks, and seeding them per batch)",
      {"Dropout", "ResourceRandomSetSeed", "ResourceNativeRandomSetSeed"}),
-    ("embedding (and take)", {"Embedding", "take"}),
+    ("embeddings (lookups, and slices: positions, <cls>)", {"Embedding", "take", "slice", "slice_axis", "slice_like"}),
     ("adds (residuals, broadcasts, gradient sums)",
      {"add", "broadcast_add", "elemwise_add", "add_n", "ElementWiseSum"}),
     ("optimizer (Adam updates, weight decay, gradient norm, zeroing)",

@@ -8,6 +8,11 @@ os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 # other process: on a busy 2-core machine, bert.small's training steps ran 1.6-3x slower than with
 # threads that sleep (bench/bench_train.py), and a tiny model's 15x slower.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# MXNet times its elementwise kernels when it loads and runs those it finds cheap on one thread: on the
+# 2-core Intel machine that put numpy adds, LayerNorm's elementwise work and the weight decay on one core.
+# Without the tuning every kernel uses the OpenMP threads: a bert.small training step 959 -> 845 ms, a
+# MiniLM step 500 -> 477 ms (bench/bench_profile.py). Each element is computed alone, so results are unchanged.
+os.environ.setdefault("MXNET_USE_OPERATOR_TUNING", "0")
 
 from . import compat  # noqa: E402,F401  (before anything imports mxnet)
 

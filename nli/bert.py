@@ -85,6 +85,14 @@ class MultiHeadAttention(nn.HybridBlock):
         return self.W_o(self._merge_heads(F, F.npx.batch_dot(weights, values)))
 
 
+def legacy(F, operator, *arrays, **options):
+    """MXNet's legacy `operator` (of mx.nd or mx.sym) on numpy arrays, for its cheaper backward: an elementwise
+    operator's is elementwise, where numpy's takes the broadcasting backward, a reduction, whatever the shapes; a
+    slice's copies, where `take`'s scatters (several times slower on the CPU, bench/bench_profile.py)."""
+    module = mx.sym if F is mx.sym else mx.nd
+    return getattr(module, operator)(*(a.as_nd_ndarray() for a in arrays), **options).as_np_ndarray()
+
+
 class GraphPerMode(nn.HybridBlock):
     """A hybridized block that keeps one cached graph for training and one for inference, since blocks inside it
     (`LayerNorm`) are built differently for each, as `autograd.is_training()` says when the graph is traced."""
@@ -121,20 +129,17 @@ class LayerNorm(nn.HybridBlock):
         if not autograd.is_training():
             return F.npx.layer_norm(X, gamma, beta, axis=-1, eps=self.epsilon)
         hiddens, device = self.num_hiddens, {} if F is mx.sym else {"ctx": X.ctx}
-        legacy = mx.sym if F is mx.sym else mx.nd  # elementwise operators whose backward is elementwise too
 
         def product(A, weight, units):  # A @ weight.T over the last axis
             return F.npx.fully_connected(A, weight, None, num_hidden=units, no_bias=True, flatten=False)
 
-        def elementwise(operator, A, B):  # of two arrays of one shape (numpy's operators take any broadcast)
-            return getattr(legacy, operator)(A.as_nd_ndarray(), B.as_nd_ndarray()).as_np_ndarray()
         mean_weights = F.np.full((1, hiddens), 1 / hiddens, **device)  # (..., hiddens) -> its mean, (..., 1)
         spread = F.np.ones((hiddens, 1), **device)  # (..., 1) -> the same value at each hidden unit
-        centered = elementwise("elemwise_sub", X, product(product(X, mean_weights, 1), spread, hiddens))
+        centered = legacy(F, "elemwise_sub", X, product(product(X, mean_weights, 1), spread, hiddens))
         inverse_std = (product(F.np.square(centered), mean_weights, 1) + self.epsilon) ** -0.5
-        scaled = elementwise("elemwise_mul", centered, product(inverse_std, gamma.reshape(hiddens, 1), hiddens))
+        scaled = legacy(F, "elemwise_mul", centered, product(inverse_std, gamma.reshape(hiddens, 1), hiddens))
         shift = product(F.np.ones_like(inverse_std), beta.reshape(hiddens, 1), hiddens)
-        return elementwise("elemwise_add", scaled, shift)
+        return legacy(F, "elemwise_add", scaled, shift)
 
 
 class AddNorm(nn.HybridBlock):
@@ -146,7 +151,7 @@ class AddNorm(nn.HybridBlock):
         self.ln = LayerNorm(num_hiddens, norm_eps)
 
     def hybrid_forward(self, F, X, Y):
-        return self.ln(self.dropout(Y) + X)
+        return self.ln(legacy(F, "elemwise_add", self.dropout(Y), X))
 
 
 ACTIVATIONS = {"relu": lambda: nn.Activation("relu"), "gelu": nn.GELU}  # GELU: the exact (erf) form
@@ -190,6 +195,7 @@ class BERTEncoder(GraphPerMode):
     def __init__(self, vocab_size, num_hiddens, ffn_num_hiddens, num_heads, num_blks, dropout,
                  max_len=512, activation="relu", embedding_norm=False, norm_eps=1e-5):
         super().__init__()
+        self.num_hiddens = num_hiddens
         self.token_embedding = nn.Embedding(vocab_size, num_hiddens)
         self.segment_embedding = nn.Embedding(2, num_hiddens)
         self.embedding_norm = None
@@ -203,9 +209,13 @@ class BERTEncoder(GraphPerMode):
         self.pos_embedding = self.params.get("pos_embedding", shape=(1, max_len, num_hiddens))
 
     def hybrid_forward(self, F, tokens, segments, valid_lens, pos_embedding):
-        X = self.token_embedding(tokens) + self.segment_embedding(segments)
-        positions = F.npx.arange_like(tokens, axis=1).astype("int32")
-        X = X + F.np.take(pos_embedding, positions, axis=1)
+        X = legacy(F, "elemwise_add", self.token_embedding(tokens), self.segment_embedding(segments))
+        positions = legacy(F, "slice_like", pos_embedding, tokens, axes=(1,))  # the first `steps` of them
+        # The positions' rows repeated over the batch as a product with a column of ones: their gradient, the sum
+        # over the batch, is then a matrix product too rather than MXNet's reduction (2x faster at bert.small's).
+        ones = F.npx.reshape(F.np.ones_like(X[:, :1, :1]), (-2, -1))  # (batch, 1), of X's type
+        repeated = F.npx.reshape(F.np.dot(ones, F.npx.reshape(positions, (1, -1))), (-2, -1, self.num_hiddens))
+        X = legacy(F, "elemwise_add", X, repeated)
         if self.embedding_norm is not None:
             X = self.embedding_dropout(self.embedding_norm(X))
         for blk in self.blks:

@@ -26,7 +26,8 @@ MXNET_CUDA_BUILDS = {(10, 1): "mxnet-cu101", (10, 2): "mxnet-cu102", (11, 0): "m
                      (11, 4): "mxnet-cu114", (11, 5): "mxnet-cu115", (11, 6): "mxnet-cu116",
                      (11, 7): "mxnet-cu117"}
 FEATURES = ("CUDA", "CUDNN", "NCCL", "MKLDNN", "OPENMP", "BLAS_OPEN", "BLAS_MKL", "DIST_KVSTORE")
-OMP_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MXNET_CPU_WORKER_NTHREADS", "KMP_AFFINITY")
+OMP_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MXNET_USE_OPERATOR_TUNING", "MXNET_CPU_WORKER_NTHREADS",
+                 "KMP_AFFINITY")
 OFFLINE_ROUTES = (" (without them: --model hf:DIR or hf:ORG/NAME from the Hugging Face cache; the repository's SNLI "
                   "pairs with --pairs FILE or --train FILE --test-fraction 0.2)")
 DRIVER_LIBRARY = "libcuda.so.1"  # the CUDA driver's own library: it comes with the NVIDIA driver, not from PyPI

@@ -38,7 +38,7 @@ class BERTClassifier(bert_lib.GraphPerMode):
         if self.pooling == "mean":
             valid = F.npx.sequence_mask(encoded_X, valid_lens, use_sequence_length=True, axis=1, value=0)
             return valid.sum(axis=1) / F.np.expand_dims(valid_lens, 1)
-        return F.npx.reshape(F.np.take(encoded_X, F.np.zeros((1,), dtype="int32"), axis=1), (-2, -3, -2))
+        return F.npx.reshape(bert_lib.legacy(F, "slice_axis", encoded_X, axis=1, begin=0, end=1), (-2, -3, -2))
 
     def hybrid_forward(self, F, tokens, segments, valid_lens):
         pooled = self.pool(F, self.encoder(tokens, segments, valid_lens), valid_lens)

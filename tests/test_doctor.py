@@ -3,6 +3,7 @@ import ctypes.util
 import functools
 import http.server
 import os
+import subprocess
 import sys
 import threading
 
@@ -200,6 +201,17 @@ def test_every_cuda_11_package_is_pinned_to_a_cuda_11_release():
     assert {"libcudart.so.11.0", "libcublas.so.11", "libcublasLt.so.11", "libcufft.so.10", "libcurand.so.10",
             "libcusolver.so.11", "libcusparse.so.11", "libnvrtc.so.11.2", "libnccl.so.2",
             "libcudnn.so.8"} == set(compat.CUDA_LIBRARY_PACKAGES)
+
+
+def test_every_kernel_runs_on_the_openmp_threads_unless_the_user_chose_and_the_doctor_says_which(tmp_path):
+    script = ("import nli, mxnet; from nli import doctor; "
+              "print(doctor.gather_facts().omp['MXNET_USE_OPERATOR_TUNING'])")
+    for chosen, seen in ((None, "0"), ("1", "1")):
+        env = {k: v for k, v in os.environ.items() if k != "MXNET_USE_OPERATOR_TUNING"}
+        env.update({"MXNET_USE_OPERATOR_TUNING": chosen} if chosen else {})
+        child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                               env={**env, "PYTHONPATH": os.path.dirname(os.path.dirname(doctor.__file__))})
+        assert child.stdout.split()[-1:] == [seen], child.stderr
 
 
 def test_doctor_runs_on_this_cpu_machine_and_reports_no_gpu(tmp_path):

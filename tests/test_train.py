@@ -451,6 +451,32 @@ def test_layer_norm_trains_through_products_as_mxnets_and_predicts_with_mxnets()
         onp.testing.assert_allclose(got.asnumpy(), want.asnumpy(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("hybridized", [False, True])
+def test_the_embeddings_are_the_books_sum_and_their_gradients_its_sums_over_the_batch(hybridized):
+    rng = onp.random.RandomState(0)
+    encoder = bert.BERTEncoder(vocab_size=20, num_hiddens=8, ffn_num_hiddens=16, num_heads=2, num_blks=0, dropout=0.0,
+                               max_len=10)
+    encoder.initialize(mx.init.Normal(1.0))
+    if hybridized:
+        encoder.hybridize(static_alloc=True)
+    tokens = rng.randint(0, 20, (3, 6))
+    segments = onp.array([[0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]])
+    dy = rng.normal(size=(3, 6, 8)).astype("float32")
+    with autograd.record():
+        embedded = encoder(mx.np.array(tokens, dtype="int32"), mx.np.array(segments, dtype="int32"),
+                           mx.np.array([6, 5, 6], dtype="float32"))
+    embedded.backward(mx.np.array(dy))
+    token, segment, position = (p.data().asnumpy() for p in (encoder.token_embedding.weight,
+                                                             encoder.segment_embedding.weight, encoder.pos_embedding))
+    onp.testing.assert_allclose(embedded.asnumpy(), token[tokens] + segment[segments] + position[:, :6], rtol=1e-6)
+    expected_position_grad = onp.zeros_like(position)
+    expected_position_grad[0, :6] = dy.sum(axis=0)  # the rows of the first 6 positions, summed over the batch
+    onp.testing.assert_allclose(encoder.pos_embedding.grad().asnumpy(), expected_position_grad, rtol=1e-5, atol=1e-6)
+    expected_segment_grad = onp.stack([dy[segments == s].sum(axis=0) for s in (0, 1)])
+    onp.testing.assert_allclose(encoder.segment_embedding.weight.grad().asnumpy(), expected_segment_grad, rtol=1e-5,
+                                atol=1e-6)
+
+
 def test_a_hybridized_classifier_keeps_a_graph_for_training_and_one_for_inference(training_bert_dir):
     net, vocab = model.from_pretrained(training_bert_dir, CPU, dropout=0.0)  # no dropout: the modes differ by LayerNorm
     rng = onp.random.RandomState(0)
