@@ -59,14 +59,16 @@ class MultiHeadAttention(nn.HybridBlock):
         # graph that predicts and trains is built without them and costs nothing more.
         self.weights_sink = None
 
+    # The head split and merge transpose with MXNet's legacy operator: numpy's, forward and backward, took 3-4x
+    # as long at both bert.small's and MiniLM's shapes (bench/bench_profile.py)
     def _split_heads(self, F, X):
         # (batch, steps, hiddens) -> (batch * heads, steps, hiddens / heads)
-        X = F.npx.reshape(X, (-2, -2, self.num_heads, -1)).transpose(0, 2, 1, 3)
+        X = legacy(F, "transpose", F.npx.reshape(X, (-2, -2, self.num_heads, -1)), axes=(0, 2, 1, 3))
         return F.npx.reshape(X, (-5, -2, -2))
 
     def _merge_heads(self, F, X):
         # (batch * heads, steps, hiddens / heads) -> (batch, steps, hiddens)
-        X = F.npx.reshape(X, (-6, -1, self.num_heads, -2, -2)).transpose(0, 2, 1, 3)
+        X = legacy(F, "transpose", F.npx.reshape(X, (-6, -1, self.num_heads, -2, -2)), axes=(0, 2, 1, 3))
         return F.npx.reshape(X, (-2, -2, -1))
 
     def hybrid_forward(self, F, X, valid_lens):
