@@ -59,8 +59,6 @@ class MultiHeadAttention(nn.HybridBlock):
         # graph that predicts and trains is built without them and costs nothing more.
         self.weights_sink = None
 
-    # The head split and merge transpose with MXNet's legacy operator: numpy's, forward and backward, took 3-4x
-    # as long at both bert.small's and MiniLM's shapes (bench/bench_profile.py)
     def _split_heads(self, F, X):
         # (batch, steps, hiddens) -> (batch * heads, steps, hiddens / heads)
         X = legacy(F, "transpose", F.npx.reshape(X, (-2, -2, self.num_heads, -1)), axes=(0, 2, 1, 3))
@@ -88,9 +86,10 @@ class MultiHeadAttention(nn.HybridBlock):
 
 
 def legacy(F, operator, *arrays, **options):
-    """MXNet's legacy `operator` (of mx.nd or mx.sym) on numpy arrays, for its cheaper backward: an elementwise
-    operator's is elementwise, where numpy's takes the broadcasting backward, a reduction, whatever the shapes; a
-    slice's copies, where `take`'s scatters (several times slower on the CPU, bench/bench_profile.py)."""
+    """MXNet's legacy `operator` (of mx.nd or mx.sym) on numpy arrays, where it is the faster kernel on the CPU
+    (bench/bench_profile.py): an elementwise operator's backward is elementwise, where numpy's takes the broadcasting
+    backward, a reduction, whatever the shapes; a slice's backward copies, where `take`'s scatters; its transpose
+    runs 3-4x faster than numpy's, forward and backward."""
     module = mx.sym if F is mx.sym else mx.nd
     return getattr(module, operator)(*(a.as_nd_ndarray() for a in arrays), **options).as_np_ndarray()
 

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from conftest import QuietHandler, closed_port, run_cli
+from conftest import ROOT, QuietHandler, closed_port, run_cli
 from nli import compat, doctor, selftest
 
 HEALTHY = dict(python=(3, 11, 7), numpy="1.23.5", mxnet="1.9.1", features={"CUDA": False, "MKLDNN": True},
@@ -210,7 +210,7 @@ def test_every_kernel_runs_on_the_openmp_threads_unless_the_user_chose_and_the_d
         env = {k: v for k, v in os.environ.items() if k != "MXNET_USE_OPERATOR_TUNING"}
         env.update({"MXNET_USE_OPERATOR_TUNING": chosen} if chosen else {})
         child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                               env={**env, "PYTHONPATH": os.path.dirname(os.path.dirname(doctor.__file__))})
+                               env={**env, "PYTHONPATH": ROOT})
         assert child.stdout.split()[-1:] == [seen], child.stderr
 
 
