@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import mxnet as mx
 import numpy as onp
@@ -343,29 +344,43 @@ def test_adamw_decays_weights_but_not_biases_or_layernorm():
         onp.testing.assert_allclose(p.data().asnumpy(), expected, rtol=1e-6)
 
 
-def test_adamw_steps_as_mxnets_decoupled_adamw_kernel_and_resumes_from_a_multi_tensor_checkpoint():
-    # Three steps on random weights and gradients, with a rate multiplier and decay: `AdamW` (decay, then
-    # adam_update) against MXNet's own decoupled kernel, contrib.adamw_update, which it replaced.
+def test_adamw_steps_as_mxnets_decoupled_adamw_kernel_and_groups_parameters_by_size():
+    # Three steps on random weights and gradients, with rate multipliers and decay, all parameters in one call:
+    # one large weight alone, and small ones sharing calls. Each must move as MXNet's single-weight decoupled
+    # kernel, contrib.adamw_update, moves it alone with its own rate and decay.
     rng = onp.random.RandomState(0)
-    shape = (7, 5)
-    weight = mx.nd.array(rng.randn(*shape))
-    reference, mean, var = weight.copy(), mx.nd.zeros(shape), mx.nd.zeros(shape)
+    shapes = [(300, 400), (7, 5), (7, 5), (5, 7), (3,)]
+    weights = [mx.nd.array(rng.randn(*shape)) for shape in shapes]
+    references = [w.copy() for w in weights]
+    moments = [(mx.nd.zeros(shape), mx.nd.zeros(shape)) for shape in shapes]
     optimizer = train.make_optimizer("adamw", 0.01, 0.1, "constant", 0.0, 10)
-    optimizer.set_lr_mult({0: 0.5})
+    optimizer.set_lr_mult({0: 0.5, 2: 0.25})
+    optimizer.set_wd_mult({3: 0.0})
     optimizer.rescale_grad = 0.25
-    state = optimizer.create_state(0, weight)
-    for t in range(1, 4):
-        grad = mx.nd.array(rng.randn(*shape))
-        optimizer.update(0, weight, grad, state)
-        correction = (1 - 0.999 ** t) ** 0.5 / (1 - 0.9 ** t)
-        mx.nd.contrib.adamw_update(reference, grad, mean, var, rescale_grad=mx.nd.array([0.25]), lr=correction,
-                                   eta=0.005, wd=0.1, epsilon=optimizer.epsilon, out=reference)
-    onp.testing.assert_allclose(weight.asnumpy(), reference.asnumpy(), rtol=1e-6, atol=1e-7)
-    assert not onp.allclose(weight.asnumpy(), rng.randn(*shape))  # it moved
-    # The previous release pickled AdamW with aggregate_num 45: loaded, it updates one parameter per call.
-    optimizer.aggregate_num = 45
-    loaded = pickle.loads(pickle.dumps(optimizer))
-    assert loaded.aggregate_num == 0 and not mx.optimizer.get_updater(loaded).aggregate_updates
+    updater = mx.optimizer.get_updater(optimizer)
+    calls = []
+    kernel = mx.nd._internal._multi_adamw_update
+    with mock.patch.object(mx.nd._internal, "_multi_adamw_update",
+                           side_effect=lambda *a, **k: calls.append(k["num_weights"]) or kernel(*a, **k)):
+        for t in range(1, 4):
+            grads = [mx.nd.array(rng.randn(*shape)) for shape in shapes]
+            updater(list(range(len(shapes))), grads, weights)
+            correction = (1 - 0.999 ** t) ** 0.5 / (1 - 0.9 ** t)
+            for i, (reference, grad, (mean, var)) in enumerate(zip(references, grads, moments)):
+                lr = 0.01 * {0: 0.5, 2: 0.25}.get(i, 1.0)
+                mx.nd.contrib.adamw_update(reference, grad, mean, var, rescale_grad=mx.nd.array([0.25]),
+                                           lr=correction, eta=lr, wd=0.0 if i == 3 else 0.1,
+                                           epsilon=optimizer.epsilon, out=reference)
+    # The two kernels order the moments' arithmetic differently: a few ulps apart (7e-7 at weights of 2). A wrong
+    # rate, decay or bias correction moves a weight by 1e-3 or more.
+    for weight, reference in zip(weights, references):
+        onp.testing.assert_allclose(weight.asnumpy(), reference.asnumpy(), rtol=1e-6, atol=2e-6)
+    assert calls == [1, 3, 1] * 3  # (300, 400) alone; (7, 5), (7, 5) and (5, 7) together (35 each); (3,)
+    # Earlier releases pickled AdamW updating one parameter per call (or 45): loaded, it groups them too.
+    for aggregate_num in (0, 45):
+        optimizer.aggregate_num = aggregate_num
+        loaded = pickle.loads(pickle.dumps(optimizer))
+        assert loaded.aggregate_num > 1000 and mx.optimizer.get_updater(loaded).aggregate_updates
 
 
 def test_schedules_warm_up_then_hold_or_decay():
