@@ -132,14 +132,15 @@ class AdamW(mx.optimizer.Adam):
 
     ELEMENTS_PER_CALL = 1 << 16  # weights smaller than this share calls, up to this many elements in all
     WEIGHTS_PER_CALL = 45  # the most the kernel takes
+    ALL_AT_ONCE = 1 << 30  # an `aggregate_num` for MXNet's Updater to hand over every parameter; `update` groups them
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.aggregate_num = 1 << 30  # MXNet's Updater hands over every parameter in one call; `update` groups them
+        self.aggregate_num = self.ALL_AT_ONCE
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self.aggregate_num = 1 << 30  # a checkpoint of an earlier version (one or 45 at a time) groups them too
+        self.aggregate_num = self.ALL_AT_ONCE  # a checkpoint of an earlier version (one or 45 at a time) too
 
     def update(self, index, weight, grad, state):
         if not isinstance(index, (list, tuple)):
@@ -157,16 +158,17 @@ class AdamW(mx.optimizer.Adam):
     def _update_together(self, group, rescale):
         """One kernel call for `group`'s (index, weight, grad, (mean, var)). The kernel moves a weight by
         eta * (lr * step + wd * weight): eta is the weight's rate, lr Adam's bias correction."""
-        rates, corrections, arrays = [], [], []
+        rates, corrections, decays, arrays = [], [], [], []
         for i, w, g, (mean, var) in group:
             t = self._index_update_count[i]
             rates.append(self._get_lr(i))
             corrections.append(math.sqrt(1 - self.beta2 ** t) / (1 - self.beta1 ** t))
+            decays.append(self._get_wd(i))
             arrays += [w, g, mean, var]
         mx.nd._internal._multi_adamw_update(
             *arrays, rescale, out=[w for _, w, _, _ in group], num_weights=len(group), etas=rates,
-            lrs=corrections, wds=[self._get_wd(i) for i, _, _, _ in group], beta1=self.beta1, beta2=self.beta2,
-            epsilon=self.epsilon, clip_gradient=self.clip_gradient or -1)
+            lrs=corrections, wds=decays, beta1=self.beta1, beta2=self.beta2, epsilon=self.epsilon,
+            clip_gradient=self.clip_gradient or -1)
 
 
 def set_layer_decay(net, decay):
