@@ -137,9 +137,12 @@ def profile_side(workload, steps, model_dir=None):
     trainer = train.make_trainer(net, recipe, "device", 3 * steps)  # the passes below
     loss = gluon.loss.SoftmaxCrossEntropyLoss()
     loss.hybridize()
-    order = list(data.LengthBucketSampler(encoded.valid_lens, recipe.batch_size, seed=recipe.seed, epoch=1))[:steps]
-    micro_batches = [[data.make_batch(encoded, part) for part in plan.split(indices, encoded.valid_lens)]
-                     for indices in order]
+    # The recipe's length buckets; code from before the setting (--before) buckets by 8 and takes no width
+    width = {"bucket_width": recipe.bucket_width} if hasattr(recipe, "bucket_width") else {}
+    order = list(data.LengthBucketSampler(encoded.valid_lens, recipe.batch_size, seed=recipe.seed, epoch=1,
+                                          **width))[:steps]
+    micro_batches = [[data.make_batch(encoded, part, *width.values())
+                      for part in plan.split(indices, encoded.valid_lens, *width.values())] for indices in order]
 
     def run_steps():
         """The steps, as `finetune` runs them; the wall seconds until the engine has finished them."""

@@ -54,7 +54,7 @@ ROWS = [
      "examples/sec", "bench/results/bench_train.json",
      ("nli_spinning_threads.examples_per_sec", "nli.examples_per_sec", "ratios.nli_over_nli_spinning_threads"),
      "{:.1f}", "nli, OMP_WAIT_POLICY=ACTIVE"),
-    ("  share of the padded tokens that are real (length buckets, padding to a multiple of 8)",
+    ("  share of the padded tokens that are real (length buckets)",
      "bench/results/bench_train.json", ("book.padding_efficiency", "nli.epochs.-1.padding_efficiency", None),
      "{:.2f}", "d2l, every pair padded to 128"),
     ("Batch prediction, bert.small shape, pairs/sec", "bench/results/bench_predict.json",

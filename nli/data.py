@@ -7,7 +7,7 @@ from mxnet import gluon, np
 
 from .errors import UserError, first_line
 
-PAD_MULTIPLE = 8  # batches are padded to a multiple of 8 tokens so hybridized graphs see few shapes
+PAD_MULTIPLE = 8  # inference pads its batches to a multiple of 8 tokens, so hybridized graphs see few shapes
 
 
 def parse_devices(spec):
@@ -100,9 +100,10 @@ def padded_length(longest, max_len, multiple=PAD_MULTIPLE):
     return min(-(-longest // multiple) * multiple, max_len)
 
 
-def make_batch(encoded, indices):
-    """Arrays for the pairs at `indices`, padded to their longest pair: tokens, segments, valid lens, labels."""
-    length = padded_length(int(encoded.valid_lens[indices].max()), encoded.max_len)
+def make_batch(encoded, indices, multiple=PAD_MULTIPLE):
+    """Arrays for the pairs at `indices`, padded to their longest pair rounded up to `multiple`: tokens, segments,
+    valid lens, labels."""
+    length = padded_length(int(encoded.valid_lens[indices].max()), encoded.max_len, multiple)
     tokens, segments, valid_lens = encoded.padded(indices, length)
     return tokens, segments, valid_lens.astype(onp.float32), encoded.labels[indices]
 

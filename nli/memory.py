@@ -209,10 +209,10 @@ class MemoryPlan:
                 f"tokens train in micro-batches of {micro} (at most {pairs} fit), expected peak "
                 f"{format_size(self.expected_peak(micro, self.max_len))}")
 
-    def split(self, indices, lengths):
+    def split(self, indices, lengths, multiple=data.PAD_MULTIPLE):
         """`indices` cut into as few micro-batches of about equal size as fit, each padded to its own longest pair
-        (`lengths`: every pair's tokens); a batch that fits stays whole and in its order."""
-        length = data.padded_length(int(lengths[indices].max()), self.max_len)
+        rounded up to `multiple` (`lengths`: every pair's tokens); a batch that fits stays whole and in its order."""
+        length = data.padded_length(int(lengths[indices].max()), self.max_len, multiple)
         parts = -(-len(indices) // self.pairs_per_micro_batch(length))
         if parts <= 1:
             return [indices]

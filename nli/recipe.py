@@ -110,6 +110,10 @@ class Recipe:
     # 0 epochs: nothing trains. In Python, the way to the starting weights; as an option, a mistake.
     epochs: int = option(5, "passes over the training pairs", check=at_least(1), option_only=True)
     batch_size: int = option(512, "pairs per batch (and per worker)", check=at_least(1))
+    bucket_width: int = option(1, "a batch takes pairs whose lengths round up to the same multiple of N tokens, "
+                                  "shuffled within that bucket, and is padded to that multiple: 1 pads least, as "
+                                  "the pairs of a batch are of one length where there are enough (runs saved before "
+                                  "this setting existed trained with 8)", check=at_least(1))
     max_len: int = option(128, "tokens per pair, at most: longer pairs are truncated; at most the model's positions",
                            check=at_least(MIN_MAX_LEN, ": <cls>, two <sep> and one token of the pair"))
     optimizer: str = option("adam", "adam: the book's; adamw: decoupled weight decay, none on biases and LayerNorm",
@@ -200,14 +204,14 @@ class Recipe:
         Checkpoints written before the Recipe existed keep the command's options as `settings`: the same
         names, but with the recipe's name as `recipe` and the mode as two flags."""
         if "recipe" in state:
-            return cls(**state["recipe"])
+            return cls(**{**LEGACY, **state["recipe"]})
         options = dict(state.get("settings") or {})
         if "recipe" not in options:
             raise UserError("this checkpoint was not written by `nli finetune`: continue it with the "
                             "script that started it.")
         mode = "features" if options.pop("extract_features") else "full"
         mode = "freeze-encoder" if options.pop("freeze_encoder") else mode
-        return cls(name=options.pop("recipe"), mode=mode, **options)
+        return cls(**{**LEGACY, "name": options.pop("recipe"), "mode": mode, **options})
 
     def run_config(self):
         """config.json's entries about training: what encoding the input needs, and the whole recipe."""
@@ -215,6 +219,8 @@ class Recipe:
                 "recipe": dataclasses.asdict(self)}
 
 
+# What runs saved before a setting existed trained with, where that is not the setting's default now
+LEGACY = {"bucket_width": 8}
 BOOK = Recipe()  # the chapter's: plain Adam at a constant 1e-4, batch 512, max_len 128, 5 epochs
 # How BERT is usually fine-tuned (Devlin et al., 2019): decoupled weight decay, a linear warmup over the
 # first 10% of updates then a linear decay to 0, gradients clipped.

@@ -226,7 +226,9 @@ class Shards:
     def batches(self, epoch):
         """Every worker's batches of `epoch` (index arrays into its shard), as many for each."""
         orders = [list(data.LengthBucketSampler(self.lengths[self.indices(r)], self.recipe.batch_size, shuffle=True,
-                                                seed=self.recipe.seed, epoch=epoch)) for r in range(self.num_workers)]
+                                                seed=self.recipe.seed, epoch=epoch,
+                                                bucket_width=self.recipe.bucket_width))
+                  for r in range(self.num_workers)]
         return [order[:min(map(len, orders))] for order in orders]
 
     def updates(self, epoch, rank, start=0):
@@ -303,10 +305,13 @@ class PairsTask:
         set_layer_decay(net, recipe.layer_decay)  # before the Trainer is made of its parameters
         self.block, self.train_set, self.shard, self.plan = net, train_set, shard, plan
         self.lengths, self.devices, self.batch_size = train_set.valid_lens[shard], devices, recipe.batch_size
+        self.bucket_width = recipe.bucket_width
 
     def micro_batches(self, indices):
-        """The batch of the shard's pairs `indices`, cut into micro-batches that fit the memory budget."""
-        return (data.make_batch(self.train_set, self.shard[part]) for part in self.plan.split(indices, self.lengths))
+        """The batch of the shard's pairs `indices`, cut into micro-batches that fit the memory budget, each padded to
+        a multiple of the recipe's bucket width."""
+        return (data.make_batch(self.train_set, self.shard[part], self.bucket_width)
+                for part in self.plan.split(indices, self.lengths, self.bucket_width))
 
     def accuracy(self, encoded):
         """Share of `encoded`'s pairs whose predicted label is the gold one."""

@@ -67,7 +67,9 @@ def test_a_legacy_checkpoint_resumes_to_the_uninterrupted_run(legacy_copy, tmp_p
     assert resumed.returncode == 0, resumed.stderr
     assert "at step 12 (epoch 2, batch 3)" in resumed.stdout  # where Ctrl-C stopped the old code
     assert "was written before runs recorded their data" in resumed.stdout  # resumed without the check
-    uninterrupted = run_cli(*make_legacy_run.FINETUNE, tmp_path / "uninterrupted", env=cli_env(tmp_path))
+    # The run uninterrupted, with what the old code trained with and later versions changed (recipe.LEGACY)
+    uninterrupted = run_cli(*make_legacy_run.FINETUNE, tmp_path / "uninterrupted", "--bucket-width", "8",
+                            env=cli_env(tmp_path))
     assert uninterrupted.returncode == 0, uninterrupted.stderr
     reference, got = params_of(tmp_path / "uninterrupted" / "model.params"), params_of(legacy_copy / "model.params")
     assert reference.keys() == got.keys()
@@ -75,4 +77,5 @@ def test_a_legacy_checkpoint_resumes_to_the_uninterrupted_run(legacy_copy, tmp_p
     assert max(distance.values()) <= CROSS_CPU_ATOL, sorted(distance.items(), key=lambda kv: -kv[1])[:3]
     config = json.loads((legacy_copy / "config.json").read_text())
     assert config["recipe"]["optimizer"] == "adamw" and config["recipe"]["dev_fraction"] == 0.25
+    assert config["recipe"]["bucket_width"] == 8  # the old code's, which the resumed run kept and now records
     assert os.path.exists(legacy_copy / "best" / "model.params")

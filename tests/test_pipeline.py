@@ -1,4 +1,5 @@
 """The input pipeline: the book's arrays, both truncation rules, the cache, length buckets, exact padding."""
+import dataclasses
 import importlib
 import json
 import os
@@ -10,8 +11,9 @@ import pytest
 from mxnet import init, np, npx
 
 from conftest import DEV_PAIRS, RESERVED, run_cli
-from nli import bert, data, model, snli
+from nli import bert, data, memory, model, snli, train
 from nli.errors import UserError
+from nli.recipe import TUNED, Recipe
 
 npx.set_np()
 
@@ -225,6 +227,35 @@ def test_length_buckets_cover_every_pair_once_with_little_padding(dev_pairs, voc
     assert padded_tokens(encoded, data.batch_order(len(encoded), 512, shuffle=True)) > 2 * least
     in_order = list(data.LengthBucketSampler(lengths, 100, shuffle=False))
     assert (onp.diff(onp.concatenate([-(-lengths[b] // 8) for b in in_order])) >= 0).all()
+
+
+def test_training_batches_take_pairs_of_one_length_and_runs_saved_before_keep_buckets_8_wide(dev_pairs, vocab):
+    encoded = snli.encode_pairs(*dev_pairs, vocab, 128)
+    lengths = encoded.valid_lens
+    shape = memory.Shape(layers=2, hidden=64, ffn=128, heads=4, parameters=1000, trainable=1000)
+    plan = memory.MemoryPlan(2 ** 40, shape, max_len=128)  # room for any batch: one micro-batch each
+
+    def padded(recipe):  # the token arrays of epoch 1's micro-batches, as `train.PairsTask` makes them
+        batches = train.Shards(lengths, recipe, 1).batches(1)[0]
+        return batches, [[data.make_batch(encoded, part, recipe.bucket_width)[0]
+                          for part in plan.split(indices, lengths, recipe.bucket_width)] for indices in batches]
+
+    recipe = dataclasses.replace(TUNED, batch_size=32)
+    assert recipe.bucket_width == 1
+    batches, arrays = padded(recipe)
+    assert all(t.shape[1] == lengths[b].max() for b, parts in zip(batches, arrays) for t in parts)  # no padding past
+    assert sum(len(set(lengths[b])) == 1 for b in batches) > 0.8 * len(batches)  # but where a length runs out
+    ranges = sorted((lengths[b].min(), lengths[b].max()) for b in batches)
+    assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))  # cut from the pairs sorted by length
+    assert sorted(onp.concatenate(batches)) == list(range(len(encoded)))
+    _, legacy_arrays = padded(dataclasses.replace(recipe, bucket_width=8))
+    tokens = lambda arrays: sum(t.size for parts in arrays for t in parts)  # noqa: E731
+    assert tokens(arrays) < 0.92 * tokens(legacy_arrays) and tokens(arrays) < 1.03 * lengths.sum()
+
+    saved = dataclasses.asdict(recipe)
+    assert Recipe.from_checkpoint({"recipe": saved}) == recipe
+    del saved["bucket_width"]  # config.json and checkpoints of runs made before the setting: they bucketed by 8
+    assert Recipe.from_checkpoint({"recipe": saved}).bucket_width == 8
 
 
 def test_batches_pad_to_a_multiple_of_8_and_split_over_devices(dev_pairs, vocab):
