@@ -3,7 +3,7 @@ import sys
 
 import mxnet as mx
 import numpy as onp
-from mxnet import gluon, np
+from mxnet import gluon
 
 from .errors import UserError, first_line
 
@@ -136,6 +136,12 @@ def split_batch(arrays, devices):
     """Split each array of a batch over `devices`: one tuple of arrays per device (uneven splits allowed).
 
     Book: `split_batch_multi_inputs`."""
-    shards = [gluon.utils.split_and_load(np.array(a, dtype=a.dtype), devices, even_split=False)
-              for a in arrays]
+    shards = [gluon.utils.split_and_load(host_array(a), devices, even_split=False) for a in arrays]
     return list(zip(*shards))
+
+
+def host_array(a):
+    """An MXNet array on the CPU holding a copy of NumPy array `a`, made without waiting for the engine. `mx.np.array`
+    copies through an engine operation queued behind all the work already pushed: the host would wait for the last
+    update before it could push the next batch."""
+    return mx.nd.from_numpy(onp.array(a, order="C"), zero_copy=True).as_np_ndarray()
