@@ -75,9 +75,11 @@ KINDS = [
       "multi_sgd_update", "multi_mp_adamw_update", "sgd_update"}),
 ]
 OPTIMIZER = KINDS[-1][0]
-# The update's own legacy-ndarray operators, by their exact names: the gradient norm's dot of each gradient with
-# itself and AdamW's weight decay. The model runs numpy-interface operators (`_np_dot`, `_npi_multiply_scalar`).
-OPTIMIZER_LEGACY_OPS = {"dot", "_mul_scalar"}
+# The update's own legacy-ndarray operators, by their exact names: the gradient norm (the dot of each gradient with
+# itself, its root, divided by the examples), the clipping factor and the rescaling it multiplies, and (before)
+# AdamW's weight decay. The model runs numpy-interface operators (`_np_dot`, `_npi_multiply_scalar`, `_npi_full`).
+OPTIMIZER_LEGACY_OPS = {"dot", "sqrt", "_div_scalar", "_plus_scalar", "_rdiv_scalar", "_minimum_scalar", "_full",
+                        "broadcast_mul", "_mul_scalar"}
 OTHER, OUTSIDE = "copies and other operators", "outside operators (Python, dispatch, waiting)"
 
 

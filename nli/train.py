@@ -34,7 +34,7 @@ NO_DECAY = ".*bias|.*gamma|.*beta"  # biases and LayerNorm scales/shifts are not
 
 
 class TrainingDiverged(UserError):
-    """The loss or the gradient became NaN or infinite: the run stops before the update."""
+    """The loss or the gradient became NaN or infinite: the run stops before anything is saved."""
 
 
 def check_dtype(dtype, devices):
@@ -79,24 +79,33 @@ def apply_update(trainer, params, devices, num_examples, max_grad_norm=None):
     """Sum the gradients over devices (and workers), clip their global norm, update, zero them.
 
     The gradients are sums over `num_examples` examples (of all workers): the update is that of their
-    mean, and a `max_grad_norm` (0 or None: no clipping) bounds the norm of that mean, which is returned.
-    Clipping scales the optimizer's gradient rescaling instead of every gradient: the same update,
-    without a pass over the weights' worth of gradients. Every operator sees the arrays of one device."""
+    mean, and a `max_grad_norm` (0 or None: no clipping) bounds the norm of that mean, which is returned as an
+    array on the first device (reading it waits for the engine). Clipping scales the optimizer's gradient rescaling
+    instead of every gradient: the same update, without a pass over the weights' worth of gradients. `AdamW` takes
+    the factor as an array, so the host pushes the next batch while the engine works, and its kernel skips an update
+    whose factor is not a number; other optimizers take a number, which the host waits for. Every operator sees the
+    arrays of one device."""
     trainer.allreduce_grads()
     trainable = [p for p in params.values() if p.grad_req != "null"]
-    norm, scale = None, 1.0
+    norm = clip = None
     if max_grad_norm:
         # After the all-reduce every device holds the same sums: the first device's give the norm.
         # BLAS's dot of each gradient with itself: 3x faster than multi_sum_sq on the CPU, and more exact
         first = [p.grad(devices[0]).as_nd_ndarray().reshape(-1) for p in trainable]
-        norm = math.sqrt(float(mx.nd.add_n(*[mx.nd.dot(g, g) for g in first]).asscalar())) / num_examples
-        if not math.isfinite(norm):
-            return norm
-        scale = min(1.0, max_grad_norm / (norm + 1e-6))  # as torch.nn.utils.clip_grad_norm_
+        norm = mx.nd.sqrt(mx.nd.add_n(*[mx.nd.dot(g, g) for g in first])) / num_examples
+        clip = mx.nd.minimum(max_grad_norm / (norm + 1e-6), 1.0)  # as torch.nn.utils.clip_grad_norm_
     for p in trainable:  # a device that saw no example still applies the all-reduced update
         for arr in p.list_data():
             arr._fresh_grad = True
-    trainer.update(num_examples / scale)  # the optimizer rescales gradients by scale / num_examples
+    optimizer = trainer.optimizer
+    if isinstance(optimizer, AdamW):
+        optimizer.clip_factor = clip
+        trainer.update(num_examples)  # the optimizer rescales gradients by clip / num_examples
+        optimizer.clip_factor = None
+    elif clip is None:
+        trainer.update(num_examples)
+    elif math.isfinite(factor := float(clip.asscalar())):  # a norm that is not a number: no update
+        trainer.update(num_examples / factor)
     for device in devices:  # one operator per device for all its gradients
         grads = [p.grad(device).as_nd_ndarray() for p in trainable]
         mx.nd.reset_arrays(*grads, num_arrays=len(grads))
@@ -137,16 +146,20 @@ class AdamW(mx.optimizer.Adam):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.aggregate_num = self.ALL_AT_ONCE
+        self.clip_factor = None  # an array of one number that scales the gradients too, during `apply_update`
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self.aggregate_num = self.ALL_AT_ONCE  # a checkpoint of an earlier version (one or 45 at a time) too
+        self.clip_factor = None
 
     def update(self, index, weight, grad, state):
         if not isinstance(index, (list, tuple)):
             index, weight, grad, state = [index], [weight], [grad], [state]
         self._update_count(index)
         rescale = mx.nd.full((1,), self.rescale_grad, ctx=weight[0].context)
+        if self.clip_factor is not None:  # not a number: the kernel leaves the weights and moments as they are
+            rescale = rescale * self.clip_factor.as_in_context(weight[0].context)
         by_size = {}
         for i, w, g, s in zip(index, weight, grad, state):
             by_size.setdefault(w.size, []).append((i, w, g, s))
@@ -499,9 +512,9 @@ class TrainingState:
 
 
 class DeviceSums:
-    """Each update's losses and correct counts, left on the devices that computed them: the host reads them only to
-    log, checkpoint or end an epoch, so it does not wait for the engine between batches, and MXNet overlaps the
-    next batch's work with this one's."""
+    """Each update's losses, correct counts and gradient norm, left on the devices that computed them: the host reads
+    them only to log, checkpoint or end an epoch, so it does not wait for the engine between batches, and MXNet
+    overlaps the next batch's work with this one's."""
 
     def __init__(self):
         self.updates, self.started = [], None
@@ -510,20 +523,26 @@ class DeviceSums:
         """Start the clock of the updates not yet read, unless it runs: their time is that from here to the read."""
         self.started = self.started or time.perf_counter()
 
-    def add(self, where, seen, device_sums):
-        """Keep an update's (loss, correct) arrays, one per device and micro-batch, with where it is in the run."""
-        self.updates.append((where, seen, device_sums))
+    def add(self, where, seen, device_sums, norm):
+        """Keep an update's (loss, correct) arrays, one per device and micro-batch, and its gradient norm (an array,
+        or None), with where it is in the run."""
+        self.updates.append((where, seen, device_sums, norm))
 
     def read_into(self, state, run):
-        """Add what is kept to `state`'s sums (the host waits for it), with the time it took; a loss that is not
-        finite stops the run, naming its update, before anything is saved."""
-        for (step, epoch, batch), seen, device_sums in self.updates:
+        """Add what is kept to `state`'s sums (the host waits for it), with the time it took; the last update's
+        gradient norm (None if it has none, or nothing was kept). A loss or norm that is not finite stops the run,
+        naming its update, before anything is saved (the update of a norm that is not a number was skipped)."""
+        norm = None
+        for (step, epoch, batch), seen, device_sums, norm_array in self.updates:
             loss = sum(float(l.item()) for l, _ in device_sums)
             check_finite("loss", loss, step, epoch, batch, run)
+            norm = None if norm_array is None else float(norm_array.asscalar())
+            check_finite("gradient norm", norm, step, epoch, batch, run)
             state.add(loss=loss, correct=sum(int(c.item()) for _, c in device_sums), seen=seen)
         if self.started is not None:
             state.add(seconds=time.perf_counter() - self.started)
         self.updates, self.started = [], None
+        return norm
 
 
 def rng_states():
@@ -627,12 +646,12 @@ def check_finite(what, value, step, epoch, batch, run):
                                f"gradients (--max-grad-norm) or check the data.")
 
 
-def log_step(run, state, sums, bar, epoch, lr, norm, every):
-    """Every `every` updates, read the figures since the last step entry, log them in metrics.jsonl and show them on
-    the progress bar."""
+def log_step(run, state, sums, bar, epoch, lr, every):
+    """Every `every` updates, read the figures since the last step entry, log them in metrics.jsonl (with the last
+    update's gradient norm) and show them on the progress bar."""
     if state.step % every:
         return
-    sums.read_into(state, run)
+    norm = sums.read_into(state, run)
     run.log(state.log_step(epoch, state.batch / bar.total, lr, norm))
     bar.set_postfix(loss=f"{state.epoch_sums['loss'] / state.epoch_sums['seen']:.3f}",
                     acc=f"{state.epoch_sums['correct'] / state.epoch_sums['seen']:.3f}",
@@ -737,12 +756,12 @@ def finetune(net, train_set, test_set, recipe=BOOK, dev_set=None, resume=False, 
                         for micro_batch in task.micro_batches(indices):  # as many as fit the memory budget
                             device_sums += train_batch(task.block, micro_batch, loss, devices)
                     norm = apply_update(trainer, task.block.collect_params(), devices, examples, recipe.max_grad_norm)
-                    check_finite("gradient norm", norm, state.step + 1, epoch, b, run)
                     average.update(epoch)
-                    sums.add((state.step + 1, epoch, b), sum(len(indices) for _, indices in batches), device_sums)
+                    sums.add((state.step + 1, epoch, b), sum(len(indices) for _, indices in batches), device_sums,
+                             norm)
                     state.step, state.batch = state.step + 1, b + 1
                     bar.update(state.batch - bar.n)
-                    log_step(run, state, sums, bar, epoch, trainer.learning_rate, norm, recipe.log_every)
+                    log_step(run, state, sums, bar, epoch, trainer.learning_rate, recipe.log_every)
                     stop_if_requested(stop, checkpoint, run, state)
                     if recipe.save_every and state.step % recipe.save_every == 0 and state.batch < bar.total:
                         checkpoint()

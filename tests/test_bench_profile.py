@@ -20,7 +20,7 @@ TINY = {"what": "a tiny BERT", "label": "tiny", "checkpoint": False, "batch_size
 # What the step runs besides the kinds' arithmetic: reshapes, copies, casts and fills, the accuracy's argmax, equal
 # and sum, the loss's scaling, the engine's own bookkeeping. Their time is small on every workload profiled.
 KNOWN_OTHER = {"Cast", "CopyCPU2CPU", "DeleteVariable", "Flatten", "SetValueOp", "WaitForVar", "_backward_copy",
-               "_backward_mul_scalar", "_backward_reshape", "_contrib_arange_like", "_full", "_np_reshape", "_np_sum",
+               "_backward_mul_scalar", "_backward_reshape", "_contrib_arange_like", "_np_reshape", "_np_sum",
                "_npi_argmax", "_npi_equal", "_npi_full_like", "_npi_multiply_scalar", "_npi_zeros", "_npx_reshape",
                "repeat", "sum", "_copy", "_np_copy"}
 
@@ -31,6 +31,7 @@ KNOWN_OTHER = {"Cast", "CopyCPU2CPU", "DeleteVariable", "Flatten", "SetValueOp",
     ("_backward_npi_broadcast_add", "adds (residuals, broadcasts, gradient sums)"),
     ("_backward_LeakyReLU", "GELU / activation"), ("_adamw_update", OPTIMIZER),
     ("multi_sum_sq", OPTIMIZER), ("adam_update", OPTIMIZER), ("dot", OPTIMIZER), ("_mul_scalar", OPTIMIZER),
+    ("sqrt", OPTIMIZER), ("_minimum_scalar", OPTIMIZER), ("broadcast_mul", OPTIMIZER),
     ("_np_dot", "matrix products (dense layers)"), ("_backward_mul_scalar", bench_profile.OTHER), ("ResourceNativeRandomSetSeed", "dropout (masks, and seeding them per batch)"),
     ("CopyCPU2CPU", bench_profile.OTHER)])
 def test_operators_are_counted_under_their_kind(op, kind):
