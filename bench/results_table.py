@@ -429,6 +429,8 @@ def render_profile():
     lines.append("| the step, not profiled, round by round (the machine's load) | " + " ms | ".join(rounds) + " ms |")
     lines.append("| examples/sec, not profiled | " + " | ".join(f"{w[side]['unprofiled_examples_per_sec']:.1f}"
                                                              for w, side in columns) + " |")
+    lines.append("| tokens per step, padding included | " + " | ".join(f"{w[side]['padded_tokens_per_step']:,.0f}"
+                                                                     for w, side in columns) + " |")
     machine = results["machine"]
     steps = ", ".join(f"{w['label']}: {w['after']['steps']} steps" for w in results["workloads"].values())
     before = f"; before: commit {results['before_commit'][:7]}" if "before_commit" in results else ""

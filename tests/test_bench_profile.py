@@ -59,7 +59,7 @@ def test_the_profile_table_shows_each_kind_before_and_after_from_the_results_fil
                    bench_profile.OUTSIDE: {"ms_per_step": outside_ms, "share": outside_ms / step_ms}}
         return {"by_kind": by_kind, "steps": 3, "profiled_ms_per_step": step_ms, "unprofiled_ms_per_step": step_ms - 1,
                 "first_pass_ms_per_step": 2 * step_ms, "unprofiled_ms_per_step_per_round": [step_ms - 2, step_ms],
-                "unprofiled_examples_per_sec": 32000 / (step_ms - 1)}
+                "unprofiled_examples_per_sec": 32000 / (step_ms - 1), "padded_tokens_per_step": 5 * step_ms}
     results = {"command": "OMP_NUM_THREADS=2 nice -n -5 python bench/bench_profile.py --before 8f7eb64",
                "before_commit": "8f7eb649803b19dcde4d087c304aa9b7471320b5",
                "workloads": {"minilm": {"label": "all-MiniLM-L6-v2, batch 32", "before": side(40.0, 200.0),
@@ -76,5 +76,6 @@ def test_the_profile_table_shows_each_kind_before_and_after_from_the_results_fil
     assert "| **the step, not profiled** | 199.0 ms | 149.0 ms |" in table
     assert "| **the step in the first pass (each new shape planned), not profiled** | 400.0 ms | 300.0 ms |" in table
     assert "| the step, not profiled, round by round (the machine's load) | 198, 200 ms | 148, 150 ms |" in table
+    assert "| tokens per step, padding included | 1,000 | 750 |" in table
     assert "before: commit 8f7eb64" in table and "niceness -5" in table
     assert "`OMP_NUM_THREADS=2 nice -n -5 python bench/bench_profile.py --before 8f7eb64`" in table
