@@ -273,17 +273,16 @@ def test_batches_pad_to_a_multiple_of_8_and_split_over_devices(dev_pairs, vocab)
 
 
 def test_a_batch_reaches_the_device_without_waiting_for_the_work_queued_before():
-    a = np.ones((1500, 1500)) / 1500
-    queued = a
-    for _ in range(8):  # a second or so of matrix products for the engine
-        queued = np.dot(queued, a)
+    a = np.ones((2500, 2500)) / 2500
+    product = np.dot(a, a)  # a second or so of work for the engine's CPU worker
+    time.sleep(0.05)  # for the worker to take it up
     started = time.perf_counter()
     tokens = onp.arange(12, dtype=onp.int32).reshape(3, 4)
     (shard,), = data.split_batch((tokens,), [mx.cpu()])
     returned = time.perf_counter() - started
-    queued.wait_to_read()
+    product.wait_to_read()
     drained = time.perf_counter() - started
-    assert returned < drained / 10  # mx.np.array's copy waits behind the products: about half of them
+    assert returned < drained / 10  # mx.np.array's copy waits for the worker: it returns with the product
     assert shard.dtype == onp.int32 and (shard.asnumpy() == tokens).all()
     tokens[0, 0] = 99  # the batch is a copy: the caller's array stays its own
     assert shard[0, 0] == 0
