@@ -142,6 +142,6 @@ def split_batch(arrays, devices):
 
 def host_array(a):
     """An MXNet array on the CPU holding a copy of NumPy array `a`, made without waiting for the engine. `mx.np.array`
-    copies through an engine operation queued behind all the work already pushed: the host would wait for the last
-    update before it could push the next batch."""
+    copies through an engine operation, which waits for the engine's CPU worker to finish what it runs: in training,
+    the last update, before the host could push the next batch."""
     return mx.nd.from_numpy(onp.array(a, order="C"), zero_copy=True).as_np_ndarray()
