@@ -61,8 +61,8 @@ def batch_seed(seed, rank, epoch, batch):
 
 def train_batch(net, batch, loss, devices):
     """Gradients of one batch split over `devices`: each device's summed loss and correct predictions, left on that
-    device (reading them would make the host wait). The last array of `batch` is the labels; gradients are added to
-    (grad_req 'add') until `apply_update` zeroes them.
+    device (reading them would make the host wait). The last array of `batch` is the labels; gradients are written
+    or added to, as `write_gradients` set them.
 
     Book: `train_batch_ch13`, up to its update: `apply_update` follows, once every `accumulate` batches."""
     shards = data.split_batch(batch, devices[:len(batch[-1])])
@@ -75,8 +75,20 @@ def train_batch(net, batch, loss, devices):
             for l, pred, shard in zip(losses, preds, shards)]
 
 
+def write_gradients(params, passes, devices):
+    """Let the backward pass write the trainable gradients (grad_req 'write') when an update takes one pass on every
+    device, so nothing zeroes them and no kernel adds to zeros; else add to them (grad_req 'add') until
+    `apply_update` zeroes them. `passes` holds the labels of each micro-batch of the update. A change of mode
+    allocates zeroed gradients, so a device that sees no example contributes nothing either way."""
+    mode = "write" if len(passes) == 1 and len(passes[0]) >= len(devices) else "add"
+    for p in params.values():
+        if p.grad_req != "null":
+            p.grad_req = mode
+
+
 def apply_update(trainer, params, devices, num_examples, max_grad_norm=None):
-    """Sum the gradients over devices (and workers), clip their global norm, update, zero them.
+    """Sum the gradients over devices (and workers), clip their global norm, update, zero the gradients that are
+    added to.
 
     The gradients are sums over `num_examples` examples (of all workers): the update is that of their
     mean, and a `max_grad_norm` (0 or None: no clipping) bounds the norm of that mean, which is returned as an
@@ -106,8 +118,9 @@ def apply_update(trainer, params, devices, num_examples, max_grad_norm=None):
         trainer.update(num_examples)
     elif math.isfinite(factor := float(clip.asscalar())):  # a norm that is not a number: no update
         trainer.update(num_examples / factor)
-    for device in devices:  # one operator per device for all its gradients
-        grads = [p.grad(device).as_nd_ndarray() for p in trainable]
+    added = [p for p in trainable if p.grad_req == "add"]
+    for device in devices if added else ():  # one operator per device for all its gradients
+        grads = [p.grad(device).as_nd_ndarray() for p in added]
         mx.nd.reset_arrays(*grads, num_arrays=len(grads))
     return norm
 
@@ -262,14 +275,14 @@ class Shards:
 
 
 def set_trainable(net, recipe, epoch):
-    """Accumulate gradients (grad_req 'add') for the head, and for the encoder unless `recipe` keeps it
-    frozen in `epoch` (it trains only the head, or only the head for its first `freeze_epochs`)."""
+    """Train the head, and the encoder unless `recipe` keeps it frozen in `epoch` (it trains only the head, or only
+    the head for its first `freeze_epochs`); `write_gradients` then sets how each update fills their gradients."""
     frozen = recipe.mode != "full" or epoch <= recipe.freeze_epochs
     if recipe.freeze_epochs and epoch == recipe.freeze_epochs + 1:
         print(f"epoch {epoch}: the encoder is unfrozen", flush=True)
-    net.encoder.collect_params().setattr("grad_req", "null" if frozen else "add")
+    net.encoder.collect_params().setattr("grad_req", "null" if frozen else "write")
     for block in (net.hidden, net.output):
-        block.collect_params().setattr("grad_req", "add")
+        block.collect_params().setattr("grad_req", "write")
 
 
 def head_of(net):
@@ -751,9 +764,12 @@ def finetune(net, train_set, test_set, recipe=BOOK, dev_set=None, resume=False, 
                 for batches, examples in shards.updates(epoch, rank, start=state.batch):
                     sums.start()  # the clock of the updates until their figures are read
                     device_sums = []
-                    for b, indices in batches:  # the gradients of `accumulate` batches, summed into one update
+                    # the gradients of `accumulate` batches, each cut into as many micro-batches as fit the budget
+                    parts = [(b, list(task.micro_batches(indices))) for b, indices in batches]
+                    write_gradients(task.block.collect_params(), [mb[-1] for _, mbs in parts for mb in mbs], devices)
+                    for b, micro_batches in parts:
                         mx.random.seed(batch_seed(recipe.seed, rank, epoch, b), ctx="all")  # drawn from where it is
-                        for micro_batch in task.micro_batches(indices):  # as many as fit the memory budget
+                        for micro_batch in micro_batches:
                             device_sums += train_batch(task.block, micro_batch, loss, devices)
                     norm = apply_update(trainer, task.block.collect_params(), devices, examples, recipe.max_grad_norm)
                     average.update(epoch)

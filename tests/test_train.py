@@ -443,6 +443,39 @@ def dense_with_gradients(seed=0):
     return net, {name: p.grad().asnumpy() / 6 for name, p in net.collect_params().items()}
 
 
+def test_one_pass_per_device_writes_the_gradients_and_any_other_update_adds_to_zeroed_ones():
+    """An update of one micro-batch that reaches every device lets the backward write the gradients; one of several
+    micro-batches, or one that leaves a device without examples, adds them to zeros (no stale gradient counts)."""
+    devices = [mx.cpu(0), mx.cpu(1)]
+    mx.random.seed(0)
+    net = gluon.nn.Dense(3, in_units=4)
+    net.initialize(mx.init.Normal(1.0), ctx=devices)
+    net.hybridize()
+    params, loss = net.collect_params(), gluon.loss.SoftmaxCrossEntropyLoss()
+    trainer = gluon.Trainer(params, "sgd", {"learning_rate": 0.0}, update_on_kvstore=False)  # weights stay put
+    X, y = onp.random.RandomState(0).normal(size=(4, 4)).astype("float32"), onp.array([0, 1, 2, 0], "int32")
+
+    def gradients(passes):
+        """Each device's weight gradient after an update of micro-batches `passes` (lists of examples), and the mode."""
+        train.write_gradients(params, [y[i] for i in passes], devices)
+        for i in passes:
+            train.train_batch(net, (X[i], y[i]), loss, devices)
+        grads, mode = [g.asnumpy().copy() for g in net.weight.list_grad()], net.weight.grad_req
+        train.apply_update(trainer, params, devices, sum(map(len, passes)))
+        return grads, mode
+
+    whole, mode = gradients([[0, 1, 2, 3]])
+    assert mode == "write"
+    for passes in ([[0, 1], [2, 3]], [[0, 1, 2, 3]], [[2, 3], [0, 1]]):  # after a written update, and after an added
+        grads, mode = gradients(passes)
+        assert mode == ("write" if len(passes) == 1 else "add")
+        onp.testing.assert_allclose(sum(grads), sum(whole), rtol=1e-5, atol=1e-6)  # summed in another order
+    grads, mode = gradients([[0]])  # one example: the second device sees none
+    assert mode == "add" and not grads[1].any()
+    grads_again, _ = gradients([[0]])  # nor does it after an added update
+    assert not grads_again[1].any() and onp.array_equal(grads[0], grads_again[0])
+
+
 @pytest.mark.parametrize("max_norm", [0.05, 1e3])
 def test_clipping_bounds_the_update_of_the_mean_gradient(max_norm):
     """apply_update returns the norm of the mean gradient and, with SGD at lr 1, moves the weights by
