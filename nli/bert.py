@@ -69,20 +69,27 @@ class MultiHeadAttention(nn.HybridBlock):
         X = legacy(F, "transpose", F.npx.reshape(X, (-6, -1, self.num_heads, -2, -2)), axes=(0, 2, 1, 3))
         return F.npx.reshape(X, (-2, -2, -1))
 
-    def hybrid_forward(self, F, X, valid_lens):
+    def hybrid_forward(self, F, X, key_bias):
+        """Attention of `X`'s positions to each other; `key_bias` (`attention_bias`) masks the padding."""
         queries = self._split_heads(F, self.W_q(X))
         keys = self._split_heads(F, self.W_k(X))
         values = self._split_heads(F, self.W_v(X))
-        scores = F.npx.batch_dot(queries, keys, transpose_b=True) / self.scale
-        # The book's masked_softmax: keys at or past valid_len get weight exactly 0. MXNet's softmax
-        # takes the lengths itself, one per row of scores: (batch * heads, queries).
-        query_positions = F.npx.arange_like(scores, axis=1).reshape(1, -1)
-        lens = F.np.repeat(valid_lens, self.num_heads, axis=0).reshape(-1, 1) + F.np.zeros_like(query_positions)
-        weights = F.npx.softmax(scores, length=lens.astype("int32"), axis=-1, use_length=True)
+        scores = legacy(F, "elemwise_add", F.npx.batch_dot(queries, keys, transpose_b=True) / self.scale, key_bias)
+        weights = F.npx.softmax(scores, axis=-1)
         if self.weights_sink is not None:
             self.weights_sink.append(weights)
         weights = self.attention_dropout(weights)
         return self.W_o(self._merge_heads(F, F.npx.batch_dot(weights, values)))
+
+
+def attention_bias(F, tokens, valid_lens, num_heads):
+    """What attention adds to its scores, (batch * heads, steps, steps): 0, and -1e30 for the keys at or past each
+    sequence's valid length, whose weights the softmax then makes exactly 0 (the book's masked_softmax). Built once
+    for all layers; adding it and MXNet's plain softmax take a third of the time of its softmax over lengths."""
+    keys = F.npx.arange_like(tokens, axis=1).astype("float32")
+    lens = F.np.repeat(valid_lens, num_heads, axis=0).reshape(-1, 1, 1)
+    bias = (F.np.less(keys.reshape(1, 1, -1), lens).astype("float32") - 1) * 1e30  # (batch * heads, 1, steps)
+    return bias + F.np.zeros_like(keys).reshape(1, -1, 1)  # the same for every query
 
 
 def legacy(F, operator, *arrays, **options):
@@ -185,8 +192,8 @@ class TransformerEncoderBlock(nn.HybridBlock):
         self.ffn = PositionWiseFFN(ffn_num_hiddens, num_hiddens, activation)
         self.addnorm2 = AddNorm(num_hiddens, dropout, norm_eps)
 
-    def hybrid_forward(self, F, X, valid_lens):
-        Y = self.addnorm1(X, self.attention(X, valid_lens))
+    def hybrid_forward(self, F, X, key_bias):
+        Y = self.addnorm1(X, self.attention(X, key_bias))
         return self.addnorm2(Y, self.ffn(Y))
 
 
@@ -219,8 +226,9 @@ class BERTEncoder(GraphPerMode):
         X = legacy(F, "elemwise_add", X, repeated)
         if self.embedding_norm is not None:
             X = self.embedding_dropout(self.embedding_norm(X))
+        key_bias = attention_bias(F, tokens, valid_lens, self.blks[0].attention.num_heads)
         for blk in self.blks:
-            X = blk(X, valid_lens)
+            X = blk(X, key_bias)
         return X
 
 

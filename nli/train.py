@@ -86,6 +86,21 @@ def write_gradients(params, passes, devices):
             p.grad_req = mode
 
 
+def accumulate_gradients(task, batches, loss, devices, seed_of):
+    """The gradients of one update: `batches` ((number, indices) pairs, `accumulate` of them), each cut into as many
+    micro-batches as fit the memory budget, with dropout drawn from `seed_of(number)`: from where the batch is in the
+    run. Returns each micro-batch's device sums (`train_batch`)."""
+    parts = [(b, list(task.micro_batches(indices))) for b, indices in batches]
+    write_gradients(task.block.collect_params(), [mb[-1] for _, micro_batches in parts for mb in micro_batches],
+                    devices)
+    device_sums = []
+    for b, micro_batches in parts:
+        mx.random.seed(seed_of(b), ctx="all")
+        for micro_batch in micro_batches:
+            device_sums += train_batch(task.block, micro_batch, loss, devices)
+    return device_sums
+
+
 def apply_update(trainer, params, devices, num_examples, max_grad_norm=None):
     """Sum the gradients over devices (and workers), clip their global norm, update, zero the gradients that are
     added to.
@@ -763,16 +778,11 @@ def finetune(net, train_set, test_set, recipe=BOOK, dev_set=None, resume=False, 
             with epoch_bar(shards.num_batches(epoch), state.batch, epoch, recipe.epochs, progress) as bar:
                 for batches, examples in shards.updates(epoch, rank, start=state.batch):
                     sums.start()  # the clock of the updates until their figures are read
-                    device_sums = []
-                    # the gradients of `accumulate` batches, each cut into as many micro-batches as fit the budget
-                    parts = [(b, list(task.micro_batches(indices))) for b, indices in batches]
-                    write_gradients(task.block.collect_params(), [mb[-1] for _, mbs in parts for mb in mbs], devices)
-                    for b, micro_batches in parts:
-                        mx.random.seed(batch_seed(recipe.seed, rank, epoch, b), ctx="all")  # drawn from where it is
-                        for micro_batch in micro_batches:
-                            device_sums += train_batch(task.block, micro_batch, loss, devices)
+                    device_sums = accumulate_gradients(task, batches, loss, devices,
+                                                       lambda b: batch_seed(recipe.seed, rank, epoch, b))
                     norm = apply_update(trainer, task.block.collect_params(), devices, examples, recipe.max_grad_norm)
                     average.update(epoch)
+                    b = batches[-1][0]  # the update's last batch
                     sums.add((state.step + 1, epoch, b), sum(len(indices) for _, indices in batches), device_sums,
                              norm)
                     state.step, state.batch = state.step + 1, b + 1
