@@ -60,7 +60,8 @@ KINDS = [
     ("attention: batched products", {"batch_dot", "interleaved_matmul_selfatt_qk", "interleaved_matmul_selfatt_valatt",
                                      "interleaved_matmul_encdec_qk", "interleaved_matmul_encdec_valatt"}),
     ("attention: head split/merge transposes", {"transpose"}),
-    ("attention: masked softmax and scaling", {"softmax", "masked_softmax", "true_divide_scalar", "div_scalar"}),
+    ("attention: masked softmax and scaling", {"softmax", "masked_softmax", "true_divide_scalar", "div_scalar",
+                                               "less", "subtract_scalar"}),  # and the mask (`bert.attention_bias`)
     ("softmax of the loss (log-softmax, pick)", {"log_softmax", "pick", "mean"}),
     # In training, `bert.LayerNorm` is products (counted above) and these elementwise steps, which nothing else runs
     ("layer norm", {"LayerNorm", "elemwise_sub", "sub", "elemwise_mul", "mul", "square", "power_scalar", "add_scalar",

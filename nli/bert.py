@@ -203,7 +203,7 @@ class BERTEncoder(GraphPerMode):
     def __init__(self, vocab_size, num_hiddens, ffn_num_hiddens, num_heads, num_blks, dropout,
                  max_len=512, activation="relu", embedding_norm=False, norm_eps=1e-5):
         super().__init__()
-        self.num_hiddens = num_hiddens
+        self.num_hiddens, self.num_heads = num_hiddens, num_heads
         self.token_embedding = nn.Embedding(vocab_size, num_hiddens)
         self.segment_embedding = nn.Embedding(2, num_hiddens)
         self.embedding_norm = None
@@ -226,7 +226,7 @@ class BERTEncoder(GraphPerMode):
         X = legacy(F, "elemwise_add", X, repeated)
         if self.embedding_norm is not None:
             X = self.embedding_dropout(self.embedding_norm(X))
-        key_bias = attention_bias(F, tokens, valid_lens, self.blks[0].attention.num_heads)
+        key_bias = attention_bias(F, tokens, valid_lens, self.num_heads)
         for blk in self.blks:
             X = blk(X, key_bias)
         return X

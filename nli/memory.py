@@ -116,11 +116,13 @@ class Shape:
         Counted from the tensors each encoder block keeps: 18 of the hidden size (the input; queries, keys and
         values and their split into heads; the heads merged; the output projection; two dropouts with their masks,
         residual sums and LayerNorms), 2 of the feed-forward size (before and after the activation) and 4 of
-        heads x length (scores, softmax, dropout and its mask); plus 6 of the hidden size for the embeddings; plus
-        4 of the hidden size for each LayerNorm (`bert.LayerNorm` trains through products that keep their inputs:
-        2.5 and 4.2 measured with bert.small's and MiniLM's shapes). Scaled by CALIBRATION, from measured peaks."""
+        heads x length (scores, softmax, dropout and its mask); plus 6 of the hidden size for the embeddings and 1
+        of heads x length for the attention bias the layers share (`bert.attention_bias`); plus 4 of the hidden size
+        for each LayerNorm (`bert.LayerNorm` trains through products that keep their inputs: 2.5 and 4.2 measured
+        with bert.small's and MiniLM's shapes). Scaled by CALIBRATION, from measured peaks."""
         per_layer = (18 + 2 * LAYER_NORM_HIDDENS) * self.hidden + 2 * self.ffn + 4 * self.heads * length
-        return int(CALIBRATION * FLOAT_BYTES * (self.layers * per_layer + (6 + LAYER_NORM_HIDDENS) * self.hidden))
+        shared = (6 + LAYER_NORM_HIDDENS) * self.hidden + self.heads * length
+        return int(CALIBRATION * FLOAT_BYTES * (self.layers * per_layer + shared))
 
 
 @dataclasses.dataclass(frozen=True)
