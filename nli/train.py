@@ -77,13 +77,18 @@ def train_batch(net, batch, loss, devices):
 
 def write_gradients(params, passes, devices):
     """Let the backward pass write the trainable gradients (grad_req 'write') when an update takes one pass on every
-    device, so nothing zeroes them and no kernel adds to zeros; else add to them (grad_req 'add') until
-    `apply_update` zeroes them. `passes` holds the labels of each micro-batch of the update. A change of mode
-    allocates zeroed gradients, so a device that sees no example contributes nothing either way."""
+    device, so nothing zeroes them and no kernel adds to zeros; else add to them (grad_req 'add') from zero until
+    `apply_update` zeroes them. `passes` holds the labels of each micro-batch of the update. The gradient arrays
+    are kept (Gluon's setter would allocate new ones, a second copy of them at the switch)."""
     mode = "write" if len(passes) == 1 and len(passes[0]) >= len(devices) else "add"
-    for p in params.values():
-        if p.grad_req != "null":
-            p.grad_req = mode
+    switched = [p for p in params.values() if p.grad_req not in ("null", mode)]
+    for p in switched:
+        p._grad_req = mode
+        autograd.mark_variables(p.list_data(), p.list_grad(), mode)
+    if mode == "add":  # the last update's written gradients
+        for device in devices if switched else ():
+            grads = [p.grad(device).as_nd_ndarray() for p in switched]
+            mx.nd.reset_arrays(*grads, num_arrays=len(grads))
 
 
 def accumulate_gradients(task, batches, loss, devices, seed_of):
