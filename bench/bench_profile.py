@@ -1,10 +1,10 @@
 """Where a training step's time goes: MXNet's profiler over the engine's own step, operators grouped by kind.
 
 A step is what `train.finetune` does per update with the `tuned` recipe (AdamW, clipping at 1.0): the batch's
-dropout seed, `train.write_gradients`, `train.train_batch` on each micro-batch of the memory plan,
-`train.apply_update` with a Trainer from `train.make_trainer`, the figures read on the host every `log_every`
-updates. Two workloads, on real SNLI dev pairs (tests/data/snli_1.0_dev_pairs.tsv) in the length-bucketed batches
-of epoch 1:
+dropout seed, `train.write_gradients` (with `train.looked_up_rows`), `train.train_batch` on each micro-batch of
+the memory plan, `train.apply_update` with a Trainer from `train.make_trainer`, the figures read on the host every
+`log_every` updates. Two workloads, on real SNLI dev pairs (tests/data/snli_1.0_dev_pairs.tsv) in the
+length-bucketed batches of epoch 1:
 - minilm: the all-MiniLM-L6-v2 shape (6 layers, 384 hidden, 12 heads, 1536 ffn, GELU), batch 32; random weights
   and the book's word vocabulary, or with `--model-dir` the real checkpoint and its WordPiece tokenizer;
 - bert_small: the book's bert.small shape (2 layers, 256 hidden, 4 heads, 512 ffn, relu), batch 512, random weights.
@@ -153,10 +153,13 @@ def profile_side(workload, steps, model_dir=None):
         started, pending = time.perf_counter(), []
         for step, (indices, batch) in enumerate(zip(order, micro_batches), start=1):
             mx.random.seed(train.batch_seed(recipe.seed, 0, 1, step), ctx="all")
+            rows = {}
             if hasattr(train, "write_gradients"):  # code from before it (--before) adds to zeroed gradients
-                train.write_gradients(net.collect_params(), [micro_batch[-1] for micro_batch in batch], devices)
+                rows = train.looked_up_rows(net.encoder.token_embedding.weight, batch)
+                train.write_gradients(net.collect_params(), [micro_batch[-1] for micro_batch in batch], devices, rows)
             pending += [train.train_batch(net, micro_batch, loss, devices) for micro_batch in batch]
-            train.apply_update(trainer, net.collect_params(), devices, len(indices), recipe.max_grad_norm)
+            train.apply_update(trainer, net.collect_params(), devices, len(indices), recipe.max_grad_norm,
+                               **({"rows": rows} if rows else {}))
             if step % recipe.log_every == 0 or step == len(order):
                 [host_figures(figures) for figures in pending]
                 pending = []

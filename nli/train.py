@@ -75,40 +75,51 @@ def train_batch(net, batch, loss, devices):
             for l, pred, shard in zip(losses, preds, shards)]
 
 
-def write_gradients(params, passes, devices):
+def write_gradients(params, passes, devices, rows=()):
     """Let the backward pass write the trainable gradients (grad_req 'write') when an update takes one pass on every
     device, so nothing zeroes them and no kernel adds to zeros; else add to them (grad_req 'add') from zero until
-    `apply_update` zeroes them. `passes` holds the labels of each micro-batch of the update. The gradient arrays
-    are kept (Gluon's setter would allocate new ones, a second copy of them at the switch)."""
+    `apply_update` zeroes them. `passes` holds the labels of each micro-batch of the update; the parameters of `rows`
+    (`looked_up_rows`) are always added to, as only their rows looked up are zeroed. The gradient arrays are kept
+    (Gluon's setter would allocate new ones, a second copy of them at the switch)."""
     mode = "write" if len(passes) == 1 and len(passes[0]) >= len(devices) else "add"
-    switched = [p for p in params.values() if p.grad_req not in ("null", mode)]
+    switched = [p for p in params.values() if p.grad_req not in ("null", "add" if p in rows else mode)]
     for p in switched:
-        p._grad_req = mode
-        autograd.mark_variables(p.list_data(), p.list_grad(), mode)
-    if mode == "add":  # the last update's written gradients
-        for device in devices if switched else ():
-            grads = [p.grad(device).as_nd_ndarray() for p in switched]
-            mx.nd.reset_arrays(*grads, num_arrays=len(grads))
+        p._grad_req = "add" if p in rows else mode
+        autograd.mark_variables(p.list_data(), p.list_grad(), p.grad_req)
+    switched = [p for p in switched if p.grad_req == "add"]  # holding the last update's written gradients
+    for device in devices if switched else ():
+        grads = [p.grad(device).as_nd_ndarray() for p in switched]
+        mx.nd.reset_arrays(*grads, num_arrays=len(grads))
+
+
+def looked_up_rows(weight, micro_batches):
+    """{`weight`: the ids of its rows that `micro_batches` (token ids first) look up}, the word embeddings' `weight`:
+    the only rows of its gradient that are not zero, which `apply_update` alone measures and zeroes, a few hundred
+    of a table of 30,000 (none if the weight is frozen)."""
+    if weight.grad_req == "null":
+        return {}
+    return {weight: onp.unique(onp.concatenate([micro_batch[0].ravel() for micro_batch in micro_batches]))}
 
 
 def accumulate_gradients(task, batches, loss, devices, seed_of):
     """The gradients of one update: `batches` ((number, indices) pairs, `accumulate` of them), each cut into as many
     micro-batches as fit the memory budget, with dropout drawn from `seed_of(number)`: from where the batch is in the
-    run. Returns each micro-batch's device sums (`train_batch`)."""
+    run. Returns each micro-batch's device sums (`train_batch`), and the embeddings' rows looked up (`task.rows`)."""
     parts = [(b, list(task.micro_batches(indices))) for b, indices in batches]
+    rows = task.rows([mb for _, micro_batches in parts for mb in micro_batches])
     write_gradients(task.block.collect_params(), [mb[-1] for _, micro_batches in parts for mb in micro_batches],
-                    devices)
+                    devices, rows)
     device_sums = []
     for b, micro_batches in parts:
         mx.random.seed(seed_of(b), ctx="all")
         for micro_batch in micro_batches:
             device_sums += train_batch(task.block, micro_batch, loss, devices)
-    return device_sums
+    return device_sums, rows
 
 
-def apply_update(trainer, params, devices, num_examples, max_grad_norm=None):
+def apply_update(trainer, params, devices, num_examples, max_grad_norm=None, rows=None):
     """Sum the gradients over devices (and workers), clip their global norm, update, zero the gradients that are
-    added to.
+    added to: of the parameters in `rows` (`looked_up_rows`), only the rows given, where the rest are zero.
 
     The gradients are sums over `num_examples` examples (of all workers): the update is that of their
     mean, and a `max_grad_norm` (0 or None: no clipping) bounds the norm of that mean, which is returned as an
@@ -119,11 +130,13 @@ def apply_update(trainer, params, devices, num_examples, max_grad_norm=None):
     arrays of one device."""
     trainer.allreduce_grads()
     trainable = [p for p in params.values() if p.grad_req != "null"]
+    rows = {p: [data.host_array(ids).as_in_context(device) for device in devices] for p, ids in (rows or {}).items()}
     norm = clip = None
     if max_grad_norm:
         # After the all-reduce every device holds the same sums: the first device's give the norm.
         # BLAS's dot of each gradient with itself: 3x faster than multi_sum_sq on the CPU, and more exact
-        first = [p.grad(devices[0]).as_nd_ndarray().reshape(-1) for p in trainable]
+        first = [(p.grad(devices[0])[rows[p][0]] if p in rows else p.grad(devices[0])).as_nd_ndarray().reshape(-1)
+                 for p in trainable]
         norm = mx.nd.sqrt(mx.nd.add_n(*[mx.nd.dot(g, g) for g in first])) / num_examples
         clip = mx.nd.minimum(max_grad_norm / (norm + 1e-6), 1.0)  # as torch.nn.utils.clip_grad_norm_
     for p in trainable:  # a device that saw no example still applies the all-reduced update
@@ -138,10 +151,13 @@ def apply_update(trainer, params, devices, num_examples, max_grad_norm=None):
         trainer.update(num_examples)
     elif math.isfinite(factor := float(clip.asscalar())):  # a norm that is not a number: no update
         trainer.update(num_examples / factor)
-    added = [p for p in trainable if p.grad_req == "add"]
-    for device in devices if added else ():  # one operator per device for all its gradients
-        grads = [p.grad(device).as_nd_ndarray() for p in added]
-        mx.nd.reset_arrays(*grads, num_arrays=len(grads))
+    added = [p for p in trainable if p.grad_req == "add" and p not in rows]
+    for i, device in enumerate(devices):  # one operator per device for all its gradients
+        if added:
+            grads = [p.grad(device).as_nd_ndarray() for p in added]
+            mx.nd.reset_arrays(*grads, num_arrays=len(grads))
+        for p, ids in rows.items():
+            p.grad(device)[ids[i]] = 0
     return norm
 
 
@@ -352,6 +368,11 @@ class PairsTask:
         self.block, self.train_set, self.shard, self.plan = net, train_set, shard, plan
         self.lengths, self.devices, self.batch_size = train_set.valid_lens[shard], devices, recipe.batch_size
         self.bucket_width = recipe.bucket_width
+        self.rows_known = not recipe.kvstore.startswith("dist")  # not those other workers look up
+
+    def rows(self, micro_batches):
+        """The word embeddings' rows `micro_batches` look up (`looked_up_rows`), if no other worker adds to them."""
+        return looked_up_rows(self.block.encoder.token_embedding.weight, micro_batches) if self.rows_known else {}
 
     def micro_batches(self, indices):
         """The batch of the shard's pairs `indices`, cut into micro-batches that fit the memory budget, each padded to
@@ -375,6 +396,10 @@ class FeaturesTask:
         self.train_labels = train_set.labels[shard]
         self.eval_features = {id(s): cached_features(cache_dir, net, s, onp.arange(len(s)), devices, recipe.batch_size,
                                                      progress, plan.split) for s in eval_sets if s is not None}
+
+    def rows(self, micro_batches):
+        """No rows: the head has no embeddings."""
+        return {}
 
     def micro_batches(self, indices):
         """The features and labels of the shard's pairs `indices`: one micro-batch, as features are small."""
@@ -783,9 +808,10 @@ def finetune(net, train_set, test_set, recipe=BOOK, dev_set=None, resume=False, 
             with epoch_bar(shards.num_batches(epoch), state.batch, epoch, recipe.epochs, progress) as bar:
                 for batches, examples in shards.updates(epoch, rank, start=state.batch):
                     sums.start()  # the clock of the updates until their figures are read
-                    device_sums = accumulate_gradients(task, batches, loss, devices,
-                                                       lambda b: batch_seed(recipe.seed, rank, epoch, b))
-                    norm = apply_update(trainer, task.block.collect_params(), devices, examples, recipe.max_grad_norm)
+                    device_sums, rows = accumulate_gradients(task, batches, loss, devices,
+                                                             lambda b: batch_seed(recipe.seed, rank, epoch, b))
+                    norm = apply_update(trainer, task.block.collect_params(), devices, examples, recipe.max_grad_norm,
+                                        rows)
                     average.update(epoch)
                     b = batches[-1][0]  # the update's last batch
                     sums.add((state.step + 1, epoch, b), sum(len(indices) for _, indices in batches), device_sums,

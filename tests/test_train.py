@@ -476,6 +476,35 @@ def test_one_pass_per_device_writes_the_gradients_and_any_other_update_adds_to_z
     assert not grads_again[1].any() and onp.array_equal(grads[0], grads_again[0])
 
 
+def test_the_word_embeddings_gradient_is_measured_and_zeroed_on_the_rows_looked_up_alone(training_bert_dir, pairs):
+    """With `looked_up_rows`, the clipping norm takes the word embeddings' rows looked up where it took the whole
+    table, and zeroing those rows leaves the whole gradient zero on every device, update after update: the same
+    updates as without."""
+    devices, updated = [mx.cpu(0), mx.cpu(1)], {}
+    for way in ("rows", "whole table"):
+        train.seed_everything(0)
+        net, vocab = model.from_pretrained(training_bert_dir, devices, dropout=0.0)
+        train.set_trainable(net, TUNED, 1)
+        encoded = snli.encode_pairs(*(c[:24] for c in pairs), vocab, 64)
+        params, weight, loss = net.collect_params(), net.encoder.token_embedding.weight, gluon.loss.SoftmaxCrossEntropyLoss()
+        trainer = train.make_trainer(net, dataclasses.replace(TUNED, lr=1e-2, warmup_ratio=0.0), "device", 10)
+        norms = []
+        for parts in ([onp.arange(8)], [onp.arange(8, 16), onp.arange(16, 24)], [onp.arange(4)]):  # 1 pass, 2, 1
+            micro_batches = [data.make_batch(encoded, part, 1) for part in parts]
+            rows = train.looked_up_rows(weight, micro_batches) if way == "rows" else {}
+            train.write_gradients(params, [micro_batch[-1] for micro_batch in micro_batches], devices, rows)
+            for micro_batch in micro_batches:
+                train.train_batch(net, micro_batch, loss, devices)
+            norms.append(float(train.apply_update(trainer, params, devices, 8 * len(parts), 1.0, rows).asscalar()))
+            if way == "rows":
+                assert weight.grad_req == "add" and 0 < len(rows[weight]) < weight.shape[0] / 2
+                assert not any(grad.asnumpy().any() for grad in weight.list_grad())  # nothing left for the next
+        updated[way] = norms, [p.data(d).asnumpy() for p in params.values() for d in devices]
+    onp.testing.assert_allclose(updated["rows"][0], updated["whole table"][0], rtol=1e-5)
+    for rows, whole in zip(updated["rows"][1], updated["whole table"][1]):
+        onp.testing.assert_allclose(rows, whole, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("max_norm", [0.05, 1e3])
 def test_clipping_bounds_the_update_of_the_mean_gradient(max_norm):
     """apply_update returns the norm of the mean gradient and, with SGD at lr 1, moves the weights by
