@@ -74,7 +74,9 @@ KINDS = [
      {"add", "broadcast_add", "elemwise_add", "add_n", "ElementWiseSum"}),
     ("optimizer (Adam updates, weight decay, gradient norm, zeroing)",
      {"adamw_update", "adam_update", "multi_sum_sq", "reset_arrays", "multi_adamw_update", "multi_lamb_update",
-      "multi_sgd_update", "multi_mp_adamw_update", "sgd_update"}),
+      "multi_sgd_update", "multi_mp_adamw_update", "sgd_update",
+      # the word embeddings' rows looked up, whose gradient the update measures and zeroes (numpy's indexing)
+      "gather_nd", "scatter_set_nd", "stack", "broadcast_to"}),
 ]
 OPTIMIZER = KINDS[-1][0]
 # The update's own legacy-ndarray operators, by their exact names: the gradient norm (the dot of each gradient with
