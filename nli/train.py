@@ -86,16 +86,16 @@ def write_gradients(params, passes, devices, rows=()):
     for p in switched:
         p._grad_req = "add" if p in rows else mode
         autograd.mark_variables(p.list_data(), p.list_grad(), p.grad_req)
-    switched = [p for p in switched if p.grad_req == "add"]  # holding the last update's written gradients
-    for device in devices if switched else ():
-        grads = [p.grad(device).as_nd_ndarray() for p in switched]
+    zeroed = [p for p in switched if p.grad_req == "add"]  # they hold the last update's written gradients
+    for device in devices if zeroed else ():
+        grads = [p.grad(device).as_nd_ndarray() for p in zeroed]
         mx.nd.reset_arrays(*grads, num_arrays=len(grads))
 
 
 def looked_up_rows(weight, micro_batches):
     """{`weight`: the ids of its rows that `micro_batches` (token ids first) look up}, the word embeddings' `weight`:
-    the only rows of its gradient that are not zero, which `apply_update` alone measures and zeroes, a few hundred
-    of a table of 30,000 (none if the weight is frozen)."""
+    the only rows of its gradient that are not zero, which `apply_update` alone measures and zeroes: a few hundred
+    of tens of thousands (no rows if the weight is frozen)."""
     if weight.grad_req == "null":
         return {}
     return {weight: onp.unique(onp.concatenate([micro_batch[0].ravel() for micro_batch in micro_batches]))}
@@ -106,9 +106,9 @@ def accumulate_gradients(task, batches, loss, devices, seed_of):
     micro-batches as fit the memory budget, with dropout drawn from `seed_of(number)`: from where the batch is in the
     run. Returns each micro-batch's device sums (`train_batch`), and the embeddings' rows looked up (`task.rows`)."""
     parts = [(b, list(task.micro_batches(indices))) for b, indices in batches]
-    rows = task.rows([mb for _, micro_batches in parts for mb in micro_batches])
-    write_gradients(task.block.collect_params(), [mb[-1] for _, micro_batches in parts for mb in micro_batches],
-                    devices, rows)
+    every = [micro_batch for _, micro_batches in parts for micro_batch in micro_batches]
+    rows = task.rows(every)
+    write_gradients(task.block.collect_params(), [micro_batch[-1] for micro_batch in every], devices, rows)
     device_sums = []
     for b, micro_batches in parts:
         mx.random.seed(seed_of(b), ctx="all")
