@@ -368,7 +368,7 @@ class PairsTask:
         self.block, self.train_set, self.shard, self.plan = net, train_set, shard, plan
         self.lengths, self.devices, self.batch_size = train_set.valid_lens[shard], devices, recipe.batch_size
         self.bucket_width = recipe.bucket_width
-        self.rows_known = not recipe.kvstore.startswith("dist")  # not those other workers look up
+        self.rows_known = not recipe.kvstore.startswith("dist")  # a distributed kvstore adds other workers' rows
 
     def rows(self, micro_batches):
         """The word embeddings' rows `micro_batches` look up (`looked_up_rows`), if no other worker adds to them."""
