@@ -86,9 +86,13 @@ def write_gradients(params, passes, devices, rows=()):
     for p in switched:
         p._grad_req = "add" if p in rows else mode
         autograd.mark_variables(p.list_data(), p.list_grad(), p.grad_req)
-    zeroed = [p for p in switched if p.grad_req == "add"]  # they hold the last update's written gradients
-    for device in devices if zeroed else ():
-        grads = [p.grad(device).as_nd_ndarray() for p in zeroed]
+    zero_gradients([p for p in switched if p.grad_req == "add"], devices)  # they hold the last update's written ones
+
+
+def zero_gradients(params, devices):
+    """Zero the gradients of `params` (a list) on every device: one operator per device for all of them."""
+    for device in devices if params else ():
+        grads = [p.grad(device).as_nd_ndarray() for p in params]
         mx.nd.reset_arrays(*grads, num_arrays=len(grads))
 
 
@@ -130,13 +134,14 @@ def apply_update(trainer, params, devices, num_examples, max_grad_norm=None, row
     arrays of one device."""
     trainer.allreduce_grads()
     trainable = [p for p in params.values() if p.grad_req != "null"]
-    rows = {p: [data.host_array(ids).as_in_context(device) for device in devices] for p, ids in (rows or {}).items()}
+    row_ids = {p: [data.host_array(ids).as_in_context(device) for device in devices]
+               for p, ids in (rows or {}).items()}
     norm = clip = None
     if max_grad_norm:
         # After the all-reduce every device holds the same sums: the first device's give the norm.
         # BLAS's dot of each gradient with itself: 3x faster than multi_sum_sq on the CPU, and more exact
-        first = [(p.grad(devices[0])[rows[p][0]] if p in rows else p.grad(devices[0])).as_nd_ndarray().reshape(-1)
-                 for p in trainable]
+        first = [(p.grad(devices[0])[row_ids[p][0]] if p in row_ids else p.grad(devices[0])).as_nd_ndarray()
+                 .reshape(-1) for p in trainable]
         norm = mx.nd.sqrt(mx.nd.add_n(*[mx.nd.dot(g, g) for g in first])) / num_examples
         clip = mx.nd.minimum(max_grad_norm / (norm + 1e-6), 1.0)  # as torch.nn.utils.clip_grad_norm_
     for p in trainable:  # a device that saw no example still applies the all-reduced update
@@ -151,13 +156,10 @@ def apply_update(trainer, params, devices, num_examples, max_grad_norm=None, row
         trainer.update(num_examples)
     elif math.isfinite(factor := float(clip.asscalar())):  # a norm that is not a number: no update
         trainer.update(num_examples / factor)
-    added = [p for p in trainable if p.grad_req == "add" and p not in rows]
-    for i, device in enumerate(devices):  # one operator per device for all its gradients
-        if added:
-            grads = [p.grad(device).as_nd_ndarray() for p in added]
-            mx.nd.reset_arrays(*grads, num_arrays=len(grads))
-        for p, ids in rows.items():
-            p.grad(device)[ids[i]] = 0
+    zero_gradients([p for p in trainable if p.grad_req == "add" and p not in row_ids], devices)
+    for p, ids in row_ids.items():
+        for device, device_ids in zip(devices, ids):
+            p.grad(device)[device_ids] = 0
     return norm
 
 

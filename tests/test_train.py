@@ -486,7 +486,8 @@ def test_the_word_embeddings_gradient_is_measured_and_zeroed_on_the_rows_looked_
         net, vocab = model.from_pretrained(training_bert_dir, devices, dropout=0.0)
         train.set_trainable(net, TUNED, 1)
         encoded = snli.encode_pairs(*(c[:24] for c in pairs), vocab, 64)
-        params, weight, loss = net.collect_params(), net.encoder.token_embedding.weight, gluon.loss.SoftmaxCrossEntropyLoss()
+        params, weight = net.collect_params(), net.encoder.token_embedding.weight
+        loss = gluon.loss.SoftmaxCrossEntropyLoss()
         trainer = train.make_trainer(net, dataclasses.replace(TUNED, lr=1e-2, warmup_ratio=0.0), "device", 10)
         norms = []
         for parts in ([onp.arange(8)], [onp.arange(8, 16), onp.arange(16, 24)], [onp.arange(4)]):  # 1 pass, 2, 1
